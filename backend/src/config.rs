@@ -1,0 +1,353 @@
+//! What `sluice serve` runs: disks and exports, from the command line or a
+//! TOML file, validated before anything is opened or bound.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::limits::{
+    DEFAULT_POLL_WINDOW_US, DEFAULT_QUEUES, DEFAULT_QUEUE_DEPTH, MAX_POLL_WINDOW_US, MAX_QUEUES,
+    MAX_QUEUE_DEPTH,
+};
+use crate::node::DiskSpec;
+use crate::size::parse_size_bytes;
+
+/// The configuration `sluice serve` runs when given no arguments: a sparse
+/// 1 GiB image in the current directory, served over `./sluice.sock`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
+/// A validated daemon configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// Backing nodes, by name.
+    pub disks: Vec<DiskConfig>,
+    /// Exports, each naming one disk.
+    pub exports: Vec<ExportConfig>,
+}
+
+/// One backing node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Name exports refer to.
+    pub name: String,
+    /// Path or `null:SIZE`.
+    pub spec: DiskSpec,
+    /// Open without write access.
+    pub read_only: bool,
+    /// Create the image file sparse with this size if it is missing.
+    pub create_size_bytes: Option<u64>,
+}
+
+/// One export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    /// Export name.
+    pub name: String,
+    /// Disk it serves.
+    pub disk: String,
+    /// Protocol and endpoint.
+    pub kind: ExportKind,
+    /// Number of queues.
+    pub queues: u16,
+    /// In-flight requests per queue.
+    pub queue_depth: u16,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Serial (GET_ID); defaults to the export name.
+    pub serial: String,
+    /// Polling window.
+    pub poll_window_us: u32,
+}
+
+/// Protocol of an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportKind {
+    /// vhost-user-blk on a UNIX socket.
+    VhostUser {
+        /// Socket path.
+        socket: PathBuf,
+        /// Socket file mode.
+        socket_mode: u32,
+    },
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn bad<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    daemon: DaemonSection,
+    #[serde(default)]
+    disk: Vec<FileDisk>,
+    #[serde(default)]
+    export: Vec<FileExport>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DaemonSection {
+    poll_us: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDisk {
+    name: String,
+    path: String,
+    #[serde(default)]
+    read_only: bool,
+    create_size: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileExport {
+    name: String,
+    disk: String,
+    #[serde(rename = "type")]
+    kind: String,
+    socket: Option<PathBuf>,
+    socket_mode: Option<u32>,
+    queues: Option<u16>,
+    queue_depth: Option<u16>,
+    #[serde(default)]
+    read_only: bool,
+    serial: Option<String>,
+    poll_us: Option<u32>,
+}
+
+/// Default socket mode: owner only.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+impl ServeConfig {
+    /// Parses a TOML configuration. Relative paths are taken relative to
+    /// `base_dir` (the config file's directory).
+    pub fn from_toml(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base_dir.join(p)
+            }
+        };
+        let mut disks = Vec::new();
+        for d in file.disk {
+            let spec = match DiskSpec::parse(&d.path).map_err(|e| ConfigError(e.to_string()))? {
+                DiskSpec::Path(p) => DiskSpec::Path(resolve(&p)),
+                null => null,
+            };
+            let create_size_bytes = d
+                .create_size
+                .as_deref()
+                .map(parse_size_bytes)
+                .transpose()
+                .map_err(|e| ConfigError(format!("disk {:?}: create_size: {e}", d.name)))?;
+            disks.push(DiskConfig {
+                name: d.name,
+                spec,
+                read_only: d.read_only,
+                create_size_bytes,
+            });
+        }
+        let mut exports = Vec::new();
+        for e in file.export {
+            let kind = match e.kind.as_str() {
+                "vhost-user" => {
+                    let Some(socket) = e.socket else {
+                        return bad(format!(
+                            "export {:?}: type vhost-user needs socket = \"PATH\"",
+                            e.name
+                        ));
+                    };
+                    ExportKind::VhostUser {
+                        socket: resolve(&socket),
+                        socket_mode: e.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE),
+                    }
+                }
+                other => {
+                    return bad(format!(
+                        "export {:?}: unknown type {other:?} (supported: \"vhost-user\")",
+                        e.name
+                    ))
+                }
+            };
+            exports.push(ExportConfig {
+                serial: e.serial.unwrap_or_else(|| e.name.clone()),
+                name: e.name,
+                disk: e.disk,
+                kind,
+                queues: e.queues.unwrap_or(DEFAULT_QUEUES),
+                queue_depth: e.queue_depth.unwrap_or(DEFAULT_QUEUE_DEPTH),
+                read_only: e.read_only,
+                poll_window_us: e
+                    .poll_us
+                    .or(file.daemon.poll_us)
+                    .unwrap_or(DEFAULT_POLL_WINDOW_US),
+            });
+        }
+        let config = ServeConfig { disks, exports };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks names, references and limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.exports.is_empty() {
+            return bad("nothing to serve: add at least one export");
+        }
+        let mut names = HashSet::new();
+        for d in &self.disks {
+            if !names.insert(d.name.as_str()) {
+                return bad(format!("disk name {:?} used twice", d.name));
+            }
+            if let (Some(_), DiskSpec::Null { .. }) = (d.create_size_bytes, &d.spec) {
+                return bad(format!(
+                    "disk {:?}: create_size makes no sense for a null disk",
+                    d.name
+                ));
+            }
+        }
+        let mut export_names = HashSet::new();
+        let mut sockets = HashSet::new();
+        for e in &self.exports {
+            let ctx = format!("export {:?}", e.name);
+            if !export_names.insert(e.name.as_str()) {
+                return bad(format!("{ctx}: name used twice"));
+            }
+            if !names.contains(e.disk.as_str()) {
+                return bad(format!("{ctx}: no disk named {:?}", e.disk));
+            }
+            if !(1..=MAX_QUEUES).contains(&e.queues) {
+                return bad(format!(
+                    "{ctx}: queues must be 1..={MAX_QUEUES}, not {}",
+                    e.queues
+                ));
+            }
+            if !(1..=MAX_QUEUE_DEPTH).contains(&e.queue_depth) {
+                return bad(format!(
+                    "{ctx}: queue_depth must be 1..={MAX_QUEUE_DEPTH}, not {}",
+                    e.queue_depth
+                ));
+            }
+            if e.poll_window_us > MAX_POLL_WINDOW_US {
+                return bad(format!(
+                    "{ctx}: poll_us must be at most {MAX_POLL_WINDOW_US}, not {}",
+                    e.poll_window_us
+                ));
+            }
+            match &e.kind {
+                ExportKind::VhostUser {
+                    socket,
+                    socket_mode,
+                } => {
+                    if !sockets.insert(socket.clone()) {
+                        return bad(format!("{ctx}: socket {} used twice", socket.display()));
+                    }
+                    if *socket_mode & !0o777 != 0 {
+                        return bad(format!(
+                            "{ctx}: socket_mode {socket_mode:o} is not a permission mode"
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every export of `disk` is read-only (then the node is opened
+    /// without write access).
+    pub fn disk_read_only(&self, disk: &DiskConfig) -> bool {
+        disk.read_only
+            || self
+                .exports
+                .iter()
+                .filter(|e| e.disk == disk.name)
+                .all(|e| e.read_only)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_two_export_config() {
+        let text = r#"
+            [daemon]
+            poll_us = 10
+            [[disk]]
+            name = "d0"
+            path = "disk.img"
+            create_size = "1G"
+            [[disk]]
+            name = "n"
+            path = "null:64M"
+            [[export]]
+            name = "vm0"
+            disk = "d0"
+            type = "vhost-user"
+            socket = "/run/vm0.sock"
+            queues = 2
+            queue_depth = 64
+            [[export]]
+            name = "bench"
+            disk = "n"
+            type = "vhost-user"
+            socket = "bench.sock"
+            read_only = true
+            socket_mode = 0o660
+        "#;
+        let c = ServeConfig::from_toml(text, Path::new("/etc/sluice")).unwrap();
+        assert_eq!(
+            c.disks[0].spec,
+            DiskSpec::Path("/etc/sluice/disk.img".into())
+        );
+        assert_eq!(c.disks[0].create_size_bytes, Some(1 << 30));
+        assert_eq!(c.exports[0].queues, 2);
+        assert_eq!(c.exports[0].poll_window_us, 10);
+        assert_eq!(c.exports[0].serial, "vm0");
+        assert_eq!(
+            c.exports[1].kind,
+            ExportKind::VhostUser {
+                socket: "/etc/sluice/bench.sock".into(),
+                socket_mode: 0o660
+            }
+        );
+        assert!(c.disk_read_only(&c.disks[1]));
+        assert!(!c.disk_read_only(&c.disks[0]));
+    }
+
+    #[test]
+    fn refuses_bad_configs() {
+        let cases = [
+            ("[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'", "no disk named"),
+            ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='nbd'", "unknown type"),
+            ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'\nqueues=0", "queues must be"),
+            ("[[disk]]\nname='x'\npath='null:1M'", "nothing to serve"),
+            ("[[disk]]\nname='x'\npath='null:1M'\nbogus=1", "unknown field"),
+        ];
+        for (text, want) in cases {
+            let err = ServeConfig::from_toml(text, Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = ServeConfig::from_toml(EMBEDDED_DEFAULT, Path::new("/work")).unwrap();
+        assert_eq!(c.exports.len(), 1);
+        assert_eq!(c.disks[0].create_size_bytes, Some(1 << 30));
+    }
+}

@@ -1,0 +1,609 @@
+//! The vhost-user-blk export: a UNIX socket that QEMU, cloud-hypervisor or
+//! libvirt attach, served by one worker thread per queue.
+//!
+//! Threads: a listener thread per export accepts one frontend at a time and
+//! runs the vhost-user protocol through `vhost-user-backend`; that library
+//! spawns one worker thread per queue (see `queues_per_thread`), which calls
+//! [`BlkBackend::handle_event`] for kicks and engine completions. Every
+//! connection gets fresh queue state, so a frontend that goes away takes only
+//! its own requests with it, and a new one (a restarted QEMU) starts clean.
+
+mod queue;
+pub mod virtio_blk;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+
+use self::queue::{ExportShared, QueueShared, QueueWorker};
+use self::virtio_blk::Geometry;
+use super::ExportError;
+use crate::engine::Engine;
+use crate::limits::{MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES};
+use crate::node::Node;
+
+pub use self::queue::VirtioCtx;
+
+/// How one vhost-user export is set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostUserConfig {
+    /// Export name (logs, ready line).
+    pub name: String,
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Number of queues (one worker thread each).
+    pub queues: u16,
+    /// In-flight requests per queue.
+    pub queue_depth: u16,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// GET_ID answer (cut to 20 bytes).
+    pub serial: String,
+    /// Polling window before a queue sleeps.
+    pub poll_window_us: u32,
+    /// Socket file mode.
+    pub socket_mode: u32,
+}
+
+/// Event id of a queue's engine completions in its worker's epoll set (ids up
+/// to `num_queues` belong to the library).
+fn completion_event_id(num_queues: usize) -> u64 {
+    num_queues as u64 + 1
+}
+
+#[derive(Clone)]
+struct BlkBackend {
+    geometry: Geometry,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    config_space: Arc<Vec<u8>>,
+    workers: Arc<[Mutex<QueueWorker>]>,
+    shared: Arc<ExportShared>,
+    exit_events: Arc<[(Mutex<Option<EventConsumer>>, EventNotifier)]>,
+    export: Arc<str>,
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.geometry.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(MAX_QUEUE_DEPTH)
+    }
+
+    fn features(&self) -> u64 {
+        self.geometry.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // Workers notice the new map at their next wake-up (see QueueWorker::run).
+        Ok(())
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let start = offset as usize;
+        let end = start.saturating_add(size as usize);
+        let mut out = vec![0u8; size as usize];
+        if start < self.config_space.len() {
+            let end = end.min(self.config_space.len());
+            out[..end - start].copy_from_slice(&self.config_space[start..end]);
+        }
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the write-cache byte is writable in virtio-blk; we cannot turn
+        // a device's volatile cache on or off, so accept only its own value.
+        let wce = std::mem::offset_of!(virtio_bindings::virtio_blk::virtio_blk_config, wce);
+        let unchanged = buf
+            .iter()
+            .enumerate()
+            .all(|(i, b)| self.config_space.get(offset as usize + i) == Some(b));
+        if offset as usize == wce && unchanged {
+            return Ok(());
+        }
+        tracing::warn!(
+            export = &*self.export,
+            offset,
+            "guest tried to change read-only config"
+        );
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "config space is read-only",
+        ))
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.geometry.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exit_events.get(thread_index)?;
+        let consumer = consumer.lock().unwrap().take()?;
+        Some((consumer, notifier.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend may only take the ring back once the
+        // requests we accepted from it are answered. The worker completes
+        // them as their completions arrive; wait for that, bounded.
+        let Some(q) = self.shared.queues.get(queue_index as usize) else {
+            return Ok(());
+        };
+        wait_idle(q, Duration::from_millis(crate::limits::DRAIN_TIMEOUT_MS));
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        let is_kick = device_event == 0;
+        let is_completion = u64::from(device_event) == completion_event_id(self.num_queues());
+        if !is_kick && !is_completion {
+            return Ok(());
+        }
+        // Taken once per wake-up, never per request, and only ever by this
+        // queue's worker thread: uncontended by construction.
+        let mut worker = self.workers[thread_id].lock().unwrap();
+        worker.run(vring, &self.mem);
+        Ok(())
+    }
+}
+
+fn wait_idle(q: &QueueShared, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while q.in_flight.load(Ordering::Relaxed) > 0 {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    true
+}
+
+/// A running vhost-user export.
+pub struct VhostUserExport {
+    config: VhostUserConfig,
+    node: Arc<Node>,
+    shared: Arc<ExportShared>,
+    stop: Arc<EventFd>,
+    stopping: Arc<AtomicBool>,
+    connection: Arc<Mutex<Option<ShutdownHandle>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for VhostUserExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserExport")
+            .field("config", &self.config)
+            .field("node", &self.node.name())
+            .finish()
+    }
+}
+
+impl VhostUserExport {
+    /// Binds the socket and starts accepting frontends. When this returns,
+    /// the socket accepts connections.
+    pub fn start(node: Arc<Node>, config: VhostUserConfig) -> Result<Self, ExportError> {
+        let geometry = Geometry {
+            limits: *node.limits(),
+            read_only: config.read_only || node.read_only(),
+            queues: config.queues,
+            size_max: SEGMENT_MAX_BYTES,
+            seg_max: MAX_SEGMENTS as u32,
+        };
+        let shared = Arc::new(ExportShared {
+            admitting: AtomicBool::new(true),
+            queues: (0..config.queues).map(|_| QueueShared::default()).collect(),
+        });
+        // Build the first connection's engines now, so a kernel without
+        // io_uring is reported at start, not at the first frontend.
+        let first = Connection::new(&node, &config, geometry, &shared)?;
+        let listener = bind_socket(&config.socket, config.socket_mode)?;
+        let stop =
+            Arc::new(
+                EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|e| ExportError::Start {
+                    export: config.name.clone(),
+                    reason: format!("eventfd: {e}"),
+                })?,
+            );
+        let stopping = Arc::new(AtomicBool::new(false));
+        let connection = Arc::new(Mutex::new(None));
+        let thread = {
+            let ctx = ListenerCtx {
+                node: node.clone(),
+                config: config.clone(),
+                geometry,
+                shared: shared.clone(),
+                stop: stop.clone(),
+                stopping: stopping.clone(),
+                connection: connection.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("vu-{}", config.name))
+                .spawn(move || ctx.serve(listener, first))
+                .map_err(|e| ExportError::Start {
+                    export: config.name.clone(),
+                    reason: format!("cannot spawn listener thread: {e}"),
+                })?
+        };
+        Ok(VhostUserExport {
+            config,
+            node,
+            shared,
+            stop,
+            stopping,
+            connection,
+            thread: Some(thread),
+        })
+    }
+
+    /// The export's configuration.
+    pub fn config(&self) -> &VhostUserConfig {
+        &self.config
+    }
+
+    /// The node it serves.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// The effective geometry the guest sees.
+    pub fn read_only(&self) -> bool {
+        self.config.read_only || self.node.read_only()
+    }
+
+    /// Requests in flight over all queues.
+    pub fn in_flight(&self) -> u32 {
+        self.shared
+            .queues
+            .iter()
+            .map(|q| q.in_flight.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Statistics: (requests, errors, bytes read, bytes written, flushes).
+    pub fn totals(&self) -> ExportTotals {
+        let mut t = ExportTotals::default();
+        for q in self.shared.queues.iter() {
+            t.requests += q.requests.load(Ordering::Relaxed);
+            t.errors += q.errors.load(Ordering::Relaxed);
+            t.bytes_read += q.bytes_read.load(Ordering::Relaxed);
+            t.bytes_written += q.bytes_written.load(Ordering::Relaxed);
+            t.flushes += q.flushes.load(Ordering::Relaxed);
+        }
+        t
+    }
+
+    /// Drain, step one: admit nothing new (new requests fail with IOERR) and
+    /// wait until nothing is in flight. Returns the queues that stayed busy.
+    pub fn drain(&self, timeout: Duration) -> Result<(), Vec<usize>> {
+        self.shared.admitting.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        let stuck: Vec<usize> = self
+            .shared
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| !wait_idle(q, deadline.saturating_duration_since(Instant::now())))
+            .map(|(i, _)| i)
+            .collect();
+        if stuck.is_empty() {
+            Ok(())
+        } else {
+            Err(stuck)
+        }
+    }
+
+    /// Detach: drop the frontend, stop accepting, remove the socket and give
+    /// the node reference back. The frontend sees the socket close.
+    pub fn detach(mut self, timeout: Duration) -> Result<Arc<Node>, ExportError> {
+        self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.stop.write(1);
+        if let Some(handle) = self.connection.lock().unwrap().take() {
+            handle.shutdown();
+        }
+        let thread = self.thread.take().expect("detached twice");
+        let deadline = Instant::now() + timeout;
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = std::fs::remove_file(&self.config.socket);
+        if !thread.is_finished() {
+            return Err(ExportError::Start {
+                export: self.config.name.clone(),
+                reason: format!(
+                    "frontend connection did not close within {} ms",
+                    timeout.as_millis()
+                ),
+            });
+        }
+        let _ = thread.join();
+        Ok(self.node.clone())
+    }
+}
+
+/// Cumulative counters of one export.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ExportTotals {
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests that completed with an error status.
+    pub errors: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Flushes completed.
+    pub flushes: u64,
+}
+
+/// Per-connection state: fresh engines and workers.
+struct Connection {
+    backend: BlkBackend,
+}
+
+impl Connection {
+    fn new(
+        node: &Arc<Node>,
+        config: &VhostUserConfig,
+        geometry: Geometry,
+        shared: &Arc<ExportShared>,
+    ) -> Result<Self, ExportError> {
+        let mut serial = [0u8; SERIAL_MAX_BYTES];
+        let bytes = config.serial.as_bytes();
+        let n = bytes.len().min(SERIAL_MAX_BYTES);
+        serial[..n].copy_from_slice(&bytes[..n]);
+        let mut workers = Vec::with_capacity(usize::from(config.queues));
+        let mut exit_events = Vec::with_capacity(usize::from(config.queues));
+        for q in 0..config.queues {
+            let engine = Engine::new(node.clone(), config.queue_depth).map_err(|source| {
+                let hint = match source.raw_os_error() {
+                    Some(libc::ENOSYS) => ": the kernel has no io_uring (Linux 5.15+ needed)",
+                    Some(libc::EPERM) => {
+                        ": io_uring is disabled (sysctl kernel.io_uring_disabled) or blocked by seccomp"
+                    }
+                    Some(libc::ENOMEM) => ": raise RLIMIT_MEMLOCK or lower --queue-depth",
+                    _ => "",
+                };
+                ExportError::Engine {
+                    export: config.name.clone(),
+                    queue: q,
+                    source,
+                    hint,
+                }
+            })?;
+            workers.push(Mutex::new(QueueWorker::new(
+                engine,
+                geometry,
+                serial,
+                shared.clone(),
+                usize::from(q),
+                Duration::from_micros(u64::from(config.poll_window_us)),
+            )));
+            let (consumer, notifier) = new_event_consumer_and_notifier(
+                EventFlag::NONBLOCK | EventFlag::CLOEXEC,
+            )
+            .map_err(|e| ExportError::Start {
+                export: config.name.clone(),
+                reason: format!("eventfd: {e}"),
+            })?;
+            exit_events.push((Mutex::new(Some(consumer)), notifier));
+        }
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        Ok(Connection {
+            backend: BlkBackend {
+                geometry,
+                config_space: Arc::new(geometry.config_space()),
+                mem,
+                workers: workers.into(),
+                shared: shared.clone(),
+                exit_events: exit_events.into(),
+                export: config.name.as_str().into(),
+            },
+        })
+    }
+}
+
+struct ListenerCtx {
+    node: Arc<Node>,
+    config: VhostUserConfig,
+    geometry: Geometry,
+    shared: Arc<ExportShared>,
+    stop: Arc<EventFd>,
+    stopping: Arc<AtomicBool>,
+    connection: Arc<Mutex<Option<ShutdownHandle>>>,
+}
+
+impl ListenerCtx {
+    /// Serves one frontend after another until the export is stopped.
+    fn serve(self, listener: UnixListener, first: Connection) {
+        let mut listener = Listener::from(listener);
+        let mut next = Some(first);
+        while !self.stopping.load(Ordering::SeqCst) {
+            match wait_readable(listener.as_raw_fd(), self.stop.as_raw_fd()) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::error!(export = %self.config.name, "poll on socket failed: {e}");
+                    break;
+                }
+            }
+            let conn = match next.take() {
+                Some(c) => c,
+                None => {
+                    match Connection::new(&self.node, &self.config, self.geometry, &self.shared) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::error!("{e}");
+                            std::thread::sleep(Duration::from_millis(100));
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.serve_one(&mut listener, conn);
+        }
+        tracing::debug!(export = %self.config.name, "listener stopped");
+    }
+
+    fn serve_one(&self, listener: &mut Listener, conn: Connection) {
+        let name = &self.config.name;
+        let backend = conn.backend;
+        let completion_fds: Vec<_> = backend
+            .workers
+            .iter()
+            .map(|w| w.lock().unwrap().completion_fd())
+            .collect();
+        let mut daemon =
+            match VhostUserDaemon::new(name.clone(), backend.clone(), backend.mem.clone()) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(export = %name, "cannot create vhost-user daemon: {e}");
+                    return;
+                }
+            };
+        let event_id = completion_event_id(usize::from(self.config.queues));
+        for (handler, fd) in daemon.get_epoll_handlers().iter().zip(&completion_fds) {
+            if let Err(e) = handler.register_listener(*fd, EventSet::IN, event_id) {
+                tracing::error!(export = %name, "cannot watch engine completions: {e}");
+                return;
+            }
+        }
+        if let Err(e) = daemon.start(listener) {
+            tracing::warn!(export = %name, "accepting a frontend failed: {e}");
+            return;
+        }
+        *self.connection.lock().unwrap() = daemon.shutdown_handle();
+        tracing::info!(export = %name, "frontend connected");
+        if self.stopping.load(Ordering::SeqCst) {
+            daemon.request_shutdown();
+        }
+        match daemon.wait() {
+            Ok(()) => tracing::info!(export = %name, "frontend disconnected"),
+            Err(e) => tracing::info!(export = %name, "frontend connection ended: {e}"),
+        }
+        self.connection.lock().unwrap().take();
+        // Dropping the daemon stops and joins the queue workers; dropping the
+        // last backend clone drains each engine before its memory goes.
+        drop(daemon);
+        drop(backend);
+    }
+}
+
+/// Waits until `listen_fd` has a pending connection (true) or `stop_fd`
+/// fires (false).
+fn wait_readable(listen_fd: i32, stop_fd: i32) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: listen_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop_fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a live array of two pollfd and we pass its length.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(false);
+        }
+        if fds[0].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
+
+/// Binds the socket: refuses a path another process serves, replaces a stale
+/// socket file, and sets the mode before anyone can connect.
+fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ExportError> {
+    let err = |reason: String| ExportError::Socket {
+        path: path.to_owned(),
+        reason,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(err("exists and is not a socket; choose another path".into()));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(err(
+                    "busy: another process is serving it; stop it or choose another path".into(),
+                ));
+            }
+            tracing::info!("removing stale socket {}", path.display());
+            std::fs::remove_file(path)
+                .map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            return Err(err(format!(
+                "directory {} does not exist; create it first",
+                dir.display()
+            )));
+        }
+    }
+    // Bind under a restrictive umask so the socket never exists with a wider
+    // mode than asked for, then set the exact mode.
+    // SAFETY: umask only swaps the process file-mode mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| err(format!("cannot bind: {e}")))?;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        let _ = std::fs::remove_file(path);
+        return Err(err(format!("cannot set mode {mode:o}: {e}")));
+    }
+    Ok(listener)
+}

@@ -1,0 +1,315 @@
+//! One vhost-user queue: its vring, its engine and its polling loop, all
+//! driven by the queue's own worker thread.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost_user_backend::{VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::virtio_blk::{decode, status_of, Command, Decoded, Geometry};
+use crate::engine::{scatter, Engine, SubmitError};
+use crate::limits::{BAD_REQUEST_LOG_INTERVAL_MS, MAX_SEGMENTS, SERIAL_MAX_BYTES};
+use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
+
+/// What the engine carries for each in-flight virtio request.
+#[derive(Debug, Clone, Copy)]
+pub struct VirtioCtx {
+    head: u16,
+    status_addr: GuestAddress,
+    used_len_ok: u32,
+    op: BlockOp,
+    len_bytes: u64,
+}
+
+/// Counters and state the queue thread shares with the rest of the daemon.
+/// Written by the queue thread only; read by anyone (relaxed).
+#[derive(Debug, Default)]
+pub struct QueueShared {
+    /// Requests submitted and not yet completed.
+    pub in_flight: AtomicU32,
+    /// Requests completed.
+    pub requests: AtomicU64,
+    /// Requests completed with an error status.
+    pub errors: AtomicU64,
+    /// Bytes read by completed requests.
+    pub bytes_read: AtomicU64,
+    /// Bytes written by completed requests.
+    pub bytes_written: AtomicU64,
+    /// Flushes completed.
+    pub flushes: AtomicU64,
+}
+
+/// State every queue of one export shares.
+#[derive(Debug)]
+pub struct ExportShared {
+    /// New requests are admitted; once cleared they fail with IOERR.
+    pub admitting: AtomicBool,
+    /// Per-queue state.
+    pub queues: Box<[QueueShared]>,
+}
+
+/// The queue thread's own state. Only the queue's worker thread touches it.
+pub struct QueueWorker {
+    engine: Engine<VirtioCtx>,
+    mem: Arc<GuestMemoryMmap>,
+    geometry: Geometry,
+    serial: [u8; SERIAL_MAX_BYTES],
+    iovecs: Box<[libc::iovec; MAX_SEGMENTS]>,
+    shared: Arc<ExportShared>,
+    index: usize,
+    poll_window: Duration,
+    last_bad_log: Option<Instant>,
+    suppressed_bad: u64,
+}
+
+// SAFETY: the raw pointers in `iovecs` are scratch space rewritten for every
+// request and never dereferenced across threads; the engine is Send.
+unsafe impl Send for QueueWorker {}
+
+impl QueueWorker {
+    /// A worker for queue `index` of an export.
+    pub fn new(
+        engine: Engine<VirtioCtx>,
+        geometry: Geometry,
+        serial: [u8; SERIAL_MAX_BYTES],
+        shared: Arc<ExportShared>,
+        index: usize,
+        poll_window: Duration,
+    ) -> Self {
+        QueueWorker {
+            engine,
+            mem: Arc::new(GuestMemoryMmap::new()),
+            geometry,
+            serial,
+            iovecs: Box::new(
+                [libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                }; MAX_SEGMENTS],
+            ),
+            shared,
+            index,
+            poll_window,
+            last_bad_log: None,
+            suppressed_bad: 0,
+        }
+    }
+
+    /// The completion eventfd to watch.
+    pub fn completion_fd(&self) -> std::os::fd::RawFd {
+        self.engine.completion_fd()
+    }
+
+    fn shared(&self) -> &QueueShared {
+        &self.shared.queues[self.index]
+    }
+
+    /// Handles a wake-up (vring kick or completions): works until the queue
+    /// has been idle for the polling window, then arms notifications.
+    pub fn run(&mut self, vring: &VringRwLock, atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
+        self.engine.clear_completion_event();
+        // Guest memory can be remapped while we sleep; switch to the new map
+        // only when no request still points into the old one.
+        if self.engine.in_flight() == 0 {
+            let current = atomic_mem.memory();
+            if !std::ptr::eq(&*current as *const GuestMemoryMmap, Arc::as_ptr(&self.mem)) {
+                self.mem = current.into_inner();
+            }
+        }
+        let mut idle_since = Instant::now();
+        loop {
+            let progress = {
+                let mut state = vring.get_mut();
+                let reaped = self.reap(&mut state);
+                let popped = self.pop(&mut state);
+                if let Err(e) = self.engine.submit_pending() {
+                    tracing::error!(queue = self.index, "io_uring submit failed: {e}");
+                }
+                if reaped + popped > 0 && state.needs_notification().unwrap_or(true) {
+                    let _ = state.signal_used_queue();
+                }
+                reaped + popped
+            };
+            self.shared()
+                .in_flight
+                .store(self.engine.in_flight(), Ordering::Relaxed);
+            if progress > 0 {
+                idle_since = Instant::now();
+                continue;
+            }
+            if idle_since.elapsed() < self.poll_window {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Going to sleep: re-enable guest notifications and look once
+            // more, so a request that raced with the re-enable is not missed.
+            // Completions wake us through the engine's eventfd.
+            let mut state = vring.get_mut();
+            match state.enable_notification() {
+                Ok(true) => {
+                    idle_since = Instant::now();
+                    continue;
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Completes everything the engine has finished. Returns the count.
+    fn reap(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> usize {
+        let mem = &self.mem;
+        let shared = &self.shared.queues[self.index];
+        self.engine.reap(|ctx, result| {
+            complete(state, mem, shared, ctx, result);
+        }) as usize
+    }
+
+    /// Pops, validates and submits new chains while slots are free.
+    fn pop(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> usize {
+        let mut count = 0;
+        let _ = state.disable_notification();
+        while self.engine.has_free_slot() {
+            let mem = &*self.mem;
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+                break;
+            };
+            count += 1;
+            let head = chain.head_index();
+            let decoded = decode(chain, mem, &self.geometry, &mut self.iovecs);
+            self.dispatch(state, head, decoded);
+        }
+        count
+    }
+
+    fn dispatch(
+        &mut self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+        head: u16,
+        decoded: Decoded,
+    ) {
+        let Some(status_addr) = decoded.status_addr else {
+            // No status byte to answer through: give the chain back so the
+            // guest does not leak it, and say why.
+            self.log_bad(decoded.reason.unwrap_or("malformed chain"));
+            let _ = state.add_used(head, 0);
+            return;
+        };
+        let mut ctx = VirtioCtx {
+            head,
+            status_addr,
+            used_len_ok: decoded.used_len_ok,
+            op: BlockOp::Flush,
+            len_bytes: 0,
+        };
+        let result = match decoded.command {
+            Command::Fail(e) => Err(e),
+            _ if !self.shared.admitting.load(Ordering::Relaxed) => {
+                Err(RequestError::Io(libc::ESHUTDOWN))
+            }
+            Command::GetId { segments } => {
+                // SAFETY: `decode` translated these iovecs from device-writable
+                // guest buffers inside guest memory, which `self.mem` keeps
+                // mapped; we copy at most the serial's length.
+                let len: usize = self.iovecs[..segments].iter().map(|v| v.iov_len).sum();
+                let n = len.min(SERIAL_MAX_BYTES);
+                let mut left = n;
+                for v in self.iovecs[..segments].iter_mut() {
+                    let take = v.iov_len.min(left);
+                    v.iov_len = take;
+                    left -= take;
+                }
+                // SAFETY: see above; lengths were trimmed to `n` in total and
+                // the serial buffer holds SERIAL_MAX_BYTES >= n bytes.
+                unsafe { scatter(self.serial.as_ptr(), &self.iovecs[..segments]) };
+                Ok(())
+            }
+            Command::Block {
+                op,
+                offset_bytes,
+                len_bytes,
+                segments,
+            } => {
+                ctx.op = op;
+                ctx.len_bytes = len_bytes;
+                let req = BlockRequest {
+                    op,
+                    offset_bytes,
+                    len_bytes,
+                    segments: &self.iovecs[..segments],
+                };
+                match self.engine.submit(&req, ctx) {
+                    Ok(()) => return,
+                    Err(SubmitError::Refused(e)) => {
+                        self.log_bad("request misses the device alignment and cannot be bounced");
+                        Err(e)
+                    }
+                    Err(SubmitError::Busy) => unreachable!("popped only with a free slot"),
+                }
+            }
+        };
+        if let (Err(_), Some(reason)) = (result, decoded.reason) {
+            self.log_bad(reason);
+        }
+        complete(state, &self.mem, self.shared(), ctx, result);
+    }
+
+    fn log_bad(&mut self, reason: &str) {
+        let now = Instant::now();
+        match self.last_bad_log {
+            Some(t)
+                if now.duration_since(t) < Duration::from_millis(BAD_REQUEST_LOG_INTERVAL_MS) =>
+            {
+                self.suppressed_bad += 1;
+            }
+            _ => {
+                tracing::warn!(
+                    queue = self.index,
+                    suppressed = self.suppressed_bad,
+                    "bad guest request: {reason}"
+                );
+                self.last_bad_log = Some(now);
+                self.suppressed_bad = 0;
+            }
+        }
+    }
+}
+
+/// Writes the status byte, returns the chain to the guest and counts it.
+fn complete(
+    state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+    mem: &GuestMemoryMmap,
+    shared: &QueueShared,
+    ctx: VirtioCtx,
+    result: RequestResult,
+) {
+    let status = status_of(result);
+    let used_len = if result.is_ok() { ctx.used_len_ok } else { 1 };
+    // The address was checked against this memory map when decoded.
+    let _ = mem.write_obj(status, ctx.status_addr);
+    if let Err(e) = state.add_used(ctx.head, used_len) {
+        tracing::warn!("cannot return descriptor {} to the guest: {e}", ctx.head);
+    }
+    shared.requests.fetch_add(1, Ordering::Relaxed);
+    match (result, ctx.op) {
+        (Err(_), _) => {
+            shared.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        (Ok(()), BlockOp::Read) => {
+            shared
+                .bytes_read
+                .fetch_add(ctx.len_bytes, Ordering::Relaxed);
+        }
+        (Ok(()), BlockOp::Write { .. }) => {
+            shared
+                .bytes_written
+                .fetch_add(ctx.len_bytes, Ordering::Relaxed);
+        }
+        (Ok(()), BlockOp::Flush) => {
+            shared.flushes.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}

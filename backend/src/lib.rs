@@ -1,0 +1,22 @@
+//! sluice: a userspace block-device backend for real hardware.
+//!
+//! The crate is layered the way a request travels (see ARCHITECTURE.md):
+//!
+//! - [`export`]: protocol fronts (vhost-user-blk). The only code that knows a
+//!   wire protocol; it decodes and validates guest requests into
+//!   [`request::BlockRequest`]s and maps results back to protocol statuses.
+//! - [`engine`]: one io_uring ring per export queue with a bounded slot table;
+//!   it owns every buffer handed to the kernel until its completion is reaped.
+//! - [`node`]: backing stores (block device or file opened `O_DIRECT`, or a
+//!   null node) with the device profile probed by `sluice-hw`.
+//! - [`daemon`]: `sluice serve`: configuration, start-up, readiness and the
+//!   shutdown that drains, detaches and flushes.
+
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod export;
+pub mod limits;
+pub mod node;
+pub mod request;
+pub mod size;

@@ -1,0 +1,44 @@
+//! Every limit of the daemon, named with its unit, in one place.
+
+/// Data segments (iovecs) one request may carry. Advertised to virtio guests
+/// as `seg_max` (capped by the queue size); the slot table reserves this many
+/// iovecs per in-flight slot, so it bounds memory too.
+pub const MAX_SEGMENTS: usize = 128;
+
+/// Largest single data segment, advertised as virtio-blk `size_max`.
+pub const SEGMENT_MAX_BYTES: u32 = 1 << 20;
+
+/// Bounce buffer reserved per in-flight slot for requests that miss the
+/// device's direct-I/O alignment. Such requests larger than this fail with an
+/// I/O error; guests that honour the advertised block size and alignment
+/// never send them.
+pub const BOUNCE_SLOT_BYTES: usize = 1 << 20;
+
+/// Default and largest queue depth (in-flight requests per queue).
+pub const DEFAULT_QUEUE_DEPTH: u16 = 128;
+/// Largest queue depth: the vring size cap of virtio split queues we accept.
+pub const MAX_QUEUE_DEPTH: u16 = 1024;
+
+/// Default and largest number of queues per export.
+pub const DEFAULT_QUEUES: u16 = 1;
+/// Largest number of queues per export (one worker thread each).
+pub const MAX_QUEUES: u16 = 64;
+
+/// Default window during which an idle queue thread keeps polling its vring
+/// and completion queue before it arms notifications and sleeps.
+/// See README "Performance" for the measurement behind the value.
+pub const DEFAULT_POLL_WINDOW_US: u32 = 50;
+/// Largest accepted polling window.
+pub const MAX_POLL_WINDOW_US: u32 = 1_000_000;
+
+/// How long shutdown waits for in-flight requests of one queue to complete.
+pub const DRAIN_TIMEOUT_MS: u64 = 10_000;
+
+/// How long the daemon waits for a node's final flush.
+pub const FLUSH_TIMEOUT_MS: u64 = 30_000;
+
+/// How often a rate-limited warning about bad guest input may be logged.
+pub const BAD_REQUEST_LOG_INTERVAL_MS: u64 = 1_000;
+
+/// Serial numbers are cut to the virtio-blk GET_ID size.
+pub const SERIAL_MAX_BYTES: usize = 20;

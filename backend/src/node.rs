@@ -1,0 +1,392 @@
+//! Backing nodes: a block device or regular file opened `O_DIRECT`, or a null
+//! node for measuring the protocol path.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use sluice_hw::{BackingKind, Profile};
+
+use crate::size::{parse_size_bytes, HumanBytes};
+
+/// Where a node's data lives, as the user wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSpec {
+    /// A block device or regular file.
+    Path(PathBuf),
+    /// Reads return zeroes, writes are dropped: `null:SIZE`.
+    Null {
+        /// Capacity the node reports.
+        capacity_bytes: u64,
+    },
+}
+
+impl DiskSpec {
+    /// Parses `PATH` or `null:SIZE`.
+    pub fn parse(spec: &str) -> Result<Self, NodeError> {
+        if let Some(size) = spec.strip_prefix("null:") {
+            let capacity_bytes = parse_size_bytes(size).map_err(|e| NodeError::Spec {
+                spec: spec.to_owned(),
+                reason: e.to_string(),
+            })?;
+            if capacity_bytes == 0 || capacity_bytes % 512 != 0 {
+                return Err(NodeError::Spec {
+                    spec: spec.to_owned(),
+                    reason: "a null node's size must be a non-zero multiple of 512 bytes".into(),
+                });
+            }
+            return Ok(DiskSpec::Null { capacity_bytes });
+        }
+        if spec.is_empty() {
+            return Err(NodeError::Spec {
+                spec: spec.to_owned(),
+                reason: "empty path".into(),
+            });
+        }
+        Ok(DiskSpec::Path(PathBuf::from(spec)))
+    }
+}
+
+impl std::fmt::Display for DiskSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DiskSpec::Path(p) => write!(f, "{}", p.display()),
+            DiskSpec::Null { capacity_bytes } => write!(f, "null:{}", HumanBytes(*capacity_bytes)),
+        }
+    }
+}
+
+/// Why a node could not be opened or flushed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The disk specification itself is wrong.
+    #[error("disk {spec:?}: {reason}")]
+    Spec {
+        /// What the user wrote.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// open(2) failed.
+    #[error("open {path}: {source}{hint}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+        /// What to do about it.
+        hint: &'static str,
+    },
+    /// Probing the device failed.
+    #[error(transparent)]
+    Probe(#[from] sluice_hw::ProbeError),
+    /// The node cannot be served as it is.
+    #[error("{path}: {reason}")]
+    Unusable {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The final flush failed.
+    #[error("flush {name}: {source}")]
+    Flush {
+        /// The node.
+        name: String,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// How requests reach the node's data.
+#[derive(Debug)]
+pub enum Backing {
+    /// A block device: discard goes down as a block discard, never as a hole
+    /// punch (which the kernel would turn into a zero-out).
+    BlockDevice(File),
+    /// A regular file: discard punches a hole.
+    File(File),
+    /// No data at all.
+    Null,
+}
+
+/// A backing store and what the daemon knows about it.
+#[derive(Debug)]
+pub struct Node {
+    name: String,
+    spec: DiskSpec,
+    backing: Backing,
+    read_only: bool,
+    limits: NodeLimits,
+    profile: Option<Profile>,
+}
+
+/// The limits and capabilities fronts advertise and validate against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct NodeLimits {
+    /// Size of the node.
+    pub capacity_bytes: u64,
+    /// Smallest addressable unit.
+    pub logical_block_size_bytes: u32,
+    /// Unit the device writes atomically.
+    pub physical_block_size_bytes: u32,
+    /// `O_DIRECT` buffer address alignment.
+    pub dio_mem_align_bytes: u32,
+    /// `O_DIRECT` offset and length alignment.
+    pub dio_offset_align_bytes: u32,
+    /// Completed writes need a flush to be durable.
+    pub volatile_write_cache: bool,
+    /// The device honours FUA writes natively.
+    pub fua: bool,
+    /// Largest discard, when discard is supported.
+    pub discard_max_bytes: Option<u64>,
+    /// Discard granularity.
+    pub discard_granularity_bytes: u32,
+    /// Largest write-zeroes, when supported.
+    pub write_zeroes_max_bytes: Option<u64>,
+    /// Largest transfer the device takes in one command.
+    pub max_transfer_bytes: u32,
+}
+
+impl Node {
+    /// Opens a node. Paths are opened `O_DIRECT` (block devices also
+    /// `O_EXCL`, so a mounted device is refused) and probed through the open
+    /// descriptor.
+    pub fn open(name: &str, spec: &DiskSpec, read_only: bool) -> Result<Node, NodeError> {
+        match spec {
+            DiskSpec::Null { capacity_bytes } => Ok(Node {
+                name: name.to_owned(),
+                spec: spec.clone(),
+                backing: Backing::Null,
+                read_only,
+                limits: NodeLimits {
+                    capacity_bytes: *capacity_bytes,
+                    logical_block_size_bytes: 512,
+                    physical_block_size_bytes: 4096,
+                    dio_mem_align_bytes: 1,
+                    dio_offset_align_bytes: 512,
+                    volatile_write_cache: false,
+                    fua: true,
+                    discard_max_bytes: Some(u64::from(u32::MAX) & !4095),
+                    discard_granularity_bytes: 4096,
+                    write_zeroes_max_bytes: Some(u64::from(u32::MAX) & !4095),
+                    max_transfer_bytes: u32::MAX,
+                },
+                profile: None,
+            }),
+            DiskSpec::Path(path) => Self::open_path(name, spec, path, read_only),
+        }
+    }
+
+    fn open_path(
+        name: &str,
+        spec: &DiskSpec,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<Node, NodeError> {
+        let meta = std::fs::metadata(path).map_err(|source| NodeError::Open {
+            path: path.to_owned(),
+            hint: if source.kind() == io::ErrorKind::NotFound {
+                ": check the path, or create the image first (truncate -s 1G FILE)"
+            } else {
+                ""
+            },
+            source,
+        })?;
+        let is_block = meta.file_type().is_block_device();
+        if !is_block && !meta.is_file() {
+            return Err(NodeError::Unusable {
+                path: path.to_owned(),
+                reason: "not a block device or regular file".into(),
+            });
+        }
+        let mut flags = libc::O_DIRECT | libc::O_CLOEXEC;
+        if is_block {
+            flags |= libc::O_EXCL;
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(|source| {
+                let hint = match source.raw_os_error() {
+                    Some(libc::EINVAL) => {
+                        ": the filesystem cannot do direct I/O (O_DIRECT); put the image on ext4, xfs or btrfs, or use a block device"
+                    }
+                    Some(libc::EBUSY) => {
+                        ": the device is in use (mounted, or held by another program); unmount it or stop that program"
+                    }
+                    Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+                        ": no permission; run as a user that may write it, or export it --read-only"
+                    }
+                    _ => "",
+                };
+                NodeError::Open {
+                    path: path.to_owned(),
+                    source,
+                    hint,
+                }
+            })?;
+        let profile = sluice_hw::probe_file(&file, path)?;
+        if profile.capacity_bytes < u64::from(profile.logical_block_size_bytes) {
+            return Err(NodeError::Unusable {
+                path: path.to_owned(),
+                reason: format!(
+                    "capacity {} bytes is smaller than one block; grow the image (truncate -s 1G FILE)",
+                    profile.capacity_bytes
+                ),
+            });
+        }
+        let limits = NodeLimits {
+            // A trailing partial block cannot be addressed through O_DIRECT.
+            capacity_bytes: profile.capacity_bytes
+                - profile.capacity_bytes % u64::from(profile.logical_block_size_bytes.max(512)),
+            logical_block_size_bytes: profile.logical_block_size_bytes,
+            physical_block_size_bytes: profile.physical_block_size_bytes,
+            dio_mem_align_bytes: profile.dio_mem_align_bytes.max(1),
+            dio_offset_align_bytes: profile
+                .dio_offset_align_bytes
+                .max(profile.logical_block_size_bytes),
+            volatile_write_cache: profile.volatile_write_cache,
+            fua: profile.fua,
+            discard_max_bytes: profile.discard.as_ref().map(|d| d.max_bytes),
+            discard_granularity_bytes: profile
+                .discard
+                .as_ref()
+                .map(|d| d.granularity_bytes)
+                .unwrap_or(0),
+            write_zeroes_max_bytes: profile.write_zeroes_max_bytes,
+            max_transfer_bytes: profile.max_transfer_bytes,
+        };
+        let backing = match profile.kind {
+            BackingKind::BlockDevice { .. } => Backing::BlockDevice(file),
+            BackingKind::RegularFile => Backing::File(file),
+        };
+        Ok(Node {
+            name: name.to_owned(),
+            spec: spec.clone(),
+            backing,
+            read_only,
+            limits,
+            profile: Some(profile),
+        })
+    }
+
+    /// The node's name in the daemon.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What the node was opened from.
+    pub fn spec(&self) -> &DiskSpec {
+        &self.spec
+    }
+
+    /// How requests reach the data.
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// The descriptor requests go to, `None` for a null node.
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        match &self.backing {
+            Backing::BlockDevice(f) | Backing::File(f) => Some(f.as_raw_fd()),
+            Backing::Null => None,
+        }
+    }
+
+    /// Opened without write access.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Limits and capabilities.
+    pub fn limits(&self) -> &NodeLimits {
+        &self.limits
+    }
+
+    /// The probed profile (none for null nodes).
+    pub fn profile(&self) -> Option<&Profile> {
+        self.profile.as_ref()
+    }
+
+    /// Makes every completed write durable (`fdatasync`). Used off the request
+    /// path, by shutdown; queues flush through their own rings.
+    pub fn flush(&self) -> Result<(), NodeError> {
+        let Some(fd) = self.raw_fd() else {
+            return Ok(());
+        };
+        if self.read_only {
+            return Ok(());
+        }
+        // SAFETY: fdatasync only reads the descriptor number; `fd` belongs to
+        // `self.backing`, which outlives this call.
+        let rc = unsafe { libc::fdatasync(fd) };
+        if rc != 0 {
+            return Err(NodeError::Flush {
+                name: self.name.clone(),
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        assert_eq!(
+            DiskSpec::parse("null:1G").unwrap(),
+            DiskSpec::Null {
+                capacity_bytes: 1 << 30
+            }
+        );
+        assert_eq!(
+            DiskSpec::parse("/dev/nvme0n1").unwrap(),
+            DiskSpec::Path("/dev/nvme0n1".into())
+        );
+        assert!(DiskSpec::parse("null:100").is_err());
+        assert!(DiskSpec::parse("null:0").is_err());
+        assert!(DiskSpec::parse("").is_err());
+        assert_eq!(DiskSpec::parse("null:64M").unwrap().to_string(), "null:64M");
+    }
+
+    #[test]
+    fn missing_path_says_what_to_do() {
+        let err = Node::open("d0", &DiskSpec::Path("/nonexistent/disk.img".into()), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/disk.img") && err.contains("truncate"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn opens_a_file_with_direct_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        match Node::open("d0", &DiskSpec::Path(path.clone()), false) {
+            Ok(node) => {
+                assert_eq!(node.limits().capacity_bytes, 8 << 20);
+                assert!(matches!(node.backing(), Backing::File(_)));
+                node.flush().unwrap();
+            }
+            Err(NodeError::Open { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+                eprintln!("skipped: the temp filesystem cannot do O_DIRECT");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
