@@ -65,6 +65,9 @@ struct Slot<C> {
     op: BlockOp,
     /// Bytes a successful read or write transfers.
     expected_bytes: u64,
+    /// The request's range, kept for the synchronous discard fallback.
+    offset_bytes: u64,
+    len_bytes: u64,
     /// The front's data segments (read by the kernel on direct I/O, by the
     /// engine on bounce copies).
     iovecs: [libc::iovec; MAX_SEGMENTS],
@@ -147,6 +150,8 @@ impl<C: Copy> Engine<C> {
                 ctx: None,
                 op: BlockOp::Flush,
                 expected_bytes: 0,
+                offset_bytes: 0,
+                len_bytes: 0,
                 iovecs: [EMPTY_IOVEC; MAX_SEGMENTS],
                 iov_count: 0,
                 bounce: BounceUse::None,
@@ -246,6 +251,8 @@ impl<C: Copy> Engine<C> {
         let i = usize::from(index);
         let slot = &mut self.slots[i];
         slot.op = req.op;
+        slot.offset_bytes = req.offset_bytes;
+        slot.len_bytes = req.len_bytes;
         slot.bounce = BounceUse::None;
         slot.iov_count = req.segments.len();
         slot.iovecs[..req.segments.len()].copy_from_slice(req.segments);
@@ -442,12 +449,12 @@ impl<C: Copy> Engine<C> {
         count
     }
 
-    fn redo_discard_sync(&mut self, _index: u16) -> i32 {
-        // The range was not kept in the slot; the discard is advisory, so a
-        // fallback that cannot be retried reports success only if the ioctl
-        // path works at all. Keep it simple: report the operation as
-        // unsupported for this request; later discards use the ioctl.
-        -libc::EOPNOTSUPP
+    fn redo_discard_sync(&mut self, index: u16) -> i32 {
+        let slot = &self.slots[usize::from(index)];
+        match self.node.raw_fd() {
+            Some(fd) => blk_discard_sync(fd, slot.offset_bytes, slot.len_bytes),
+            None => 0,
+        }
     }
 
     fn complete(&mut self, index: u16, res: i32, on_complete: &mut impl FnMut(C, RequestResult)) {
@@ -572,3 +579,6 @@ impl<C: Copy> Drop for Engine<C> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -306,6 +306,7 @@ pub fn decode(
     let req_type = u32::from_le_bytes(header[0..4].try_into().unwrap());
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
     let data = &segs[first..n];
+    let nonempty = || data.iter().filter(|s| s.len > 0);
 
     match req_type {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
@@ -384,8 +385,8 @@ pub fn decode(
                 );
             }
             // We offer max_*_seg = 1: exactly one 16-byte range descriptor.
-            let total: u64 = data.iter().map(|s| u64::from(s.len)).sum();
-            if data.iter().any(|s| s.write)
+            let total: u64 = nonempty().map(|s| u64::from(s.len)).sum();
+            if nonempty().any(|s| s.write)
                 || total == 0
                 || total % DISCARD_SEGMENT_BYTES as u64 != 0
             {
@@ -402,7 +403,7 @@ pub fn decode(
             }
             let mut raw = [0u8; DISCARD_SEGMENT_BYTES];
             let mut have = 0;
-            for s in data {
+            for s in nonempty() {
                 let take = s.len as usize;
                 if mem
                     .read_slice(&mut raw[have..have + take], GuestAddress(s.addr))
