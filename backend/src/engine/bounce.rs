@@ -78,10 +78,9 @@ impl Drop for BounceRegion {
 pub unsafe fn gather(segments: &[libc::iovec], dst: *mut u8) -> usize {
     let mut done = 0;
     for seg in segments {
+        let to = dst.wrapping_add(done);
         // SAFETY: the caller guarantees both ranges are valid and disjoint.
-        unsafe {
-            std::ptr::copy_nonoverlapping(seg.iov_base as *const u8, dst.add(done), seg.iov_len)
-        };
+        unsafe { std::ptr::copy_nonoverlapping(seg.iov_base as *const u8, to, seg.iov_len) };
         done += seg.iov_len;
     }
     done
@@ -95,10 +94,9 @@ pub unsafe fn gather(segments: &[libc::iovec], dst: *mut u8) -> usize {
 pub unsafe fn scatter(src: *const u8, segments: &[libc::iovec]) -> usize {
     let mut done = 0;
     for seg in segments {
+        let from = src.wrapping_add(done);
         // SAFETY: the caller guarantees both ranges are valid and disjoint.
-        unsafe {
-            std::ptr::copy_nonoverlapping(src.add(done), seg.iov_base as *mut u8, seg.iov_len)
-        };
+        unsafe { std::ptr::copy_nonoverlapping(from, seg.iov_base as *mut u8, seg.iov_len) };
         done += seg.iov_len;
     }
     done

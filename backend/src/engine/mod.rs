@@ -482,7 +482,7 @@ impl<C: Copy> Engine<C> {
                 // SAFETY: the kernel is done with the bounce buffer (its
                 // completion was reaped); the segments are the front's
                 // writable memory, valid until this completion is handed back.
-                unsafe { scatter(src.add(skip), slot.segments()) };
+                unsafe { scatter(src.wrapping_add(skip), slot.segments()) };
             }
             Ok(())
         };
