@@ -49,6 +49,15 @@ impl BounceRegion {
         })
     }
 
+    /// A region with no memory, left behind when a table leaks its mapping.
+    pub fn empty() -> Self {
+        BounceRegion {
+            base: NonNull::dangling(),
+            slot_bytes: 0,
+            len_bytes: 0,
+        }
+    }
+
     /// Size of one slot's buffer.
     pub fn slot_bytes(&self) -> usize {
         self.slot_bytes
@@ -64,6 +73,9 @@ impl BounceRegion {
 
 impl Drop for BounceRegion {
     fn drop(&mut self) {
+        if self.len_bytes == 0 {
+            return;
+        }
         // SAFETY: base/len describe exactly the mapping made in `new`; the
         // engine drops the region only when no slot buffer is with the kernel.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len_bytes) };

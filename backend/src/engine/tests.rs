@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::node::DiskSpec;
+use crate::request::BlockOp;
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 
 struct Aligned {

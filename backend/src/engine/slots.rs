@@ -1,0 +1,406 @@
+//! The request mapping shared by every ring: a table of in-flight slots that
+//! turns a [`BlockRequest`] into one SQE and a CQE result back into a
+//! [`RequestResult`]. It does not own a ring, so the vhost-user engine and the
+//! ublk queue (whose ring belongs to libublk) build the same SQEs from it.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types};
+
+use super::bounce::{gather, scatter, zero, BounceRegion};
+use crate::limits::{BOUNCE_SLOT_BYTES, MAX_SEGMENTS};
+use crate::node::{Backing, Node};
+use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
+
+/// `BLOCK_URING_CMD_DISCARD` (`_IO(0x12, 0)`, Linux 6.12+): an asynchronous
+/// block discard. The start goes in `sqe->addr`, the length in `sqe->addr3`
+/// (the first 8 bytes of the command area).
+const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
+/// `BLKDISCARD` (`_IO(0x12, 119)`): the synchronous fallback for kernels
+/// without the io_uring command.
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
+/// What a slot needs from the ring after [`SlotTable::begin`].
+#[derive(Debug)]
+pub enum Prepared {
+    /// Push this SQE (after setting its `user_data`); the slot is in flight
+    /// until [`SlotTable::finish`] is called with its CQE result.
+    Sqe(squeue::Entry),
+    /// Done without the kernel (null node, synchronous fallback): call
+    /// [`SlotTable::finish`] with this result.
+    Done(i32),
+}
+
+/// How a slot's data reaches the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BounceUse {
+    /// Straight between the front's buffers and the device.
+    None,
+    /// Read into the slot's bounce buffer; copy `len` bytes from `skip` out.
+    ReadCopyOut { skip: usize, len: usize },
+    /// Written from the slot's bounce buffer.
+    Write,
+}
+
+struct Slot<C> {
+    /// The front's context; `Some` exactly while the slot is in flight.
+    ctx: Option<C>,
+    op: BlockOp,
+    /// Bytes a successful read or write transfers.
+    expected_bytes: u64,
+    /// The request's range, kept for the synchronous discard fallback.
+    offset_bytes: u64,
+    len_bytes: u64,
+    /// The front's data segments (read by the kernel on direct I/O, by the
+    /// engine on bounce copies).
+    iovecs: [libc::iovec; MAX_SEGMENTS],
+    iov_count: usize,
+    bounce: BounceUse,
+    /// The single iovec over the bounce buffer handed to the kernel.
+    bounce_iov: libc::iovec,
+}
+
+impl<C> Slot<C> {
+    fn segments(&self) -> &[libc::iovec] {
+        &self.iovecs[..self.iov_count]
+    }
+}
+
+const EMPTY_IOVEC: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
+
+/// In-flight slots of one queue and the op table that fills them.
+pub struct SlotTable<C> {
+    slots: Box<[Slot<C>]>,
+    bounce: BounceRegion,
+    node: Arc<Node>,
+    /// The node's index in the ring's registered-file table.
+    file: types::Fixed,
+    in_flight: u32,
+    mem_align_mask: u64,
+    offset_align_mask: u64,
+    uring_discard: bool,
+}
+
+// SAFETY: the raw pointers inside slots point to front memory that the front
+// keeps valid until completion; a table moves between threads only while idle.
+unsafe impl<C: Send> Send for SlotTable<C> {}
+
+impl<C> std::fmt::Debug for SlotTable<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotTable")
+            .field("node", &self.node.name())
+            .field("depth", &self.slots.len())
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+impl<C> SlotTable<C> {
+    /// `depth` slots for `node`, whose descriptor the ring registered at
+    /// index `file`.
+    pub fn new(node: Arc<Node>, depth: u16, file: types::Fixed) -> io::Result<Self> {
+        assert!(depth > 0);
+        let depth = usize::from(depth);
+        let slots = (0..depth)
+            .map(|_| Slot {
+                ctx: None,
+                op: BlockOp::Flush,
+                expected_bytes: 0,
+                offset_bytes: 0,
+                len_bytes: 0,
+                iovecs: [EMPTY_IOVEC; MAX_SEGMENTS],
+                iov_count: 0,
+                bounce: BounceUse::None,
+                bounce_iov: EMPTY_IOVEC,
+            })
+            .collect::<Vec<_>>()
+            .into_boxed_slice();
+        let limits = *node.limits();
+        Ok(SlotTable {
+            slots,
+            bounce: BounceRegion::new(depth, BOUNCE_SLOT_BYTES)?,
+            file,
+            in_flight: 0,
+            mem_align_mask: u64::from(limits.dio_mem_align_bytes.max(1)) - 1,
+            offset_align_mask: u64::from(limits.dio_offset_align_bytes.max(1)) - 1,
+            uring_discard: matches!(node.backing(), Backing::BlockDevice(_)),
+            node,
+        })
+    }
+
+    /// Number of slots.
+    pub fn depth(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The node.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+
+    /// Slots between `begin` and `finish`.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    /// Whether slot `index` is in flight.
+    pub fn is_busy(&self, index: u16) -> bool {
+        self.slots[usize::from(index)].ctx.is_some()
+    }
+
+    /// Fills slot `index` (which must be free) for `req`. On success the slot
+    /// is in flight and owns copies of the request's iovecs; the request's
+    /// segments must stay valid until [`SlotTable::finish`]. On error the
+    /// slot stays free.
+    pub fn begin(
+        &mut self,
+        index: u16,
+        req: &BlockRequest<'_>,
+        ctx: C,
+    ) -> Result<Prepared, RequestError> {
+        assert!(!self.is_busy(index), "slot {index} is already in flight");
+        if req.segments.len() > MAX_SEGMENTS {
+            return Err(RequestError::Invalid);
+        }
+        let prepared = self.prepare(usize::from(index), req)?;
+        self.slots[usize::from(index)].ctx = Some(ctx);
+        self.in_flight += 1;
+        Ok(prepared)
+    }
+
+    fn prepare(&mut self, i: usize, req: &BlockRequest<'_>) -> Result<Prepared, RequestError> {
+        let file = self.file;
+        let aligned = self.is_dio_aligned(req);
+        let slot = &mut self.slots[i];
+        slot.op = req.op;
+        slot.offset_bytes = req.offset_bytes;
+        slot.len_bytes = req.len_bytes;
+        slot.bounce = BounceUse::None;
+        slot.iov_count = req.segments.len();
+        slot.iovecs[..req.segments.len()].copy_from_slice(req.segments);
+        slot.expected_bytes = if req.op.moves_data() {
+            req.len_bytes
+        } else {
+            0
+        };
+
+        if matches!(self.node.backing(), Backing::Null) {
+            // Null node: reads see zeroes, everything else succeeds.
+            if req.op == BlockOp::Read {
+                // SAFETY: the front vouches that the segments are writable
+                // memory of their stated lengths until completion.
+                unsafe { zero(slot.segments()) };
+            }
+            return Ok(Prepared::Done(
+                i32::try_from(slot.expected_bytes).unwrap_or(i32::MAX),
+            ));
+        }
+
+        let entry = match req.op {
+            BlockOp::Read | BlockOp::Write { .. } => {
+                let is_write = matches!(req.op, BlockOp::Write { .. });
+                let rw_flags = match req.op {
+                    BlockOp::Write { fua: true } => libc::RWF_DSYNC,
+                    _ => 0,
+                };
+                if aligned {
+                    let iov = slot.iovecs.as_ptr();
+                    let n = slot.iov_count as u32;
+                    if is_write {
+                        opcode::Writev::new(file, iov, n)
+                            .offset(req.offset_bytes)
+                            .rw_flags(rw_flags)
+                            .build()
+                    } else {
+                        opcode::Readv::new(file, iov, n)
+                            .offset(req.offset_bytes)
+                            .build()
+                    }
+                } else {
+                    // Bounce: widen to the offset alignment (reads only; a
+                    // misaligned write would need read-modify-write, which a
+                    // guest honouring the advertised block size never needs).
+                    let mask = self.offset_align_mask;
+                    let start = req.offset_bytes & !mask;
+                    let end = (req.offset_bytes + req.len_bytes + mask) & !mask;
+                    let span = (end - start) as usize;
+                    if span > self.bounce.slot_bytes() {
+                        return Err(RequestError::Invalid);
+                    }
+                    let buf = self.bounce.slot_ptr(i);
+                    slot.bounce_iov = libc::iovec {
+                        iov_base: buf.cast(),
+                        iov_len: span,
+                    };
+                    if is_write {
+                        if start != req.offset_bytes || end != req.offset_bytes + req.len_bytes {
+                            return Err(RequestError::Invalid);
+                        }
+                        // SAFETY: the segments are readable front memory; the
+                        // bounce buffer holds `span` >= len bytes and is ours.
+                        unsafe { gather(slot.segments(), buf) };
+                        slot.bounce = BounceUse::Write;
+                        opcode::Writev::new(file, &slot.bounce_iov, 1)
+                            .offset(start)
+                            .rw_flags(rw_flags)
+                            .build()
+                    } else {
+                        slot.bounce = BounceUse::ReadCopyOut {
+                            skip: (req.offset_bytes - start) as usize,
+                            len: req.len_bytes as usize,
+                        };
+                        slot.expected_bytes = span as u64;
+                        opcode::Readv::new(file, &slot.bounce_iov, 1)
+                            .offset(start)
+                            .build()
+                    }
+                }
+            }
+            BlockOp::Flush => {
+                if self.node.read_only() {
+                    return Ok(Prepared::Done(0));
+                }
+                opcode::Fsync::new(file)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+            }
+            BlockOp::Discard => match self.node.backing() {
+                Backing::BlockDevice(_) if self.uring_discard => {
+                    let mut cmd = [0u8; 16];
+                    cmd[..8].copy_from_slice(&req.len_bytes.to_ne_bytes());
+                    opcode::UringCmd16::new(file, BLOCK_URING_CMD_DISCARD)
+                        .addr(Some(req.offset_bytes))
+                        .cmd(cmd)
+                        .build()
+                }
+                Backing::BlockDevice(f) => {
+                    return Ok(Prepared::Done(blk_discard_sync(
+                        f.as_raw_fd(),
+                        req.offset_bytes,
+                        req.len_bytes,
+                    )));
+                }
+                _ => opcode::Fallocate::new(file, req.len_bytes)
+                    .offset(req.offset_bytes)
+                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build(),
+            },
+            BlockOp::WriteZeroes { unmap } => {
+                // On a block device both modes become a zero-out; PUNCH_HOLE
+                // lets the device deallocate, ZERO_RANGE asks it not to.
+                let mode = if unmap {
+                    libc::FALLOC_FL_PUNCH_HOLE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE
+                } | libc::FALLOC_FL_KEEP_SIZE;
+                opcode::Fallocate::new(file, req.len_bytes)
+                    .offset(req.offset_bytes)
+                    .mode(mode)
+                    .build()
+            }
+        };
+        Ok(Prepared::Sqe(entry))
+    }
+
+    fn is_dio_aligned(&self, req: &BlockRequest<'_>) -> bool {
+        if (req.offset_bytes | req.len_bytes) & self.offset_align_mask != 0 {
+            return false;
+        }
+        let mem_mask = self.mem_align_mask;
+        req.segments
+            .iter()
+            .all(|s| (s.iov_base as u64 | s.iov_len as u64) & mem_mask == 0)
+    }
+
+    /// Ends slot `index` with the raw result of its SQE (or of
+    /// [`Prepared::Done`]): copies bounce data out, checks the length, and
+    /// returns the front's context with the result. The slot is free again.
+    pub fn finish(&mut self, index: u16, res: i32) -> (C, RequestResult) {
+        let i = usize::from(index);
+        let mut res = res;
+        if self.slots[i].op == BlockOp::Discard
+            && self.uring_discard
+            && matches!(-res, libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTTY)
+        {
+            // The kernel predates BLOCK_URING_CMD_DISCARD: fall back to the
+            // ioctl for this and every later discard on this queue.
+            tracing::info!(
+                node = self.node.name(),
+                "io_uring block discard unavailable ({}); using BLKDISCARD",
+                io::Error::from_raw_os_error(-res)
+            );
+            self.uring_discard = false;
+            if let Some(fd) = self.node.raw_fd() {
+                res = blk_discard_sync(fd, self.slots[i].offset_bytes, self.slots[i].len_bytes);
+            }
+        }
+        let slot = &mut self.slots[i];
+        let ctx = slot
+            .ctx
+            .take()
+            .expect("completion for a slot that is not in flight");
+        let result = if res < 0 {
+            Err(RequestError::Io(-res))
+        } else if slot.op.moves_data() && res as u64 != slot.expected_bytes {
+            // O_DIRECT transfers inside capacity are never short unless the
+            // device failed part of them.
+            tracing::warn!(
+                node = self.node.name(),
+                op = slot.op.name(),
+                "short transfer: {res} of {} bytes",
+                slot.expected_bytes
+            );
+            Err(RequestError::Io(libc::EIO))
+        } else {
+            if let BounceUse::ReadCopyOut { skip, len } = slot.bounce {
+                debug_assert!(skip + len <= self.bounce.slot_bytes());
+                let src = self.bounce.slot_ptr(i).wrapping_add(skip);
+                // SAFETY: the kernel is done with the bounce buffer (its
+                // completion was reaped); the segments are the front's
+                // writable memory, valid until this completion is handed back.
+                unsafe { scatter(src, slot.segments()) };
+            }
+            Ok(())
+        };
+        slot.iov_count = 0;
+        self.in_flight -= 1;
+        (ctx, result)
+    }
+}
+
+impl<C> Drop for SlotTable<C> {
+    fn drop(&mut self) {
+        if self.in_flight > 0 {
+            // Requests the device never completed may still DMA into these
+            // buffers: leak them rather than hand the memory back.
+            tracing::error!(
+                node = self.node.name(),
+                in_flight = self.in_flight,
+                "slot table dropped with requests in flight; leaking their buffers"
+            );
+            let slots = std::mem::take(&mut self.slots);
+            std::mem::forget(slots);
+            let bounce = std::mem::replace(&mut self.bounce, BounceRegion::empty());
+            std::mem::forget(bounce);
+        }
+    }
+}
+
+fn blk_discard_sync(fd: RawFd, offset_bytes: u64, len_bytes: u64) -> i32 {
+    let range: [u64; 2] = [offset_bytes, len_bytes];
+    // SAFETY: BLKDISCARD reads two u64 (start, length) from the pointer, which
+    // points to a live local array of exactly that shape.
+    let rc = unsafe { libc::ioctl(fd, BLKDISCARD as _, range.as_ptr()) };
+    if rc < 0 {
+        -io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO)
+    } else {
+        0
+    }
+}
