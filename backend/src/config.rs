@@ -70,6 +70,11 @@ pub enum ExportKind {
         /// Socket file mode.
         socket_mode: u32,
     },
+    /// `/dev/ublkbN` through the kernel's ublk driver.
+    Ublk {
+        /// Device id to ask for; `None` lets the driver choose.
+        id: Option<u32>,
+    },
 }
 
 /// Why a configuration was refused.
@@ -117,6 +122,7 @@ struct FileExport {
     kind: String,
     socket: Option<PathBuf>,
     socket_mode: Option<u32>,
+    ublk_id: Option<u32>,
     queues: Option<u16>,
     queue_depth: Option<u16>,
     #[serde(default)]
@@ -174,9 +180,10 @@ impl ServeConfig {
                         socket_mode: e.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE),
                     }
                 }
+                "ublk" => ExportKind::Ublk { id: e.ublk_id },
                 other => {
                     return bad(format!(
-                        "export {:?}: unknown type {other:?} (supported: \"vhost-user\")",
+                        "export {:?}: unknown type {other:?} (supported: \"vhost-user\", \"ublk\")",
                         e.name
                     ))
                 }
@@ -219,6 +226,7 @@ impl ServeConfig {
         }
         let mut export_names = HashSet::new();
         let mut sockets = HashSet::new();
+        let mut ublk_ids: HashSet<u32> = HashSet::new();
         for e in &self.exports {
             let ctx = format!("export {:?}", e.name);
             if !export_names.insert(e.name.as_str()) {
@@ -259,6 +267,12 @@ impl ServeConfig {
                         ));
                     }
                 }
+                ExportKind::Ublk { id: Some(id) } => {
+                    if !ublk_ids.insert(*id) {
+                        return bad(format!("{ctx}: ublk id {id} used twice"));
+                    }
+                }
+                ExportKind::Ublk { id: None } => {}
             }
         }
         Ok(())

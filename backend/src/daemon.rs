@@ -10,7 +10,9 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::{DiskConfig, ExportKind, ServeConfig};
+use crate::export::ublk::{UblkConfig, UblkExport};
 use crate::export::vhost_user::{VhostUserConfig, VhostUserExport};
+use crate::export::Export;
 use crate::limits::{DRAIN_TIMEOUT_MS, FLUSH_TIMEOUT_MS};
 use crate::node::{DiskSpec, Node};
 
@@ -25,7 +27,7 @@ pub struct Daemon {
     /// Every node, in configuration order.
     nodes: Vec<Arc<Node>>,
     /// Exports, in configuration order.
-    exports: Vec<VhostUserExport>,
+    exports: Vec<Export>,
 }
 
 /// Image files this start created, removed again if the start fails.
@@ -114,7 +116,19 @@ impl Daemon {
                         poll_window_us: e.poll_window_us,
                         socket_mode: *socket_mode,
                     },
-                ),
+                )
+                .map(Export::VhostUser),
+                ExportKind::Ublk { id } => UblkExport::start(
+                    node,
+                    UblkConfig {
+                        name: e.name.clone(),
+                        id: *id,
+                        queues: e.queues,
+                        queue_depth: e.queue_depth,
+                        read_only: e.read_only,
+                    },
+                )
+                .map(Export::Ublk),
             };
             match started {
                 Ok(x) => daemon.exports.push(x),
@@ -128,32 +142,17 @@ impl Daemon {
         Ok(daemon)
     }
 
-    /// One JSON line per export, printed when its socket accepts connections.
+    /// One JSON line per export, printed when it accepts its consumer
+    /// (socket listening, or `/dev/ublkbN` present).
     pub fn ready_lines(&self) -> Vec<String> {
         self.exports
             .iter()
-            .map(|x| {
-                let limits = x.node().limits();
-                serde_json::json!({
-                    "event": "ready",
-                    "export": x.config().name,
-                    "type": "vhost-user",
-                    "socket": x.config().socket,
-                    "disk": x.node().spec().to_string(),
-                    "capacity_bytes": limits.capacity_bytes,
-                    "logical_block_size_bytes": limits.logical_block_size_bytes,
-                    "queues": x.config().queues,
-                    "queue_depth": x.config().queue_depth,
-                    "read_only": x.read_only(),
-                    "write_cache": limits.volatile_write_cache,
-                })
-                .to_string()
-            })
+            .map(|x| x.describe().to_string())
             .collect()
     }
 
     /// The exports.
-    pub fn exports(&self) -> &[VhostUserExport] {
+    pub fn exports(&self) -> &[Export] {
         &self.exports
     }
 
@@ -175,10 +174,14 @@ impl Daemon {
         let timeout = Duration::from_millis(DRAIN_TIMEOUT_MS);
         let mut clean = true;
         for x in &self.exports {
-            tracing::info!(export = %x.config().name, in_flight = x.in_flight(), "close-all: drain");
+            tracing::info!(
+                export = x.name(),
+                in_flight = x.totals().in_flight,
+                "close-all: drain"
+            );
             if let Err(stuck) = x.drain(timeout) {
                 tracing::error!(
-                    export = %x.config().name,
+                    export = x.name(),
                     "close-all: queues {stuck:?} still have requests in flight after {DRAIN_TIMEOUT_MS} ms"
                 );
                 clean = false;
@@ -191,7 +194,7 @@ impl Daemon {
     fn detach_exports(&mut self) -> bool {
         let mut clean = true;
         for x in self.exports.drain(..) {
-            let name = x.config().name.clone();
+            let name = x.name().to_owned();
             let totals = x.totals();
             tracing::info!(export = %name, ?totals, "close-all: detach");
             if let Err(e) = x.detach(Duration::from_millis(DRAIN_TIMEOUT_MS)) {
@@ -279,6 +282,7 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
 
 fn print_attach_help(daemon: &Daemon) {
     for x in daemon.exports() {
+        let Export::VhostUser(x) = x else { continue };
         let sock = x
             .config()
             .socket

@@ -30,14 +30,18 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
     /// TOML file describing disks and exports.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["disk", "vhost_user"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["disk", "vhost_user", "ublk"])]
     config: Option<PathBuf>,
     /// Backing block device or file, or null:SIZE (e.g. null:1G).
-    #[arg(long, value_name = "PATH|null:SIZE", requires = "vhost_user")]
+    #[arg(long, value_name = "PATH|null:SIZE")]
     disk: Option<String>,
     /// vhost-user-blk socket to serve the disk on.
     #[arg(long, value_name = "SOCKET", requires = "disk")]
     vhost_user: Option<PathBuf>,
+    /// Also (or instead) serve the disk as /dev/ublkbN through the kernel's
+    /// ublk driver; ID picks N, default: the driver chooses.
+    #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "auto", requires = "disk")]
+    ublk: Option<String>,
     /// Number of queues (one worker thread and io_uring ring each).
     #[arg(long, default_value_t = DEFAULT_QUEUES)]
     queues: u16,
@@ -102,12 +106,49 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), String> {
             .map_err(|e| format!("config {}: {e}", path.display()))?;
         return Ok((config, false));
     }
-    let (Some(disk), Some(socket)) = (&args.disk, &args.vhost_user) else {
+    let Some(disk) = &args.disk else {
         let config = ServeConfig::from_toml(EMBEDDED_DEFAULT, &cwd)
             .map_err(|e| format!("embedded default: {e}"))?;
         return Ok((config, true));
     };
+    if args.vhost_user.is_none() && args.ublk.is_none() {
+        return Err("--disk needs an export: --vhost-user SOCKET and/or --ublk [ID]".into());
+    }
     let spec = DiskSpec::parse(disk).map_err(|e| e.to_string())?;
+    let export = |name: String, kind: ExportKind| ExportConfig {
+        name,
+        disk: "disk0".into(),
+        kind,
+        queues: args.queues,
+        queue_depth: args.queue_depth,
+        read_only: args.read_only,
+        serial: args.serial.clone().unwrap_or_else(|| "sluice".into()),
+        poll_window_us: args.poll_us,
+    };
+    let mut exports = Vec::new();
+    if let Some(socket) = &args.vhost_user {
+        let name = socket
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "vhost-user".into());
+        exports.push(export(
+            name,
+            ExportKind::VhostUser {
+                socket: cwd.join(socket),
+                socket_mode: args.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE),
+            },
+        ));
+    }
+    if let Some(id) = &args.ublk {
+        let id = match id.as_str() {
+            "auto" => None,
+            n => Some(
+                n.parse::<u32>()
+                    .map_err(|_| format!("--ublk {n:?}: expected a device number"))?,
+            ),
+        };
+        exports.push(export("ublk".into(), ExportKind::Ublk { id }));
+    }
     let config = ServeConfig {
         disks: vec![DiskConfig {
             name: "disk0".into(),
@@ -115,22 +156,7 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), String> {
             read_only: args.read_only,
             create_size_bytes: None,
         }],
-        exports: vec![ExportConfig {
-            name: socket
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "export0".into()),
-            disk: "disk0".into(),
-            kind: ExportKind::VhostUser {
-                socket: cwd.join(socket),
-                socket_mode: args.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE),
-            },
-            queues: args.queues,
-            queue_depth: args.queue_depth,
-            read_only: args.read_only,
-            serial: args.serial.clone().unwrap_or_else(|| "sluice".into()),
-            poll_window_us: args.poll_us,
-        }],
+        exports,
     };
     config.validate().map_err(|e| e.to_string())?;
     Ok((config, false))

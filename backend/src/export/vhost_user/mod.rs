@@ -31,9 +31,9 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use self::queue::{ExportShared, QueueShared, QueueWorker};
+use self::queue::{ExportShared, QueueWorker};
 use self::virtio_blk::Geometry;
-use super::ExportError;
+use super::{wait_idle, ExportError, ExportTotals, QueueShared};
 use crate::engine::Engine;
 use crate::limits::{MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES};
 use crate::node::Node;
@@ -185,17 +185,6 @@ impl VhostUserBackend for BlkBackend {
     }
 }
 
-fn wait_idle(q: &QueueShared, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while q.in_flight.load(Ordering::Relaxed) > 0 {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    true
-}
-
 /// A running vhost-user export.
 pub struct VhostUserExport {
     config: VhostUserConfig,
@@ -297,17 +286,9 @@ impl VhostUserExport {
             .sum()
     }
 
-    /// Statistics: (requests, errors, bytes read, bytes written, flushes).
+    /// Cumulative statistics.
     pub fn totals(&self) -> ExportTotals {
-        let mut t = ExportTotals::default();
-        for q in self.shared.queues.iter() {
-            t.requests += q.requests.load(Ordering::Relaxed);
-            t.errors += q.errors.load(Ordering::Relaxed);
-            t.bytes_read += q.bytes_read.load(Ordering::Relaxed);
-            t.bytes_written += q.bytes_written.load(Ordering::Relaxed);
-            t.flushes += q.flushes.load(Ordering::Relaxed);
-        }
-        t
+        ExportTotals::of(&self.shared.queues)
     }
 
     /// Drain, step one: admit nothing new (new requests fail with IOERR) and
@@ -356,21 +337,6 @@ impl VhostUserExport {
         let _ = thread.join();
         Ok(self.node.clone())
     }
-}
-
-/// Cumulative counters of one export.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct ExportTotals {
-    /// Requests completed.
-    pub requests: u64,
-    /// Requests that completed with an error status.
-    pub errors: u64,
-    /// Bytes read.
-    pub bytes_read: u64,
-    /// Bytes written.
-    pub bytes_written: u64,
-    /// Flushes completed.
-    pub flushes: u64,
 }
 
 /// Per-connection state: fresh engines and workers.

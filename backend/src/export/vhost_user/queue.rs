@@ -1,7 +1,7 @@
 //! One vhost-user queue: its vring, its engine and its polling loop, all
 //! driven by the queue's own worker thread.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 use super::virtio_blk::{decode, status_of, Command, Decoded, Geometry};
 use crate::engine::{scatter, Engine, SubmitError};
+use crate::export::QueueShared;
 use crate::limits::{BAD_REQUEST_LOG_INTERVAL_MS, MAX_SEGMENTS, SERIAL_MAX_BYTES};
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
@@ -20,26 +21,9 @@ pub struct VirtioCtx {
     head: u16,
     status_addr: GuestAddress,
     used_len_ok: u32,
-    op: BlockOp,
+    /// `None` for requests answered without a block operation (GET_ID).
+    op: Option<BlockOp>,
     len_bytes: u64,
-}
-
-/// Counters and state the queue thread shares with the rest of the daemon.
-/// Written by the queue thread only; read by anyone (relaxed).
-#[derive(Debug, Default)]
-pub struct QueueShared {
-    /// Requests submitted and not yet completed.
-    pub in_flight: AtomicU32,
-    /// Requests completed.
-    pub requests: AtomicU64,
-    /// Requests completed with an error status.
-    pub errors: AtomicU64,
-    /// Bytes read by completed requests.
-    pub bytes_read: AtomicU64,
-    /// Bytes written by completed requests.
-    pub bytes_written: AtomicU64,
-    /// Flushes completed.
-    pub flushes: AtomicU64,
 }
 
 /// State every queue of one export shares.
@@ -201,7 +185,7 @@ impl QueueWorker {
             head,
             status_addr,
             used_len_ok: decoded.used_len_ok,
-            op: BlockOp::Flush,
+            op: None,
             len_bytes: 0,
         };
         let result = match decoded.command {
@@ -232,7 +216,7 @@ impl QueueWorker {
                 len_bytes,
                 segments,
             } => {
-                ctx.op = op;
+                ctx.op = Some(op);
                 ctx.len_bytes = len_bytes;
                 let req = BlockRequest {
                     op,
@@ -292,24 +276,5 @@ fn complete(
     if let Err(e) = state.add_used(ctx.head, used_len) {
         tracing::warn!("cannot return descriptor {} to the guest: {e}", ctx.head);
     }
-    shared.requests.fetch_add(1, Ordering::Relaxed);
-    match (result, ctx.op) {
-        (Err(_), _) => {
-            shared.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        (Ok(()), BlockOp::Read) => {
-            shared
-                .bytes_read
-                .fetch_add(ctx.len_bytes, Ordering::Relaxed);
-        }
-        (Ok(()), BlockOp::Write { .. }) => {
-            shared
-                .bytes_written
-                .fetch_add(ctx.len_bytes, Ordering::Relaxed);
-        }
-        (Ok(()), BlockOp::Flush) => {
-            shared.flushes.fetch_add(1, Ordering::Relaxed);
-        }
-        _ => {}
-    }
+    shared.record(ctx.op, ctx.len_bytes, result.is_ok());
 }
