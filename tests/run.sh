@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole sluice test suite, on a fresh Debian 12 machine, as root:
+# installs what it needs (Debian packages, the VM kernel and QEMU), builds,
+# and runs unit, integration (real binary + libblkio) and VM tests.
+#
+#   sudo tests/run.sh            # everything
+#   sudo tests/run.sh --no-vm    # skip preparing and booting the QEMU guest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_vm=1
+[ "${1:-}" = "--no-vm" ] && with_vm=0
+
+if [ "$(id -u)" != 0 ]; then
+    echo "tests/run.sh: run as root (loop devices, ublk in the VM need it)" >&2
+    exit 1
+fi
+
+# Debian packages: libclang for bindgen (libublk's sys crate), losetup,
+# mkfs/fsck and fio for the storage checks.
+want=(libclang-dev clang util-linux e2fsprogs fio)
+missing=()
+for p in "${want[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# Loop devices are the real block devices on this host.
+if [ ! -e /dev/loop-control ]; then
+    modprobe loop 2>/dev/null || echo "warning: no /dev/loop-control: loop-device tests will skip" >&2
+fi
+
+if [ "$with_vm" = 1 ] && [ -x tests/vm/prepare.sh ]; then
+    echo "== preparing the VM harness (QEMU from bookworm-backports, Debian 6.12 kernel)"
+    tests/vm/prepare.sh
+fi
+
+echo "== building"
+cargo build --workspace --all-targets
+if [ "$with_vm" = 0 ]; then
+    export SLUICE_SKIP_VM=1
+fi
+echo "== testing"
+cargo test --workspace -- --test-threads=2
