@@ -28,6 +28,8 @@ pub struct Daemon {
     nodes: Vec<Arc<Node>>,
     /// Exports, in configuration order.
     exports: Vec<Export>,
+    /// Log close-all steps at debug level (undoing a failed start).
+    quiet: bool,
 }
 
 /// Image files this start created, removed again if the start fails.
@@ -92,6 +94,7 @@ impl Daemon {
         let mut daemon = Daemon {
             nodes,
             exports: Vec::new(),
+            quiet: false,
         };
         for e in &config.exports {
             let node = daemon
@@ -133,6 +136,8 @@ impl Daemon {
             match started {
                 Ok(x) => daemon.exports.push(x),
                 Err(err) => {
+                    // Undo quietly: the error line is what the user reads.
+                    daemon.quiet = true;
                     let _ = daemon.close_all();
                     return Err(StartError(err.to_string()));
                 }
@@ -196,7 +201,9 @@ impl Daemon {
         for x in self.exports.drain(..) {
             let name = x.name().to_owned();
             let totals = x.totals();
-            tracing::info!(export = %name, ?totals, "close-all: detach");
+            if !self.quiet {
+                tracing::info!(export = %name, ?totals, "close-all: detach");
+            }
             if let Err(e) = x.detach(Duration::from_millis(DRAIN_TIMEOUT_MS)) {
                 tracing::error!("close-all: {e}");
                 clean = false;
@@ -210,7 +217,9 @@ impl Daemon {
     fn flush_nodes(&self) -> bool {
         let mut clean = true;
         for node in &self.nodes {
-            tracing::info!(node = node.name(), "close-all: flush");
+            if !self.quiet {
+                tracing::info!(node = node.name(), "close-all: flush");
+            }
             let (tx, rx) = mpsc::channel();
             let n = node.clone();
             std::thread::spawn(move || {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringRwLock, VringState, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::virtio_blk::{decode, status_of, Command, Decoded, Geometry};
@@ -38,7 +38,12 @@ pub struct ExportShared {
 /// The queue thread's own state. Only the queue's worker thread touches it.
 pub struct QueueWorker {
     engine: Engine<VirtioCtx>,
+    /// The guest memory map requests are decoded against.
     mem: Arc<GuestMemoryMmap>,
+    /// Maps replaced while requests were in flight: those requests' buffers
+    /// (handed to the kernel as host pointers) must stay mapped, so the old
+    /// maps live until the queue is idle.
+    retired: Vec<Arc<GuestMemoryMmap>>,
     geometry: Geometry,
     serial: [u8; SERIAL_MAX_BYTES],
     iovecs: Box<[libc::iovec; MAX_SEGMENTS]>,
@@ -66,6 +71,7 @@ impl QueueWorker {
         QueueWorker {
             engine,
             mem: Arc::new(GuestMemoryMmap::new()),
+            retired: Vec::new(),
             geometry,
             serial,
             iovecs: Box::new(
@@ -95,20 +101,13 @@ impl QueueWorker {
     /// has been idle for the polling window, then arms notifications.
     pub fn run(&mut self, vring: &VringRwLock, atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
         self.engine.clear_completion_event();
-        // Guest memory can be remapped while we sleep; switch to the new map
-        // only when no request still points into the old one.
-        if self.engine.in_flight() == 0 {
-            let current = atomic_mem.memory();
-            if !std::ptr::eq(&*current as *const GuestMemoryMmap, Arc::as_ptr(&self.mem)) {
-                self.mem = current.into_inner();
-            }
-        }
         let mut idle_since = Instant::now();
         loop {
+            self.refresh_memory(atomic_mem);
             let progress = {
                 let mut state = vring.get_mut();
                 let reaped = self.reap(&mut state);
-                let popped = self.pop(&mut state);
+                let popped = self.pop(&mut state, atomic_mem);
                 if let Err(e) = self.engine.submit_pending() {
                     tracing::error!(queue = self.index, "io_uring submit failed: {e}");
                 }
@@ -142,6 +141,23 @@ impl QueueWorker {
         }
     }
 
+    /// Follows the frontend's memory map (regions are added at any time, e.g.
+    /// by libblkio after start or by memory hotplug): new requests use the
+    /// newest map at once; maps still referenced by in-flight requests are
+    /// retired until the queue is idle.
+    fn refresh_memory(&mut self, atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
+        let current = atomic_mem.memory();
+        if !std::ptr::eq(&*current as *const GuestMemoryMmap, Arc::as_ptr(&self.mem)) {
+            let old = std::mem::replace(&mut self.mem, current.into_inner());
+            if self.engine.in_flight() > 0 {
+                self.retired.push(old);
+            }
+        }
+        if self.engine.in_flight() == 0 && !self.retired.is_empty() {
+            self.retired.clear();
+        }
+    }
+
     /// Completes everything the engine has finished. Returns the count.
     fn reap(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> usize {
         let mem = &self.mem;
@@ -152,7 +168,11 @@ impl QueueWorker {
     }
 
     /// Pops, validates and submits new chains while slots are free.
-    fn pop(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> usize {
+    fn pop(
+        &mut self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+        atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> usize {
         let mut count = 0;
         let _ = state.disable_notification();
         while self.engine.has_free_slot() {
@@ -160,6 +180,16 @@ impl QueueWorker {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
                 break;
             };
+            // A chain may use memory the frontend mapped (and had acked)
+            // after our last look at the map: look again now that the chain
+            // is visible, and if the map changed, put the chain back and
+            // take it again against the new map. One lock-free load per
+            // request; the rare re-pop only on a map change.
+            if !std::ptr::eq(&*atomic_mem.memory() as *const GuestMemoryMmap, mem) {
+                state.get_queue_mut().go_to_previous_position();
+                self.refresh_memory(atomic_mem);
+                continue;
+            }
             count += 1;
             let head = chain.head_index();
             let decoded = decode(chain, mem, &self.geometry, &mut self.iovecs);
