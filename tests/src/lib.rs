@@ -1,0 +1,1297 @@
+//! Harness for sluice's native integration tests (rung 2 of the testing ladder in
+//! `shared/design.md`): the real `sluice` binary, driven over its vhost-user-blk socket by
+//! independent clients.
+//!
+//! * [`Daemon`] runs `sluice serve …` with stdout piped, waits (bounded by
+//!   [`READY_TIMEOUT`]) for one `{"event":"ready",…}` JSON line per export, captures stderr
+//!   into a temporary file that failure messages quote, and kills the process on drop.
+//!   [`run_to_exit`] runs a command that is expected to stop by itself (bad arguments).
+//! * [`Client`] is libblkio's `virtio-blk-vhost-user` driver (crate `blkio` 0.5): an
+//!   independent vhost-user-blk frontend written by QEMU developers. Every wait in it is
+//!   bounded by [`IO_TIMEOUT`]: libblkio blocks in `do_io` forever when the backend dies
+//!   unless it gets a timeout. libblkio puts every request in 3 descriptors and never
+//!   negotiates indirect descriptors, so the vring is sized to at least 3 × depth.
+//! * [`RawClient`] uses `virtio-driver`, the virtqueue layer under libblkio, directly, to
+//!   send what libblkio cannot: `VIRTIO_BLK_T_GET_ID` (the serial), and writes to an export
+//!   that advertises `VIRTIO_BLK_F_RO` (libblkio refuses those itself, so they would never
+//!   test the backend).
+//! * [`LoopDevice`] attaches a file as a real block device (`losetup --direct-io=on`);
+//!   [`needs_root_and_loop`] says why a test has to skip when that is impossible.
+//! * [`pattern`] makes data whose every 8-byte word names its absolute offset and a seed,
+//!   so misplaced, stale or torn blocks are told apart from correct ones.
+//!
+//! The binary is looked up next to the test executable (`<target>/debug/sluice`) or taken
+//! from the `SLUICE_BIN` environment variable; build it first with `cargo build -p sluice`.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+pub mod vm;
+
+/// How long a daemon may take to print its ready lines.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one wait for a completion may take before the test gives up on the backend.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a daemon may take to exit after SIGTERM, or a failing command to stop.
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// One MiB, for sizes.
+pub const MIB: u64 = 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------
+// The binary
+// ---------------------------------------------------------------------------------------
+
+/// Path of the `sluice` binary under test: `$SLUICE_BIN`, or `sluice` in the target profile
+/// directory that holds this test executable (`<target>/debug/deps/<test>` → `<target>/debug`).
+///
+/// # Panics
+/// When the binary does not exist, with the command that builds it.
+pub fn sluice_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_BIN") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "sluice binary not found at {} (from SLUICE_BIN)",
+            p.display()
+        );
+        return p;
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut tried = Vec::new();
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join("sluice");
+        if candidate.is_file() {
+            assert_not_stale(&candidate);
+            return candidate;
+        }
+        tried.push(candidate);
+    }
+    let first = tried
+        .get(1)
+        .or(tried.first())
+        .map_or_else(|| "<unknown>".to_owned(), |p| p.display().to_string());
+    panic!("sluice binary not found at {first}: run `cargo build -p sluice` first");
+}
+
+/// Panics when a source file of the daemon (backend/ or hw/ in this workspace) is newer
+/// than the binary: `cargo test -p sluice-tests` does not rebuild it, and a stale daemon
+/// fails tests for reasons long fixed.
+fn assert_not_stale(bin: &Path) {
+    fn newest(dir: &Path, best: &mut Option<(std::time::SystemTime, PathBuf)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(meta) = e.metadata() else { continue };
+            if meta.is_dir() {
+                newest(&path, best);
+            } else if let Ok(m) = meta.modified() {
+                if best.as_ref().is_none_or(|(t, _)| m > *t) {
+                    *best = Some((m, path));
+                }
+            }
+        }
+    }
+    let Ok(built) = std::fs::metadata(bin).and_then(|m| m.modified()) else {
+        return;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut best = None;
+    for part in [
+        "backend/src",
+        "backend/Cargo.toml",
+        "hw/src",
+        "hw/Cargo.toml",
+    ] {
+        let p = root.join(part);
+        if p.is_dir() {
+            newest(&p, &mut best);
+        } else if let Ok(m) = std::fs::metadata(&p).and_then(|m| m.modified()) {
+            if best.as_ref().is_none_or(|(t, _)| m > *t) {
+                best = Some((m, p));
+            }
+        }
+    }
+    if let Some((t, path)) = best {
+        assert!(
+            t <= built,
+            "sluice binary at {} is older than {}: run `cargo build -p sluice` first \
+             (or set SLUICE_BIN to use a binary as it is)",
+            bin.display(),
+            path.display()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------
+
+/// Waits up to `timeout` for `child` to exit.
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => {}
+            Err(e) => panic!("waiting for pid {}: {e}", child.id()),
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn send_signal(pid: u32, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory-safety preconditions; `pid` is our own child, which
+    // has not been reaped yet, so the pid cannot have been reused.
+    let rc = unsafe { libc::kill(pid, signal) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {signal}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A running `sluice` daemon. Killed (SIGKILL) on drop if still running.
+pub struct Daemon {
+    child: Child,
+    stderr: tempfile::NamedTempFile,
+    /// The parsed ready events, in the order they were printed.
+    pub ready: Vec<serde_json::Value>,
+    /// Stdout lines after the ready lines, as the reader thread sees them.
+    stdout_rest: Receiver<String>,
+    args: Vec<String>,
+    exited: Option<ExitStatus>,
+}
+
+impl Daemon {
+    /// Starts `sluice <args>` and waits for `exports` ready lines.
+    ///
+    /// # Panics
+    /// If the daemon exits or stays silent for [`READY_TIMEOUT`]; the message quotes stderr.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S], exports: usize) -> Daemon {
+        match Self::try_spawn(args, exports) {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// [`Daemon::spawn`] that reports failure instead of panicking.
+    pub fn try_spawn<S: AsRef<std::ffi::OsStr>>(
+        args: &[S],
+        exports: usize,
+    ) -> Result<Daemon, String> {
+        Self::try_spawn_env(args, exports, &[])
+    }
+
+    /// [`Daemon::try_spawn`] with extra environment variables.
+    pub fn try_spawn_env<S: AsRef<std::ffi::OsStr>>(
+        args: &[S],
+        exports: usize,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, String> {
+        let bin = sluice_bin();
+        let stderr = tempfile::Builder::new()
+            .prefix("sluice-stderr-")
+            .tempfile()
+            .map_err(|e| format!("stderr file: {e}"))?;
+        let stderr_handle = stderr.reopen().map_err(|e| format!("stderr file: {e}"))?;
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect();
+        let mut child = Command::new(&bin)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr_handle))
+            .spawn()
+            .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = Daemon {
+            child,
+            stderr,
+            ready: Vec::new(),
+            stdout_rest: rx,
+            args: shown,
+            exited: None,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while daemon.ready.len() < exports {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match daemon.stdout_rest.recv_timeout(left) {
+                Ok(line) => {
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+                        return Err(daemon.failure(&format!("non-JSON line on stdout: {line:?}")));
+                    };
+                    if v["event"] == "ready" {
+                        daemon.ready.push(v);
+                    } else {
+                        return Err(daemon.failure(&format!("unexpected event before ready: {v}")));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(daemon.failure(&format!(
+                        "no {} ready line(s) within {READY_TIMEOUT:?} (got {})",
+                        exports,
+                        daemon.ready.len()
+                    )));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = wait_timeout(&mut daemon.child, Duration::from_secs(5));
+                    daemon.exited = status;
+                    return Err(daemon.failure(&format!(
+                        "stdout closed before ready (exit status {status:?})"
+                    )));
+                }
+            }
+        }
+        Ok(daemon)
+    }
+
+    fn failure(&mut self, what: &str) -> String {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            self.exited = wait_timeout(&mut self.child, Duration::from_secs(5));
+        }
+        format!(
+            "sluice {}: {what}\n--- stderr ---\n{}",
+            self.args.join(" "),
+            self.stderr()
+        )
+    }
+
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).unwrap_or_else(|e| format!("<{e}>"))
+    }
+
+    /// Stdout lines printed after the ready lines, so far.
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.stdout_rest.try_iter().collect()
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: libc::c_int) {
+        assert!(self.exited.is_none(), "daemon already exited");
+        send_signal(self.child.id(), signal);
+    }
+
+    /// Kills the daemon (SIGKILL) and reaps it, e.g. to unblock clients before failing.
+    pub fn kill(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            self.exited = wait_timeout(&mut self.child, Duration::from_secs(5));
+        }
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = wait_timeout(&mut self.child, timeout);
+        }
+        self.exited
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the exit.
+    ///
+    /// # Panics
+    /// If the daemon is still running after `timeout` (it is then killed); the message
+    /// quotes stderr.
+    pub fn sigterm_and_wait(&mut self, timeout: Duration) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        match self.wait(timeout) {
+            Some(status) => status,
+            None => {
+                let msg = self.failure(&format!("still running {timeout:?} after SIGTERM"));
+                panic!("{msg}");
+            }
+        }
+    }
+
+    /// Asserts a successful (code 0) exit, quoting stderr otherwise.
+    pub fn assert_exit_ok(&self, status: ExitStatus) {
+        assert!(
+            status.code() == Some(0),
+            "sluice {} exited with {status} (signal {:?})\n--- stderr ---\n{}",
+            self.args.join(" "),
+            status.signal(),
+            self.stderr()
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = wait_timeout(&mut self.child, Duration::from_secs(5));
+        }
+        if thread::panicking() {
+            // The test failed while this daemon ran: show what it logged.
+            eprintln!(
+                "--- stderr of sluice {} ---\n{}",
+                self.args.join(" "),
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// What a command that stopped by itself left behind.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `sluice <args>`, expecting it to stop by itself within [`EXIT_TIMEOUT`].
+///
+/// # Panics
+/// If it is still running then (it is killed first).
+pub fn run_to_exit<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Finished {
+    let bin = sluice_bin();
+    let out = tempfile::tempfile().expect("stdout file");
+    let err = tempfile::tempfile().expect("stderr file");
+    let mut child = Command::new(&bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone().expect("dup")))
+        .stderr(Stdio::from(err.try_clone().expect("dup")))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+    let status = wait_timeout(&mut child, EXIT_TIMEOUT);
+    let read_all = |mut f: File| {
+        use std::io::Seek;
+        let mut s = String::new();
+        f.rewind().expect("rewind");
+        f.read_to_string(&mut s).expect("read output");
+        s
+    };
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = wait_timeout(&mut child, Duration::from_secs(5));
+        panic!(
+            "sluice {:?} still running after {EXIT_TIMEOUT:?}\n--- stderr ---\n{}",
+            args.iter().map(AsRef::as_ref).collect::<Vec<_>>(),
+            read_all(err)
+        );
+    };
+    Finished {
+        status,
+        stdout: read_all(out),
+        stderr: read_all(err),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Data
+// ---------------------------------------------------------------------------------------
+
+/// `len` bytes of the pattern that belongs at absolute byte `offset` for `seed`: every
+/// 8-byte word holds a mix of its own absolute position and the seed, so a block that lands
+/// at the wrong place, comes from another writer or is stale cannot compare equal.
+pub fn pattern(offset: u64, len: usize, seed: u64) -> Vec<u8> {
+    assert!(offset % 8 == 0 && len % 8 == 0, "pattern is made of words");
+    let mut out = Vec::with_capacity(len);
+    for i in 0..(len as u64 / 8) {
+        let pos = offset + i * 8;
+        let word = (pos ^ seed.rotate_left(32))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(17)
+            ^ seed;
+        out.extend_from_slice(&word.to_le_bytes());
+    }
+    out
+}
+
+/// Describes where two byte strings first differ, for assertion messages.
+pub fn first_difference(what: &str, base_offset: u64, got: &[u8], want: &[u8]) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!(
+            "{what}: length {} instead of {}",
+            got.len(),
+            want.len()
+        ));
+    }
+    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
+    let end = (i + 16).min(got.len());
+    Some(format!(
+        "{what}: first difference at byte {} (offset {:#x}): got {:02x?} want {:02x?}",
+        i,
+        base_offset + i as u64,
+        &got[i..end],
+        &want[i..end]
+    ))
+}
+
+/// Creates a sparse zero-filled file of `len` bytes.
+pub fn make_file(path: &Path, len: u64) {
+    let f = File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    f.set_len(len).expect("set_len");
+}
+
+/// Runs `f` on a helper thread and waits for it up to [`READY_TIMEOUT`].
+fn bounded<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+    what: &str,
+) -> Result<T, String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(r) => r,
+        Err(RecvTimeoutError::Timeout) => Err(format!(
+            "{what}: no answer from the backend within {READY_TIMEOUT:?}"
+        )),
+        Err(RecvTimeoutError::Disconnected) => Err(format!("{what}: set-up thread panicked")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// libblkio client
+// ---------------------------------------------------------------------------------------
+
+/// One request for [`QueueHandle::run`].
+#[derive(Clone, Debug)]
+pub enum Op {
+    Read {
+        offset: u64,
+        len: usize,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
+    Flush,
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
+}
+
+impl Op {
+    fn buffer_len(&self) -> usize {
+        match self {
+            Op::Read { len, .. } => *len,
+            Op::Write { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// The completion of one [`Op`].
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// 0 on success, a negative errno on failure (as libblkio reports it).
+    pub ret: i32,
+    /// For reads: the buffer after completion (filled with 0xAA before submission).
+    pub data: Vec<u8>,
+}
+
+/// How [`Client::connect_with`] sets libblkio up.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientOpts {
+    pub num_queues: usize,
+    /// Requests in flight per queue.
+    pub depth: usize,
+    /// The largest request buffer.
+    pub max_request_bytes: usize,
+    /// libblkio's `read-only` property.
+    pub read_only: bool,
+    /// The vring size; `None`: the next power of two ≥ 3 × depth.
+    pub queue_size: Option<usize>,
+}
+
+impl ClientOpts {
+    pub fn new(num_queues: usize, depth: usize) -> Self {
+        ClientOpts {
+            num_queues,
+            depth,
+            max_request_bytes: 128 * 1024,
+            read_only: false,
+            queue_size: None,
+        }
+    }
+}
+
+/// A libblkio `virtio-blk-vhost-user` connection with started queues and one mapped memory
+/// region that holds `depth` request buffers per queue.
+pub struct Client {
+    // Field order is drop order: queues before the Blkio instance that owns the memory
+    // region they may still reference.
+    queues: Vec<Blkioq>,
+    blkio: Blkio,
+    region: MemoryRegion,
+    opts: ClientOpts,
+    /// The capacity the device reports, in bytes.
+    pub capacity: u64,
+}
+
+/// Formats a libblkio error with its errno.
+fn blkio_err(what: &str, e: &blkio::Error) -> String {
+    format!("{what}: {} ({})", e.message(), e.errno())
+}
+
+impl Client {
+    /// Connects with `num_queues` queues of `depth` requests.
+    pub fn connect(socket: &Path, num_queues: usize, depth: usize) -> Result<Client, String> {
+        Self::connect_with(socket, ClientOpts::new(num_queues, depth))
+    }
+
+    /// Connects with explicit options. Errors name the libblkio step that failed and carry
+    /// its errno (e.g. `Read-only file system` from `start` for an export that advertises
+    /// `VIRTIO_BLK_F_RO` to a client that did not set `read-only`).
+    ///
+    /// The whole set-up runs on a helper thread and is bounded by [`READY_TIMEOUT`]: the
+    /// vhost-user handshake blocks without a timeout of its own when the backend accepts
+    /// the connection but does not answer (e.g. while it serves another frontend). On
+    /// timeout that thread is abandoned; it ends when the daemon goes away.
+    pub fn connect_with(socket: &Path, opts: ClientOpts) -> Result<Client, String> {
+        let socket = socket.to_owned();
+        bounded(move || Self::connect_now(&socket, opts), "libblkio connect")
+    }
+
+    fn connect_now(socket: &Path, opts: ClientOpts) -> Result<Client, String> {
+        assert!(opts.num_queues > 0 && opts.depth > 0);
+        let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| blkio_err("new", &e))?;
+        b.set_str("path", socket.to_str().expect("utf-8 socket path"))
+            .map_err(|e| blkio_err("set path", &e))?;
+        if opts.read_only {
+            b.set_bool("read-only", true)
+                .map_err(|e| blkio_err("set read-only", &e))?;
+        }
+        b.connect().map_err(|e| blkio_err("connect", &e))?;
+        let num_queues = i32::try_from(opts.num_queues).expect("queue count");
+        b.set_i32("num-queues", num_queues)
+            .map_err(|e| blkio_err("set num-queues", &e))?;
+        let queue_size = opts
+            .queue_size
+            .unwrap_or_else(|| (3 * opts.depth).next_power_of_two());
+        b.set_i32("queue-size", i32::try_from(queue_size).expect("queue size"))
+            .map_err(|e| blkio_err("set queue-size", &e))?;
+        let started = b.start().map_err(|e| blkio_err("start", &e))?;
+        let capacity = b
+            .get_u64("capacity")
+            .map_err(|e| blkio_err("get capacity", &e))?;
+        let align = b
+            .get_u64("mem-region-alignment")
+            .map_err(|e| blkio_err("get mem-region-alignment", &e))?;
+        let page = 4096u64.max(align);
+        let len = (opts.num_queues * opts.depth * opts.max_request_bytes) as u64;
+        let len = len.div_ceil(page) * page;
+        let region = b
+            .alloc_mem_region(usize::try_from(len).expect("region size"))
+            .map_err(|e| blkio_err("alloc_mem_region", &e))?;
+        b.map_mem_region(&region)
+            .map_err(|e| blkio_err("map_mem_region", &e))?;
+        Ok(Client {
+            queues: started.queues,
+            blkio: b,
+            region,
+            opts,
+            capacity,
+        })
+    }
+
+    /// A libblkio property (`request-alignment`, `max-transfer`, …) as u64.
+    pub fn get_u64(&self, name: &str) -> Result<u64, String> {
+        self.blkio.get_u64(name).map_err(|e| blkio_err(name, &e))
+    }
+
+    /// A libblkio property as i32.
+    pub fn get_i32(&self, name: &str) -> Result<i32, String> {
+        self.blkio.get_i32(name).map_err(|e| blkio_err(name, &e))
+    }
+
+    /// A libblkio property as bool.
+    pub fn get_bool(&self, name: &str) -> Result<bool, String> {
+        self.blkio.get_bool(name).map_err(|e| blkio_err(name, &e))
+    }
+
+    /// A handle on queue `q` for this thread.
+    pub fn queue(&mut self, q: usize) -> QueueHandle<'_> {
+        self.queues_mut().into_iter().nth(q).expect("queue index")
+    }
+
+    /// Handles on all queues, each with its own buffers, to drive them from several threads.
+    pub fn queues_mut(&mut self) -> Vec<QueueHandle<'_>> {
+        let per_queue = self.opts.depth * self.opts.max_request_bytes;
+        let base = self.region.addr;
+        let opts = self.opts;
+        self.queues
+            .iter_mut()
+            .enumerate()
+            .map(|(i, q)| QueueHandle {
+                q,
+                buffers: base + i * per_queue,
+                switch: None,
+                depth: opts.depth,
+                slot_bytes: opts.max_request_bytes,
+                timeout: IO_TIMEOUT,
+            })
+            .collect()
+    }
+
+    /// Queue `q` plus a [`Mapper`] that maps more memory while that queue is driven from
+    /// another thread (vhost-user `ADD_MEM_REG` while requests are in flight).
+    pub fn queue_and_mapper(&mut self, q: usize) -> (QueueHandle<'_>, Mapper<'_>) {
+        let per_queue = self.opts.depth * self.opts.max_request_bytes;
+        let base = self.region.addr;
+        let opts = self.opts;
+        let queue = self.queues.get_mut(q).expect("queue index");
+        (
+            QueueHandle {
+                q: queue,
+                buffers: base + q * per_queue,
+                switch: None,
+                depth: opts.depth,
+                slot_bytes: opts.max_request_bytes,
+                timeout: IO_TIMEOUT,
+            },
+            Mapper {
+                blkio: &mut self.blkio,
+                bytes: per_queue,
+            },
+        )
+    }
+
+    /// Runs `ops` on queue `q`; see [`QueueHandle::run`].
+    pub fn run(&mut self, q: usize, ops: &[Op]) -> Result<Vec<Outcome>, String> {
+        self.queue(q).run(ops)
+    }
+
+    /// Reads `len` bytes at `offset` on queue 0: `Ok(data)` or `Err(ret)`.
+    ///
+    /// # Panics
+    /// When the backend does not answer within [`IO_TIMEOUT`].
+    pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        let out = self.one(&Op::Read { offset, len });
+        if out.ret == 0 {
+            Ok(out.data)
+        } else {
+            Err(out.ret)
+        }
+    }
+
+    /// Writes `data` at `offset` on queue 0 and returns the completion's `ret`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> i32 {
+        self.one(&Op::Write {
+            offset,
+            data: data.to_vec(),
+            fua: false,
+        })
+        .ret
+    }
+
+    /// A FUA write (`BLKIO_REQ_FUA`) on queue 0.
+    pub fn write_fua(&mut self, offset: u64, data: &[u8]) -> i32 {
+        self.one(&Op::Write {
+            offset,
+            data: data.to_vec(),
+            fua: true,
+        })
+        .ret
+    }
+
+    /// A flush on queue 0.
+    pub fn flush(&mut self) -> i32 {
+        self.one(&Op::Flush).ret
+    }
+
+    /// A discard on queue 0.
+    pub fn discard(&mut self, offset: u64, len: u64) -> i32 {
+        self.one(&Op::Discard { offset, len }).ret
+    }
+
+    /// A write-zeroes on queue 0 (`unmap`: the device may deallocate).
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> i32 {
+        self.one(&Op::WriteZeroes { offset, len, unmap }).ret
+    }
+
+    fn one(&mut self, op: &Op) -> Outcome {
+        let mut out = self
+            .run(0, std::slice::from_ref(op))
+            .unwrap_or_else(|e| panic!("{op:?}: {e}"));
+        out.pop().expect("one outcome")
+    }
+}
+
+/// Maps further memory regions of a [`Client`] while its queues run.
+pub struct Mapper<'c> {
+    blkio: &'c mut Blkio,
+    bytes: usize,
+}
+
+impl Mapper<'_> {
+    /// Allocates and maps a region big enough for one queue's buffers and returns its
+    /// address (freed with the Client).
+    pub fn map_buffers(&mut self) -> Result<usize, String> {
+        let len = self.bytes.div_ceil(4096) * 4096;
+        let region = self
+            .blkio
+            .alloc_mem_region(len)
+            .map_err(|e| blkio_err("alloc_mem_region", &e))?;
+        self.blkio
+            .map_mem_region(&region)
+            .map_err(|e| blkio_err("map_mem_region", &e))?;
+        Ok(region.addr)
+    }
+}
+
+/// One queue of a [`Client`] with its own request buffers.
+pub struct QueueHandle<'c> {
+    q: &'c mut Blkioq,
+    /// Address of this queue's `depth` buffers of `slot_bytes` inside the mapped region.
+    buffers: usize,
+    /// When set and non-zero: the address of other buffers to use from then on.
+    switch: Option<&'c AtomicUsize>,
+    depth: usize,
+    slot_bytes: usize,
+    timeout: Duration,
+}
+
+impl<'c> QueueHandle<'c> {
+    /// Sets the bound on each wait for completions (default [`IO_TIMEOUT`]).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Uses the buffers at the address in `switch` for requests submitted once it is
+    /// non-zero (the address must come from [`Mapper::map_buffers`] of the same Client).
+    pub fn set_buffer_switch(&mut self, switch: &'c AtomicUsize) {
+        self.switch = Some(switch);
+    }
+
+    /// The queue depth of this handle.
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
+    /// Submits `ops` keeping up to `depth` in flight, and returns their outcomes in order.
+    /// Each wait for completions is bounded by the handle's timeout; `Err` when it runs out
+    /// (the requests still in flight are then abandoned).
+    pub fn run(&mut self, ops: &[Op]) -> Result<Vec<Outcome>, String> {
+        self.run_with(ops, |_, _| {})
+    }
+
+    /// [`QueueHandle::run`] that calls `on_complete(index, outcome)` as each request
+    /// completes, in completion order.
+    pub fn run_with(
+        &mut self,
+        ops: &[Op],
+        mut on_complete: impl FnMut(usize, &Outcome),
+    ) -> Result<Vec<Outcome>, String> {
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; ops.len()];
+        let mut free_slots: Vec<usize> = (0..self.depth).rev().collect();
+        let mut slot_of: Vec<(usize, usize)> = vec![(0, usize::MAX); ops.len()];
+        let mut next = 0;
+        let mut in_flight = 0;
+        let mut done = 0;
+        let mut completions: Vec<std::mem::MaybeUninit<Completion>> = (0..self.depth)
+            .map(|_| std::mem::MaybeUninit::uninit())
+            .collect();
+        while done < ops.len() {
+            while next < ops.len() {
+                let Some(slot) = free_slots.pop() else { break };
+                let base = self
+                    .switch
+                    .map(|s| s.load(Ordering::SeqCst))
+                    .filter(|&a| a != 0)
+                    .unwrap_or(self.buffers);
+                self.submit(next, base, slot, &ops[next]);
+                slot_of[next] = (base, slot);
+                next += 1;
+                in_flight += 1;
+            }
+            let mut timeout = self.timeout;
+            let n = self
+                .q
+                .do_io(&mut completions, 1, Some(&mut timeout), None)
+                .map_err(|e| {
+                    format!(
+                        "do_io with {in_flight} request(s) in flight ({done}/{} done): {} ({})",
+                        ops.len(),
+                        e.message(),
+                        e.errno()
+                    )
+                })?;
+            for c in &completions[..n] {
+                // SAFETY: do_io initialised the first `n` elements.
+                let c = unsafe { c.assume_init_ref() };
+                let idx = c.user_data;
+                assert!(idx < ops.len() && outcomes[idx].is_none(), "bad user_data");
+                let (base, slot) = slot_of[idx];
+                let data = if c.ret == 0 {
+                    if let Op::Read { len, .. } = ops[idx] {
+                        self.slot_slice(base, slot, len).to_vec()
+                    } else {
+                        Vec::new()
+                    }
+                } else {
+                    Vec::new()
+                };
+                let outcome = Outcome { ret: c.ret, data };
+                on_complete(idx, &outcome);
+                outcomes[idx] = Some(outcome);
+                free_slots.push(slot);
+                in_flight -= 1;
+                done += 1;
+            }
+        }
+        Ok(outcomes.into_iter().map(|o| o.expect("complete")).collect())
+    }
+
+    fn slot_ptr(&self, base: usize, slot: usize) -> *mut u8 {
+        assert!(slot < self.depth);
+        (base + slot * self.slot_bytes) as *mut u8
+    }
+
+    fn slot_slice(&self, base: usize, slot: usize, len: usize) -> &[u8] {
+        assert!(len <= self.slot_bytes);
+        // SAFETY: the slot lies inside a memory region the Client mapped, which lives as
+        // long as the Client this handle borrows; no request using this slot is in flight
+        // when it is read (its completion has been reaped).
+        unsafe { std::slice::from_raw_parts(self.slot_ptr(base, slot), len) }
+    }
+
+    fn submit(&mut self, idx: usize, base: usize, slot: usize, op: &Op) {
+        let len = op.buffer_len();
+        assert!(
+            len <= self.slot_bytes,
+            "request of {len} bytes exceeds the {} byte buffers",
+            self.slot_bytes
+        );
+        let buf = self.slot_ptr(base, slot);
+        match op {
+            Op::Read { offset, len } => {
+                // Poison the buffer so that a read that returns success without filling
+                // it is caught.
+                // SAFETY: the slot is inside the mapped region and no request uses it.
+                unsafe { std::ptr::write_bytes(buf, 0xAA, *len) };
+                self.q.read(*offset, buf, *len, idx, ReqFlags::empty());
+            }
+            Op::Write { offset, data, fua } => {
+                // SAFETY: the slot is inside the mapped region, holds at least data.len()
+                // bytes (checked above) and no request uses it.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), buf, data.len()) };
+                let flags = if *fua {
+                    ReqFlags::FUA
+                } else {
+                    ReqFlags::empty()
+                };
+                self.q.write(*offset, buf, data.len(), idx, flags);
+            }
+            Op::Flush => self.q.flush(idx, ReqFlags::empty()),
+            Op::Discard { offset, len } => self.q.discard(*offset, *len, idx, ReqFlags::empty()),
+            Op::WriteZeroes { offset, len, unmap } => {
+                let flags = if *unmap {
+                    ReqFlags::empty()
+                } else {
+                    ReqFlags::NO_UNMAP
+                };
+                self.q.write_zeroes(*offset, *len, idx, flags);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw virtio-blk client
+// ---------------------------------------------------------------------------------------
+
+/// virtio-blk request types (VIRTIO 1.2, 5.2.6).
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// virtio-blk status byte values.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+/// `VIRTIO_BLK_ID_BYTES`: the size of the GET_ID answer.
+pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+
+/// Header and status byte of one request, in the ring memory shared with the device.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+struct RawReq {
+    req_type: u32,
+    reserved: u32,
+    sector: u64,
+    status: u8,
+}
+
+type RawTransport = virtio_driver::VhostUser<virtio_driver::VirtioBlkConfig, RawReq>;
+
+/// An mmap of a memfd, unmapped and closed on drop.
+struct SharedBuffer {
+    addr: *mut u8,
+    len: usize,
+    fd: libc::c_int,
+}
+
+impl SharedBuffer {
+    fn new(len: usize) -> SharedBuffer {
+        let name = CString::new("sluice-test-buf").expect("no NUL");
+        // SAFETY: `name` is a valid NUL-terminated string.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        let off_len = libc::off_t::try_from(len).expect("length fits off_t");
+        // SAFETY: `fd` is the memfd we just created.
+        let rc = unsafe { libc::ftruncate(fd, off_len) };
+        assert_eq!(rc, 0, "ftruncate: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh shared mapping of `len` bytes of our memfd; no existing memory
+        // is affected.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert!(
+            addr != libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        SharedBuffer {
+            addr: addr.cast(),
+            len,
+            fd,
+        }
+    }
+}
+
+// SAFETY: SharedBuffer owns its mapping and descriptor exclusively; moving it to another
+// thread moves that ownership, and it hands out no references.
+unsafe impl Send for SharedBuffer {}
+
+impl Drop for SharedBuffer {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` is the mapping made in `new` and nothing refers to it once
+        // the owner is dropped; `fd` is ours.
+        unsafe {
+            libc::munmap(self.addr.cast(), self.len);
+        }
+        // SAFETY: `fd` is the memfd we own.
+        unsafe {
+            libc::close(self.fd);
+        }
+    }
+}
+
+/// A one-queue virtio-blk frontend on `virtio-driver`'s vhost-user transport and split
+/// virtqueue, sending one request at a time with any request type, and negotiating only
+/// `VIRTIO_F_VERSION_1` (so never `VIRTIO_BLK_F_RO`, `FLUSH`, …).
+pub struct RawClient {
+    // Field order is drop order: the virtqueue points into ring memory owned by the
+    // transport, and both point into `buf`'s mapping only through the device.
+    vq: virtio_driver::virtqueue::Virtqueue<'static, RawReq>,
+    transport: Box<RawTransport>,
+    buf: SharedBuffer,
+    /// The capacity from the device's config space, in bytes.
+    pub capacity: u64,
+}
+
+impl RawClient {
+    const BUF_BYTES: usize = 64 * 1024;
+    const QUEUE_SIZE: u16 = 16;
+
+    /// Connects and sets up queue 0, bounded like [`Client::connect_with`].
+    pub fn connect(socket: &Path) -> Result<RawClient, String> {
+        let socket = socket.to_owned();
+        bounded(move || Self::connect_now(&socket), "raw vhost-user connect")
+    }
+
+    fn connect_now(socket: &Path) -> Result<RawClient, String> {
+        use virtio_driver::virtqueue::{Virtqueue, VirtqueueLayout};
+        use virtio_driver::{VirtioFeatureFlags, VirtioTransport};
+
+        let path = socket.to_str().expect("utf-8 socket path");
+        let mut transport: Box<RawTransport> = Box::new(
+            virtio_driver::VhostUser::new(path, VirtioFeatureFlags::VERSION_1.bits())
+                .map_err(|e| format!("vhost-user connect: {e}"))?,
+        );
+        let features = VirtioFeatureFlags::from_bits_truncate(VirtioTransport::<
+            virtio_driver::VirtioBlkConfig,
+            RawReq,
+        >::get_features(&*transport));
+        let cfg = transport
+            .get_config()
+            .map_err(|e| format!("get_config: {e}"))?;
+        let capacity = 512 * u64::from(cfg.capacity);
+        let layout = VirtqueueLayout::new::<RawReq>(1, usize::from(Self::QUEUE_SIZE), features)
+            .map_err(|e| format!("layout: {e}"))?;
+        let translator = transport.iova_translator();
+        let mem = transport
+            .alloc_queue_mem(&layout)
+            .map_err(|e| format!("alloc_queue_mem: {e}"))?;
+        let (ptr, len) = (mem.as_mut_ptr(), mem.len());
+        // SAFETY: the ring memory is an mmap owned by `transport`, which never moves or
+        // unmaps it while alive; `vq` is declared before `transport` in RawClient and so
+        // is dropped first, and nothing else accesses the memory from this process.
+        let mem: &'static mut [u8] = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+        let vq = Virtqueue::new(translator, mem, Self::QUEUE_SIZE, features)
+            .map_err(|e| format!("virtqueue: {e}"))?;
+        transport
+            .setup_queues(std::slice::from_ref(&vq))
+            .map_err(|e| format!("setup_queues: {e}"))?;
+        let buf = SharedBuffer::new(Self::BUF_BYTES);
+        transport
+            .map_mem_region(buf.addr as usize, buf.len, buf.fd, 0)
+            .map_err(|e| format!("map_mem_region: {e}"))?;
+        Ok(RawClient {
+            vq,
+            transport,
+            buf,
+            capacity,
+        })
+    }
+
+    /// Sends one request of `req_type` at `sector` with `data` (device-readable) or, when
+    /// `read_len` is non-zero, a device-writable buffer of `read_len` bytes (poisoned with
+    /// 0xAA). Returns the status byte and the device-writable buffer.
+    pub fn request(
+        &mut self,
+        req_type: u32,
+        sector: u64,
+        data: &[u8],
+        read_len: usize,
+    ) -> Result<(u8, Vec<u8>), String> {
+        use virtio_driver::VirtioTransport;
+
+        assert!(data.is_empty() || read_len == 0, "one data direction");
+        assert!(data.len() <= self.buf.len && read_len <= self.buf.len);
+        if !data.is_empty() {
+            // SAFETY: the buffer is our mapping, large enough (checked), and no request is
+            // in flight.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf.addr, data.len()) };
+        }
+        if read_len > 0 {
+            // SAFETY: as above.
+            unsafe { std::ptr::write_bytes(self.buf.addr, 0xAA, read_len) };
+        }
+        let (buf_addr, data_len) = (self.buf.addr, data.len());
+        let id = self
+            .vq
+            .add_request(|req, add_desc| {
+                *req = RawReq {
+                    req_type,
+                    reserved: 0,
+                    sector,
+                    status: 0xFF,
+                };
+                add_desc(
+                    libc::iovec {
+                        iov_base: std::ptr::from_mut(req).cast(),
+                        iov_len: 16,
+                    },
+                    false,
+                )?;
+                if data_len > 0 {
+                    add_desc(
+                        libc::iovec {
+                            iov_base: buf_addr.cast(),
+                            iov_len: data_len,
+                        },
+                        false,
+                    )?;
+                }
+                if read_len > 0 {
+                    add_desc(
+                        libc::iovec {
+                            iov_base: buf_addr.cast(),
+                            iov_len: read_len,
+                        },
+                        true,
+                    )?;
+                }
+                add_desc(
+                    libc::iovec {
+                        iov_base: std::ptr::from_mut(&mut req.status).cast(),
+                        iov_len: 1,
+                    },
+                    true,
+                )
+            })
+            .map_err(|e| format!("add_request: {e}"))?;
+        VirtioTransport::<virtio_driver::VirtioBlkConfig, RawReq>::get_submission_notifier(
+            &*self.transport,
+            0,
+        )
+        .notify()
+        .map_err(|e| format!("notify: {e}"))?;
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            if let Some(c) = self.vq.completions().next() {
+                assert_eq!(c.id, id, "one request in flight");
+                // SAFETY: the device has completed the request, so it no longer writes the
+                // buffer; it is our mapping and at least read_len bytes long.
+                let out = unsafe { std::slice::from_raw_parts(self.buf.addr, read_len) };
+                return Ok((c.req.status, out.to_vec()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "request type {req_type} at sector {sector}: no completion within {IO_TIMEOUT:?}"
+                ));
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// `VIRTIO_BLK_T_GET_ID`: status and the 20-byte serial buffer.
+    pub fn get_id(&mut self) -> Result<(u8, Vec<u8>), String> {
+        self.request(VIRTIO_BLK_T_GET_ID, 0, &[], VIRTIO_BLK_ID_BYTES)
+    }
+
+    /// `VIRTIO_BLK_T_OUT` of `data` at byte `offset` (a multiple of 512): the status.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<u8, String> {
+        assert_eq!(offset % 512, 0);
+        Ok(self.request(VIRTIO_BLK_T_OUT, offset / 512, data, 0)?.0)
+    }
+
+    /// `VIRTIO_BLK_T_IN` of `len` bytes at byte `offset`: status and data.
+    pub fn read(&mut self, offset: u64, len: usize) -> Result<(u8, Vec<u8>), String> {
+        assert_eq!(offset % 512, 0);
+        self.request(VIRTIO_BLK_T_IN, offset / 512, &[], len)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Loop devices
+// ---------------------------------------------------------------------------------------
+
+/// Why loop-device tests cannot run here, if they cannot: they need root, `losetup` and
+/// `/dev/loop-control`.
+pub fn needs_root_and_loop() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(format!("running as uid {euid}, not root"));
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        return Err("/dev/loop-control does not exist".into());
+    }
+    match Command::new("losetup")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!("`losetup --version` failed: {s}")),
+        Err(e) => Err(format!("losetup not runnable: {e}")),
+    }
+}
+
+/// A file attached as a loop device with direct I/O; detached on drop.
+pub struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    /// `losetup --find --show --direct-io=on <file>`.
+    pub fn attach(file: &Path) -> Result<LoopDevice, String> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show", "--direct-io=on"])
+            .arg(file)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("losetup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "losetup --find --show --direct-io=on {}: {}: {}",
+                file.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if !dev.starts_with("/dev/") {
+            return Err(format!("losetup printed {dev:?}"));
+        }
+        Ok(LoopDevice {
+            path: PathBuf::from(dev),
+        })
+    }
+
+    /// `/dev/loopN`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the loop driver reports direct I/O on (`/sys/block/loopN/loop/dio`).
+    pub fn direct_io(&self) -> Option<bool> {
+        let name = self.path.file_name()?.as_bytes();
+        let sys = Path::new("/sys/block")
+            .join(std::ffi::OsStr::from_bytes(name))
+            .join("loop/dio");
+        let s = std::fs::read_to_string(sys).ok()?;
+        Some(s.trim() == "1")
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Asserts that `path` no longer exists (call it after the daemon has exited).
+pub fn assert_gone(path: &Path) {
+    assert!(
+        !path.exists(),
+        "{} still exists after the daemon exited",
+        path.display()
+    );
+}

@@ -1,0 +1,269 @@
+//! The daemon's command line and config file: a config with two exports serves both, and
+//! bad arguments stop it with one clear line on stderr and nothing left behind.
+
+use std::path::Path;
+
+use sluice_tests::{
+    assert_gone, make_file, pattern, run_to_exit, Client, Daemon, Finished, RawClient,
+    EXIT_TIMEOUT, MIB, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK,
+};
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Test 8: `serve --config` with a file disk and a null disk, one export each; both print
+/// a ready line and both serve (the file export with its serial).
+#[test]
+fn config_file_with_two_exports_serves_both() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("d0.img");
+    make_file(&file, 64 * MIB);
+    let sock0 = dir.path().join("vm0.sock");
+    let sock1 = dir.path().join("vm1.sock");
+    let config = dir.path().join("sluice.toml");
+    let toml = format!(
+        r#"[[disk]]
+name = "d0"
+path = "{file}"
+
+[[disk]]
+name = "d1"
+path = "null:32M"
+
+[[export]]
+name = "vm0"
+disk = "d0"
+type = "vhost-user"
+socket = "{sock0}"
+queues = 2
+queue_depth = 16
+read_only = false
+serial = "vm0-disk"
+
+[[export]]
+name = "vm1"
+disk = "d1"
+type = "vhost-user"
+socket = "{sock1}"
+queues = 1
+queue_depth = 8
+"#,
+        file = path_str(&file),
+        sock0 = path_str(&sock0),
+        sock1 = path_str(&sock1),
+    );
+    std::fs::write(&config, toml).expect("write config");
+
+    let mut daemon = Daemon::spawn(&["serve", "--config", path_str(&config)], 2);
+    let find = |name: &str| {
+        daemon
+            .ready
+            .iter()
+            .find(|e| e["export"] == name)
+            .unwrap_or_else(|| panic!("no ready event for {name}: {:?}", daemon.ready))
+            .clone()
+    };
+    let e0 = find("vm0");
+    assert_eq!(e0["socket"], path_str(&sock0), "{e0}");
+    assert_eq!(e0["type"], "vhost-user", "{e0}");
+    assert_eq!(e0["capacity_bytes"], 64 * MIB, "{e0}");
+    assert_eq!(e0["queues"], 2, "{e0}");
+    assert_eq!(e0["queue_depth"], 16, "{e0}");
+    assert_eq!(e0["read_only"], false, "{e0}");
+    let e1 = find("vm1");
+    assert_eq!(e1["socket"], path_str(&sock1), "{e1}");
+    assert_eq!(e1["capacity_bytes"], 32 * MIB, "{e1}");
+    assert_eq!(e1["queues"], 1, "{e1}");
+    assert_eq!(e1["queue_depth"], 8, "{e1}");
+
+    // Both at once: one client on each export.
+    let mut c0 = Client::connect(&sock0, 2, 16).unwrap_or_else(|e| panic!("vm0: {e}"));
+    let mut c1 = Client::connect(&sock1, 1, 8).unwrap_or_else(|e| panic!("vm1: {e}"));
+    assert_eq!(c0.capacity, 64 * MIB);
+    assert_eq!(c1.capacity, 32 * MIB);
+    let off = 5 * MIB;
+    let data = pattern(off, 64 * 1024, 0xC0F);
+    assert_eq!(c0.write(off, &data), 0, "write on vm0");
+    assert_eq!(c0.flush(), 0, "flush on vm0");
+    let got1 = c1.read(off, 64 * 1024).expect("read on vm1");
+    assert!(got1.iter().all(|&b| b == 0), "null export returned data");
+    assert_eq!(c0.read(off, 64 * 1024).expect("read on vm0"), data);
+    drop(c0);
+    drop(c1);
+
+    let mut raw = RawClient::connect(&sock0).unwrap_or_else(|e| panic!("{e}"));
+    let (status, id) = raw.get_id().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, VIRTIO_BLK_S_OK, "GET_ID status");
+    let mut want = b"vm0-disk".to_vec();
+    want.resize(VIRTIO_BLK_ID_BYTES, 0);
+    assert_eq!(id, want, "serial of vm0");
+    drop(raw);
+
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+    assert_gone(&sock0);
+    assert_gone(&sock1);
+    let on_disk = std::fs::read(&file).expect("read d0");
+    assert_eq!(&on_disk[off as usize..off as usize + data.len()], &data[..]);
+}
+
+/// Checks a failed start: non-zero exit, exactly one non-empty line on stderr (which
+/// mentions `mention` when given), no ready line on stdout, and `sock` (if given) not left
+/// behind. Returns what is wrong, if anything.
+fn check_clean_failure(
+    what: &str,
+    f: &Finished,
+    mention: Option<&str>,
+    sock: Option<&Path>,
+) -> Vec<String> {
+    let mut wrong = Vec::new();
+    if f.status.success() || f.status.code().is_none() {
+        wrong.push(format!(
+            "{what}: exit status {} (want a non-zero exit code)",
+            f.status
+        ));
+    }
+    let lines: Vec<&str> = f.stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() != 1 {
+        wrong.push(format!(
+            "{what}: want one line on stderr, got {}:\n{}",
+            lines.len(),
+            f.stderr
+        ));
+    }
+    if let Some(m) = mention {
+        if !lines.iter().any(|l| l.contains(m)) {
+            wrong.push(format!(
+                "{what}: stderr does not mention {m:?}: {}",
+                f.stderr
+            ));
+        }
+    }
+    if f.stdout.contains("\"ready\"") {
+        wrong.push(format!("{what}: printed a ready line: {}", f.stdout));
+    }
+    if let Some(sock) = sock.filter(|s| s.exists()) {
+        wrong.push(format!("{what}: left {} behind", sock.display()));
+    }
+    wrong
+}
+
+/// Test 9: bad arguments → non-zero exit, one clear line on stderr, no socket left behind.
+/// All cases run; the failure lists every case that went wrong.
+#[test]
+fn bad_arguments_fail_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    make_file(&file, 16 * MIB);
+    let sock = dir.path().join("vm.sock");
+    let missing = dir.path().join("no-such-dir").join("vm.sock");
+    let file_s = path_str(&file);
+    let sock_s = path_str(&sock);
+
+    let cases: [(&str, Vec<&str>, Option<&str>, &Path); 5] = [
+        (
+            "--disk /nonexistent",
+            vec!["serve", "--disk", "/nonexistent", "--vhost-user", sock_s],
+            Some("/nonexistent"),
+            &sock,
+        ),
+        (
+            "--queues 0",
+            vec![
+                "serve",
+                "--disk",
+                file_s,
+                "--vhost-user",
+                sock_s,
+                "--queues",
+                "0",
+            ],
+            Some("queues"),
+            &sock,
+        ),
+        (
+            "socket in a missing directory",
+            vec![
+                "serve",
+                "--disk",
+                file_s,
+                "--vhost-user",
+                path_str(&missing),
+            ],
+            None,
+            &missing,
+        ),
+        (
+            "--disk null:banana",
+            vec!["serve", "--disk", "null:banana", "--vhost-user", sock_s],
+            None,
+            &sock,
+        ),
+        (
+            "--config /nonexistent.toml",
+            vec!["serve", "--config", "/nonexistent.toml"],
+            Some("/nonexistent.toml"),
+            &sock,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, args, mention, left) in &cases {
+        let f = run_to_exit(args);
+        wrong.extend(check_clean_failure(what, &f, *mention, Some(left)));
+    }
+    if missing.parent().expect("parent").exists() {
+        wrong.push("the daemon created the missing socket directory".to_owned());
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Test 9, last case: a second daemon on a socket path that another one serves fails
+/// cleanly and leaves the first one's socket in place and serving.
+#[test]
+fn already_served_socket_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    make_file(&file, 16 * MIB);
+    let other = dir.path().join("other.img");
+    make_file(&other, 32 * MIB);
+    let sock = dir.path().join("vm.sock");
+
+    let mut first = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            path_str(&file),
+            "--vhost-user",
+            path_str(&sock),
+        ],
+        1,
+    );
+    let f = run_to_exit(&[
+        "serve",
+        "--disk",
+        path_str(&other),
+        "--vhost-user",
+        path_str(&sock),
+    ]);
+    let wrong = check_clean_failure("socket already served", &f, None, None);
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    assert!(sock.exists(), "the first daemon's socket was removed");
+
+    let mut c = Client::connect(&sock, 1, 4)
+        .unwrap_or_else(|e| panic!("first daemon no longer serves: {e}"));
+    assert_eq!(c.capacity, 16 * MIB, "a client reached the wrong daemon");
+    let data = pattern(0, 4096, 0xF1);
+    assert_eq!(c.write(0, &data), 0);
+    assert_eq!(c.read(0, 4096).expect("read"), data);
+    drop(c);
+
+    let status = first.sigterm_and_wait(EXIT_TIMEOUT);
+    first.assert_exit_ok(status);
+    assert_gone(&sock);
+    assert_eq!(&std::fs::read(&file).expect("read")[..4096], &data[..]);
+    assert!(
+        std::fs::read(&other).expect("read").iter().all(|&b| b == 0),
+        "the refused daemon wrote to its disk"
+    );
+}

@@ -1,0 +1,192 @@
+#!/bin/bash
+# Prepares this machine for sluice's VM tests (tests/tests/vm_*.rs, harness tests/src/vm.rs).
+# Run as root; idempotent, and a fast no-op once everything is in place.
+#
+#  * host packages: qemu-system-x86 from bookworm-backports (QEMU 10; the bookworm-backports
+#    apt source is added when missing), and the tools the guest runs from the host's root
+#    over 9p: fio, e2fsprogs, util-linux, kmod, plus busybox-static and cpio for the initramfs;
+#  * the guest kernel: linux-image-<release>-unsigned at the version pinned in
+#    tests/vm/kernel-version, downloaded with `apt-get download` and extracted with
+#    `dpkg-deb -x` (not installed) into the cache, its modules decompressed (saves seconds per
+#    boot under emulation) and indexed with `depmod -b`;
+#  * a busybox initramfs with tests/vm/init and the modules that mount the host root
+#    (netfs, 9pnet, 9pnet_virtio, 9p, overlay; virtio and virtio_pci are built in).
+#
+# Cache: ${SLUICE_VM_CACHE:-/var/cache/sluice-vm}/<release>/, holding vmlinuz,
+# initramfs.cpio, init (the guest init it holds), root/ (the extracted package:
+# root/lib/modules/<release>, root/modprobe.d) and READY.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# Bump when the cache layout or the initramfs changes in a way the READY check must notice.
+CACHE_FORMAT=1
+
+say() { echo "prepare-vm: $*"; }
+die() {
+	echo "prepare-vm: ERROR: $*" >&2
+	exit 1
+}
+
+read -r KREL KVER < <(grep -v '^[[:space:]]*#' "$HERE/kernel-version" | grep -m1 .) ||
+	die "no '<release> <version>' line in $HERE/kernel-version"
+[ -n "${KREL:-}" ] && [ -n "${KVER:-}" ] || die "malformed $HERE/kernel-version"
+KPKG="linux-image-$KREL-unsigned"
+CACHE_BASE=${SLUICE_VM_CACHE:-/var/cache/sluice-vm}
+CACHE="$CACHE_BASE/$KREL"
+# What READY must say: the kernel, the cache format, and a hash of the guest init, so an
+# edited init rebuilds the initramfs.
+INIT_SUM=$(sha256sum "$HERE/init" | cut -c1-16)
+STAMP="kernel=$KREL version=$KVER format=$CACHE_FORMAT init=$INIT_SUM"
+
+[ "$(id -u)" -eq 0 ] || die "run as root (it installs packages and writes $CACHE_BASE)"
+
+# ---------------------------------------------------------------------------------------
+# Host packages
+# ---------------------------------------------------------------------------------------
+TOOLS=(busybox-static cpio kmod fio e2fsprogs util-linux)
+
+installed_version() { dpkg-query -W -f='${db:Status-Abbrev} ${Version}' "$1" 2>/dev/null | awk '$1 == "ii" { print $2 }'; }
+
+missing=()
+for p in "${TOOLS[@]}"; do
+	[ -n "$(installed_version "$p")" ] || missing+=("$p")
+done
+qemu_version=$(installed_version qemu-system-x86)
+case "$qemu_version" in
+*bpo*) ;;
+*) missing+=(qemu-system-x86) ;;
+esac
+
+apt_updated=
+apt_update() {
+	if [ -z "$apt_updated" ]; then
+		say "apt-get update"
+		apt-get update -q || die "apt-get update failed"
+		apt_updated=1
+	fi
+}
+
+if ! grep -rqs '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+	say "adding bookworm-backports: /etc/apt/sources.list.d/backports.sources"
+	cat >/etc/apt/sources.list.d/backports.sources <<'EOF'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+	apt_update
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+	say "installing: ${missing[*]}"
+	# Lists older than the backports source, or never fetched: update once before installing.
+	if ! apt-cache policy qemu-system-x86 2>/dev/null | grep -q bpo; then apt_update; fi
+	tools=()
+	for p in "${missing[@]}"; do [ "$p" = qemu-system-x86 ] || tools+=("$p"); done
+	export DEBIAN_FRONTEND=noninteractive
+	if [ ${#tools[@]} -gt 0 ]; then
+		apt-get install -y -q --no-install-recommends "${tools[@]}" ||
+			{ apt_update && apt-get install -y -q --no-install-recommends "${tools[@]}"; } ||
+			die "apt-get install ${tools[*]} failed"
+	fi
+	if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]]; then
+		# -t only for QEMU: its own packages (qemu-system-common/-data, seabios) must come
+		# from backports too, while the tools above stay at bookworm's versions.
+		apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 ||
+			{ apt_update && apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86; } ||
+			die "apt-get install -t bookworm-backports qemu-system-x86 failed"
+	fi
+fi
+command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is not on PATH after installing qemu-system-x86"
+BUSYBOX=$(command -v busybox) || die "busybox not found after installing busybox-static"
+# A dynamically linked busybox (package busybox) would not run in the initramfs.
+if ldd "$BUSYBOX" >/dev/null 2>&1; then
+	die "$BUSYBOX is dynamically linked: install busybox-static"
+fi
+
+# ---------------------------------------------------------------------------------------
+# Guest kernel and initramfs
+# ---------------------------------------------------------------------------------------
+if [ -f "$CACHE/READY" ] && [ "$(cat "$CACHE/READY")" = "$STAMP" ] &&
+	[ -f "$CACHE/vmlinuz" ] && [ -f "$CACHE/initramfs.cpio" ] && cmp -s "$HERE/init" "$CACHE/init"; then
+	say "ready: $CACHE ($KPKG $KVER, QEMU $(installed_version qemu-system-x86))"
+	exit 0
+fi
+
+mkdir -p "$CACHE_BASE"
+TMP=$(mktemp -d "$CACHE_BASE/.prepare.XXXXXX")
+trap 'rm -rf "$TMP"' EXIT
+
+if [ -d "$CACHE/root/lib/modules/$KREL" ] && [ -f "$CACHE/root/boot/vmlinuz-$KREL" ] &&
+	[ -f "$CACHE/root/.extracted" ]; then
+	say "reusing the extracted kernel in $CACHE/root"
+	rm -f "$CACHE/READY"
+	mv "$CACHE/root" "$TMP/root"
+else
+	say "downloading $KPKG=$KVER"
+	download() { (cd "$TMP" && apt-get download -q "$KPKG=$KVER" 2>&1 | { grep -v 'unsandboxed as root' || true; }); }
+	if ! download || ! ls "$TMP"/*.deb >/dev/null 2>&1; then
+		apt_update
+		if ! download || ! ls "$TMP"/*.deb >/dev/null 2>&1; then
+			echo "prepare-vm: the 6.12 kernels the archive has now:" >&2
+			apt-cache search --names-only '^linux-image-6\.12\..*-amd64-unsigned$' |
+				while read -r pkg _; do apt-cache madison "$pkg"; done | sed 's/^/  /' >&2 || true
+			die "cannot download $KPKG=$KVER: pick a listed version (bookworm-backports) and update tests/vm/kernel-version"
+		fi
+	fi
+	say "extracting $(basename "$TMP"/*.deb)"
+	dpkg-deb -x "$TMP"/*.deb "$TMP/root" || die "dpkg-deb -x failed"
+	rm -f "$TMP"/*.deb
+	[ -f "$TMP/root/boot/vmlinuz-$KREL" ] || die "the package has no boot/vmlinuz-$KREL"
+	n=$(find "$TMP/root/lib/modules/$KREL" -name '*.ko.xz' | wc -l)
+	say "decompressing $n modules"
+	find "$TMP/root/lib/modules/$KREL" -name '*.ko.xz' -print0 | xargs -0 -r -n 256 -P "$(nproc)" xz -d ||
+		die "decompressing the modules failed"
+	touch "$TMP/root/.extracted"
+fi
+MODDIR="$TMP/root/lib/modules/$KREL"
+say "depmod -b"
+depmod -b "$TMP/root" "$KREL" || die "depmod -b $TMP/root $KREL failed"
+# An empty configuration for the guest's modprobe (-C), so the host's /etc/modprobe.d does
+# not apply.
+mkdir -p "$TMP/root/modprobe.d"
+
+for builtin in virtio virtio_pci virtio_ring; do
+	grep -q "/$builtin.ko\$" "$MODDIR/modules.builtin" ||
+		die "$builtin is not built into $KREL: add it to the initramfs modules"
+done
+
+say "building the initramfs"
+IRD="$TMP/initramfs"
+mkdir -p "$IRD"/{bin,dev,proc,sys,lib/modules}
+cp "$BUSYBOX" "$IRD/bin/busybox"
+cp "$HERE/init" "$IRD/init"
+chmod 0755 "$IRD/init" "$IRD/bin/busybox"
+mknod -m 0600 "$IRD/dev/console" c 5 1
+: >"$IRD/lib/modules/load-order"
+for m in 9pnet_virtio 9p overlay; do
+	modprobe -d "$TMP/root" -S "$KREL" -C "$TMP/root/modprobe.d" --show-depends "$m" ||
+		die "modprobe --show-depends $m failed"
+done | awk '$1 == "insmod" { print $2 }' | while read -r ko; do
+	name=$(basename "$ko")
+	grep -qx "$name" "$IRD/lib/modules/load-order" && continue
+	cp "$ko" "$IRD/lib/modules/$name"
+	echo "$name" >>"$IRD/lib/modules/load-order"
+done
+say "initramfs modules: $(tr '\n' ' ' <"$IRD/lib/modules/load-order")"
+# Uncompressed: the kernel unpacks it faster than it could decompress it under emulation.
+(cd "$IRD" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --quiet) >"$TMP/initramfs.cpio" ||
+	die "cpio failed"
+rm -rf "$IRD"
+cp "$TMP/root/boot/vmlinuz-$KREL" "$TMP/vmlinuz"
+# tests/src/vm.rs compares this copy with tests/vm/init to notice a stale initramfs.
+cp "$HERE/init" "$TMP/init"
+echo "$STAMP" >"$TMP/READY"
+
+# Swap the new cache in whole, so no reader ever sees half of one.
+rm -rf "$CACHE"
+mv "$TMP" "$CACHE"
+trap - EXIT
+chmod 0755 "$CACHE"
+say "ready: $CACHE (initramfs $(du -k "$CACHE/initramfs.cpio" | cut -f1) KiB, modules $(du -sm "$CACHE/root" | cut -f1) MiB)"
