@@ -74,7 +74,11 @@ impl Export {
             "disk": self.node().spec().to_string(),
             "capacity_bytes": limits.capacity_bytes,
             "logical_block_size_bytes": limits.logical_block_size_bytes,
+            "physical_block_size_bytes": limits.physical_block_size_bytes,
             "write_cache": limits.volatile_write_cache,
+            "fua": limits.fua,
+            "discard_max_bytes": limits.discard_max_bytes,
+            "write_zeroes_max_bytes": limits.write_zeroes_max_bytes,
         });
         let extra = match self {
             Export::VhostUser(x) => serde_json::json!({
