@@ -88,6 +88,18 @@ pub fn probe_driver() -> Result<u64, String> {
     })
 }
 
+/// libublk sends control commands through a ring that lives in a
+/// thread-local; every thread that touches a `UblkCtrl` needs one.
+fn ensure_ctrl_ring() -> Result<(), String> {
+    libublk::ctrl::ublk_init_ctrl_task_ring(|ring| {
+        if ring.is_none() {
+            *ring = Some(io_uring::IoUring::<io_uring::squeue::Entry128>::builder().build(32)?);
+        }
+        Ok(())
+    })
+    .map_err(|e| format!("cannot set up the ublk control ring: {e}"))
+}
+
 /// ublk devices that exist now (ids of `/sys/class/ublk-char/ublkcN`).
 pub fn existing_devices() -> Vec<u32> {
     let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
@@ -104,6 +116,7 @@ impl UblkExport {
     /// Creates and starts the device; returns once `/dev/ublkbN` exists.
     pub fn start(node: Arc<Node>, config: UblkConfig) -> Result<Self, ExportError> {
         let features = probe_driver().map_err(|r| start_err(&config, r))?;
+        ensure_ctrl_ring().map_err(|r| start_err(&config, r))?;
         tracing::debug!(export = %config.name, "ublk driver features {features:#x}");
         let leftovers = existing_devices();
         if let Some(id) = config.id {
@@ -150,6 +163,10 @@ impl UblkExport {
             std::thread::Builder::new()
                 .name(format!("ublk-{dev_id}"))
                 .spawn(move || {
+                    if let Err(e) = ensure_ctrl_ring() {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
                     let tgt_node = node.clone();
                     let q_node = node;
                     let failed_tx = ready_tx.clone();
@@ -178,7 +195,16 @@ impl UblkExport {
                     format!("cannot start ublk device {dev_id}: {e}"),
                 ));
             }
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = thread.join();
+                return Err(start_err(
+                    &config,
+                    format!(
+                        "ublk device {dev_id}: the serving thread ended before the device started"
+                    ),
+                ));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = ctrl.kill_dev();
                 return Err(start_err(
                     &config,
@@ -254,6 +280,7 @@ impl UblkExport {
     /// kernel finishes in-flight I/O and the final flush through us), wait
     /// for the queue threads, then delete the device.
     pub fn detach(mut self, timeout: Duration) -> Result<Arc<Node>, ExportError> {
+        ensure_ctrl_ring().map_err(|r| start_err(&self.config, r))?;
         if let Err(e) = self.ctrl.stop_dev() {
             tracing::warn!(export = %self.config.name, "stopping ublk device {}: {e}", self.dev_id);
         }
