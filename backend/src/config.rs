@@ -24,6 +24,8 @@ pub struct ServeConfig {
     pub disks: Vec<DiskConfig>,
     /// Exports, each naming one disk.
     pub exports: Vec<ExportConfig>,
+    /// Control socket path; `None` for the default (see `monitor`).
+    pub control: Option<PathBuf>,
 }
 
 /// One backing node.
@@ -92,20 +94,23 @@ struct FileConfig {
     #[serde(default)]
     daemon: DaemonSection,
     #[serde(default)]
-    disk: Vec<FileDisk>,
+    disk: Vec<DiskParams>,
     #[serde(default)]
-    export: Vec<FileExport>,
+    export: Vec<ExportParams>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DaemonSection {
     poll_us: Option<u32>,
+    control: Option<PathBuf>,
 }
 
+/// A disk as written in the config file (`[[disk]]`) or given to the
+/// monitor's `node_add`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileDisk {
+pub struct DiskParams {
     name: String,
     path: String,
     #[serde(default)]
@@ -113,10 +118,13 @@ struct FileDisk {
     create_size: Option<String>,
 }
 
+/// An export as written in the config file (`[[export]]`) or given to the
+/// monitor's `export_add` (where the disk is called `node`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileExport {
+pub struct ExportParams {
     name: String,
+    #[serde(alias = "node")]
     disk: String,
     #[serde(rename = "type")]
     kind: String,
@@ -134,100 +142,175 @@ struct FileExport {
 /// Default socket mode: owner only.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
+fn resolve(base_dir: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base_dir.join(p)
+    }
+}
+
+impl DiskParams {
+    /// Checks and completes the disk; relative paths are taken from `base_dir`.
+    pub fn resolve(self, base_dir: &Path) -> Result<DiskConfig, ConfigError> {
+        let spec = match DiskSpec::parse(&self.path).map_err(|e| ConfigError(e.to_string()))? {
+            DiskSpec::Path(p) => DiskSpec::Path(resolve(base_dir, &p)),
+            null => null,
+        };
+        let create_size_bytes = self
+            .create_size
+            .as_deref()
+            .map(parse_size_bytes)
+            .transpose()
+            .map_err(|e| ConfigError(format!("disk {:?}: create_size: {e}", self.name)))?;
+        let disk = DiskConfig {
+            name: self.name,
+            spec,
+            read_only: self.read_only,
+            create_size_bytes,
+        };
+        disk.validate()?;
+        Ok(disk)
+    }
+}
+
+impl DiskConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.is_empty() {
+            return bad("a disk needs a name");
+        }
+        if let (Some(_), DiskSpec::Null { .. }) = (self.create_size_bytes, &self.spec) {
+            return bad(format!(
+                "disk {:?}: create_size makes no sense for a null disk",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ExportParams {
+    /// Checks and completes the export; relative paths are taken from
+    /// `base_dir`, the polling window defaults to `default_poll_us`.
+    pub fn resolve(
+        self,
+        base_dir: &Path,
+        default_poll_us: Option<u32>,
+    ) -> Result<ExportConfig, ConfigError> {
+        let kind = match self.kind.as_str() {
+            "vhost-user" => {
+                let Some(socket) = self.socket else {
+                    return bad(format!(
+                        "export {:?}: type vhost-user needs socket = \"PATH\"",
+                        self.name
+                    ));
+                };
+                ExportKind::VhostUser {
+                    socket: resolve(base_dir, &socket),
+                    socket_mode: self.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE),
+                }
+            }
+            "ublk" => ExportKind::Ublk { id: self.ublk_id },
+            other => {
+                return bad(format!(
+                    "export {:?}: unknown type {other:?} (supported: \"vhost-user\", \"ublk\")",
+                    self.name
+                ))
+            }
+        };
+        let export = ExportConfig {
+            serial: self.serial.unwrap_or_else(|| self.name.clone()),
+            name: self.name,
+            disk: self.disk,
+            kind,
+            queues: self.queues.unwrap_or(DEFAULT_QUEUES),
+            queue_depth: self.queue_depth.unwrap_or(DEFAULT_QUEUE_DEPTH),
+            read_only: self.read_only,
+            poll_window_us: self
+                .poll_us
+                .or(default_poll_us)
+                .unwrap_or(DEFAULT_POLL_WINDOW_US),
+        };
+        export.validate()?;
+        Ok(export)
+    }
+}
+
+impl ExportConfig {
+    /// Checks the export's own limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ctx = format!("export {:?}", self.name);
+        if self.name.is_empty() {
+            return bad("an export needs a name");
+        }
+        if !(1..=MAX_QUEUES).contains(&self.queues) {
+            return bad(format!(
+                "{ctx}: queues must be 1..={MAX_QUEUES}, not {}",
+                self.queues
+            ));
+        }
+        if !(1..=MAX_QUEUE_DEPTH).contains(&self.queue_depth) {
+            return bad(format!(
+                "{ctx}: queue_depth must be 1..={MAX_QUEUE_DEPTH}, not {}",
+                self.queue_depth
+            ));
+        }
+        if self.poll_window_us > MAX_POLL_WINDOW_US {
+            return bad(format!(
+                "{ctx}: poll_us must be at most {MAX_POLL_WINDOW_US}, not {}",
+                self.poll_window_us
+            ));
+        }
+        if let ExportKind::VhostUser { socket_mode, .. } = &self.kind {
+            if *socket_mode & !0o777 != 0 {
+                return bad(format!(
+                    "{ctx}: socket_mode {socket_mode:o} is not a permission mode"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl ServeConfig {
     /// Parses a TOML configuration. Relative paths are taken relative to
     /// `base_dir` (the config file's directory).
     pub fn from_toml(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
         let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
-        let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_owned()
-            } else {
-                base_dir.join(p)
-            }
+        let disks = file
+            .disk
+            .into_iter()
+            .map(|d| d.resolve(base_dir))
+            .collect::<Result<Vec<_>, _>>()?;
+        let exports = file
+            .export
+            .into_iter()
+            .map(|e| e.resolve(base_dir, file.daemon.poll_us))
+            .collect::<Result<Vec<_>, _>>()?;
+        let control = file.daemon.control.map(|p| resolve(base_dir, &p));
+        let config = ServeConfig {
+            disks,
+            exports,
+            control,
         };
-        let mut disks = Vec::new();
-        for d in file.disk {
-            let spec = match DiskSpec::parse(&d.path).map_err(|e| ConfigError(e.to_string()))? {
-                DiskSpec::Path(p) => DiskSpec::Path(resolve(&p)),
-                null => null,
-            };
-            let create_size_bytes = d
-                .create_size
-                .as_deref()
-                .map(parse_size_bytes)
-                .transpose()
-                .map_err(|e| ConfigError(format!("disk {:?}: create_size: {e}", d.name)))?;
-            disks.push(DiskConfig {
-                name: d.name,
-                spec,
-                read_only: d.read_only,
-                create_size_bytes,
-            });
-        }
-        let mut exports = Vec::new();
-        for e in file.export {
-            let kind = match e.kind.as_str() {
-                "vhost-user" => {
-                    let Some(socket) = e.socket else {
-                        return bad(format!(
-                            "export {:?}: type vhost-user needs socket = \"PATH\"",
-                            e.name
-                        ));
-                    };
-                    ExportKind::VhostUser {
-                        socket: resolve(&socket),
-                        socket_mode: e.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE),
-                    }
-                }
-                "ublk" => ExportKind::Ublk { id: e.ublk_id },
-                other => {
-                    return bad(format!(
-                        "export {:?}: unknown type {other:?} (supported: \"vhost-user\", \"ublk\")",
-                        e.name
-                    ))
-                }
-            };
-            exports.push(ExportConfig {
-                serial: e.serial.unwrap_or_else(|| e.name.clone()),
-                name: e.name,
-                disk: e.disk,
-                kind,
-                queues: e.queues.unwrap_or(DEFAULT_QUEUES),
-                queue_depth: e.queue_depth.unwrap_or(DEFAULT_QUEUE_DEPTH),
-                read_only: e.read_only,
-                poll_window_us: e
-                    .poll_us
-                    .or(file.daemon.poll_us)
-                    .unwrap_or(DEFAULT_POLL_WINDOW_US),
-            });
-        }
-        let config = ServeConfig { disks, exports };
         config.validate()?;
         Ok(config)
     }
 
     /// Checks names, references and limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.exports.is_empty() {
-            return bad("nothing to serve: add at least one export");
-        }
         let mut names = HashSet::new();
         for d in &self.disks {
+            d.validate()?;
             if !names.insert(d.name.as_str()) {
                 return bad(format!("disk name {:?} used twice", d.name));
-            }
-            if let (Some(_), DiskSpec::Null { .. }) = (d.create_size_bytes, &d.spec) {
-                return bad(format!(
-                    "disk {:?}: create_size makes no sense for a null disk",
-                    d.name
-                ));
             }
         }
         let mut export_names = HashSet::new();
         let mut sockets = HashSet::new();
-        let mut ublk_ids: HashSet<u32> = HashSet::new();
+        let mut ublk_ids = HashSet::new();
         for e in &self.exports {
+            e.validate()?;
             let ctx = format!("export {:?}", e.name);
             if !export_names.insert(e.name.as_str()) {
                 return bad(format!("{ctx}: name used twice"));
@@ -235,36 +318,10 @@ impl ServeConfig {
             if !names.contains(e.disk.as_str()) {
                 return bad(format!("{ctx}: no disk named {:?}", e.disk));
             }
-            if !(1..=MAX_QUEUES).contains(&e.queues) {
-                return bad(format!(
-                    "{ctx}: queues must be 1..={MAX_QUEUES}, not {}",
-                    e.queues
-                ));
-            }
-            if !(1..=MAX_QUEUE_DEPTH).contains(&e.queue_depth) {
-                return bad(format!(
-                    "{ctx}: queue_depth must be 1..={MAX_QUEUE_DEPTH}, not {}",
-                    e.queue_depth
-                ));
-            }
-            if e.poll_window_us > MAX_POLL_WINDOW_US {
-                return bad(format!(
-                    "{ctx}: poll_us must be at most {MAX_POLL_WINDOW_US}, not {}",
-                    e.poll_window_us
-                ));
-            }
             match &e.kind {
-                ExportKind::VhostUser {
-                    socket,
-                    socket_mode,
-                } => {
+                ExportKind::VhostUser { socket, .. } => {
                     if !sockets.insert(socket.clone()) {
                         return bad(format!("{ctx}: socket {} used twice", socket.display()));
-                    }
-                    if *socket_mode & !0o777 != 0 {
-                        return bad(format!(
-                            "{ctx}: socket_mode {socket_mode:o} is not a permission mode"
-                        ));
                     }
                 }
                 ExportKind::Ublk { id: Some(id) } => {
@@ -347,7 +404,6 @@ mod tests {
             ("[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'", "no disk named"),
             ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='nbd'", "unknown type"),
             ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'\nqueues=0", "queues must be"),
-            ("[[disk]]\nname='x'\npath='null:1M'", "nothing to serve"),
             ("[[disk]]\nname='x'\npath='null:1M'\nbogus=1", "unknown field"),
         ];
         for (text, want) in cases {

@@ -1,19 +1,22 @@
 //! `sluice serve`: open the nodes, start the exports, say ready, and on
 //! SIGINT/SIGTERM close everything in order: drain, detach, flush.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::config::{DiskConfig, ExportKind, ServeConfig};
-use crate::export::ublk::{UblkConfig, UblkExport};
-use crate::export::vhost_user::{VhostUserConfig, VhostUserExport};
-use crate::export::Export;
+use crate::config::{DiskConfig, ExportConfig, ServeConfig};
+use crate::export::vhost_user::VhostUserExport;
+use crate::export::{start_export, Export, ExportTotals};
+use crate::graph::{close_node, Graph, GraphError, Holder};
 use crate::limits::{DRAIN_TIMEOUT_MS, FLUSH_TIMEOUT_MS};
+use crate::monitor::{default_control_path, Monitor, StopRequest};
 use crate::node::{DiskSpec, Node};
 
 /// Why the daemon could not start.
@@ -21,15 +24,78 @@ use crate::node::{DiskSpec, Node};
 #[error("{0}")]
 pub struct StartError(pub String);
 
-/// A running daemon: its nodes and exports.
+/// A running daemon: the block graph, the exports, and the jobs. The monitor
+/// and the signal handler work on it through `&self`; the state sits behind
+/// one mutex that only the control plane takes.
 #[derive(Debug)]
 pub struct Daemon {
-    /// Every node, in configuration order.
-    nodes: Vec<Arc<Node>>,
-    /// Exports, in configuration order.
-    exports: Vec<Export>,
+    state: Mutex<State>,
+    /// Set once close-all begins: the monitor refuses changes from then on.
+    closing: AtomicBool,
     /// Log close-all steps at debug level (undoing a failed start).
-    quiet: bool,
+    quiet: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    graph: Graph,
+    exports: BTreeMap<String, Export>,
+}
+
+/// Why a control operation failed; each kind maps to one JSON-RPC code.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// The request names something that does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (name taken, in use).
+    #[error("{0}")]
+    Conflict(String),
+    /// The request's parameters are wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// The operation was attempted and failed.
+    #[error("{0}")]
+    Failed(String),
+    /// The daemon is shutting down.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+impl From<GraphError> for OpError {
+    fn from(e: GraphError) -> Self {
+        match e {
+            GraphError::NoSuchNode(_) => OpError::NotFound(e.to_string()),
+            _ => OpError::Conflict(e.to_string()),
+        }
+    }
+}
+
+/// A node as the monitor lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeInfo {
+    /// Name.
+    pub name: String,
+    /// What it was opened from.
+    pub disk: String,
+    /// Size.
+    pub capacity_bytes: u64,
+    /// Opened without write access.
+    pub read_only: bool,
+    /// Who holds it.
+    pub holders: Vec<Holder>,
+}
+
+/// An export as the monitor lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportInfo {
+    /// The ready-line description (type, endpoint, queues...).
+    #[serde(flatten)]
+    pub description: serde_json::Value,
+    /// The node it serves.
+    pub node: String,
+    /// Counters.
+    pub stats: ExportTotals,
 }
 
 /// Image files this start created, removed again if the start fails.
@@ -50,10 +116,7 @@ impl Drop for CreatedFiles {
     }
 }
 
-fn create_image_if_missing(
-    disk: &DiskConfig,
-    created: &mut CreatedFiles,
-) -> Result<(), StartError> {
+fn create_image_if_missing(disk: &DiskConfig, created: &mut CreatedFiles) -> Result<(), String> {
     let (Some(size), DiskSpec::Path(path)) = (disk.create_size_bytes, &disk.spec) else {
         return Ok(());
     };
@@ -64,17 +127,13 @@ fn create_image_if_missing(
     {
         Ok(f) => {
             created.0.push(path.clone());
-            f.set_len(size).map_err(|e| {
-                StartError(format!(
-                    "create image {}: cannot size it: {e}",
-                    path.display()
-                ))
-            })?;
+            f.set_len(size)
+                .map_err(|e| format!("create image {}: cannot size it: {e}", path.display()))?;
             tracing::info!("created sparse image {} ({} bytes)", path.display(), size);
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(StartError(format!("create image {}: {e}", path.display()))),
+        Err(e) => Err(format!("create image {}: {e}", path.display())),
     }
 }
 
@@ -82,112 +141,245 @@ impl Daemon {
     /// Opens every node and starts every export. On failure everything
     /// already started is stopped again and images this call created are
     /// removed: nothing half-created is left behind.
-    pub fn start(config: &ServeConfig) -> Result<Daemon, StartError> {
+    pub fn start(config: &ServeConfig) -> Result<Arc<Daemon>, StartError> {
+        let daemon = Arc::new(Daemon {
+            state: Mutex::new(State::default()),
+            closing: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
+        });
         let mut created = CreatedFiles::default();
-        let mut nodes = Vec::new();
-        for disk in &config.disks {
-            create_image_if_missing(disk, &mut created)?;
-            let node = Node::open(&disk.name, &disk.spec, config.disk_read_only(disk))
-                .map_err(|e| StartError(e.to_string()))?;
-            nodes.push(Arc::new(node));
-        }
-        let mut daemon = Daemon {
-            nodes,
-            exports: Vec::new(),
-            quiet: false,
-        };
-        for e in &config.exports {
-            let node = daemon
-                .nodes
-                .iter()
-                .find(|n| n.name() == e.disk)
-                .expect("validated: export names an existing disk")
-                .clone();
-            let started = match &e.kind {
-                ExportKind::VhostUser {
-                    socket,
-                    socket_mode,
-                } => VhostUserExport::start(
-                    node,
-                    VhostUserConfig {
-                        name: e.name.clone(),
-                        socket: socket.clone(),
-                        queues: e.queues,
-                        queue_depth: e.queue_depth,
-                        read_only: e.read_only,
-                        serial: e.serial.clone(),
-                        poll_window_us: e.poll_window_us,
-                        socket_mode: *socket_mode,
-                    },
-                )
-                .map(Export::VhostUser),
-                ExportKind::Ublk { id } => UblkExport::start(
-                    node,
-                    UblkConfig {
-                        name: e.name.clone(),
-                        id: *id,
-                        queues: e.queues,
-                        queue_depth: e.queue_depth,
-                        read_only: e.read_only,
-                    },
-                )
-                .map(Export::Ublk),
-            };
-            match started {
-                Ok(x) => daemon.exports.push(x),
-                Err(err) => {
-                    // Undo quietly: the error line is what the user reads.
-                    daemon.quiet = true;
-                    let _ = daemon.close_all();
-                    return Err(StartError(err.to_string()));
-                }
+        let result = (|| {
+            for disk in &config.disks {
+                let read_only = config.disk_read_only(disk);
+                daemon.open_node(disk, read_only, &mut created)?;
             }
+            for e in &config.exports {
+                daemon.add_export(e)?;
+            }
+            Ok::<(), OpError>(())
+        })();
+        if let Err(e) = result {
+            // Undo quietly: the error line is what the user reads.
+            daemon.quiet.store(true, Ordering::Relaxed);
+            let _ = daemon.close_all();
+            return Err(StartError(e.to_string()));
         }
         created.keep();
         Ok(daemon)
     }
 
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent maps behind
+        // (every change is a single insert or remove), so keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_open(&self) -> Result<(), OpError> {
+        if self.closing.load(Ordering::SeqCst) {
+            Err(OpError::ShuttingDown)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn open_node(
+        &self,
+        disk: &DiskConfig,
+        read_only: bool,
+        created: &mut CreatedFiles,
+    ) -> Result<NodeInfo, OpError> {
+        if self.state().graph.contains(&disk.name) {
+            return Err(GraphError::NameTaken(disk.name.clone()).into());
+        }
+        create_image_if_missing(disk, created).map_err(OpError::Failed)?;
+        let node = Node::open(&disk.name, &disk.spec, read_only)
+            .map_err(|e| OpError::Failed(e.to_string()))?;
+        let mut state = self.state();
+        state.graph.insert(Arc::new(node), Holder::Monitor)?;
+        Ok(node_info(&state.graph, &disk.name))
+    }
+
+    /// `node-add`: opens a node the monitor holds.
+    pub fn add_node(&self, disk: &DiskConfig) -> Result<NodeInfo, OpError> {
+        self.check_open()?;
+        let mut created = CreatedFiles::default();
+        let info = self.open_node(disk, disk.read_only, &mut created)?;
+        created.keep();
+        Ok(info)
+    }
+
+    /// `node-remove`: the monitor lets go of a node nobody else holds; it
+    /// is flushed and closed.
+    pub fn remove_node(&self, name: &str) -> Result<(), OpError> {
+        self.check_open()?;
+        let node = self.state().graph.remove_by_monitor(name)?;
+        close_node(node, Duration::from_millis(FLUSH_TIMEOUT_MS)).map_err(OpError::Failed)
+    }
+
+    /// `export-add`: starts an export on an existing node, which it holds.
+    pub fn add_export(&self, config: &ExportConfig) -> Result<serde_json::Value, OpError> {
+        self.check_open()?;
+        let holder = Holder::Export(config.name.clone());
+        let node = {
+            let mut state = self.state();
+            if state.exports.contains_key(&config.name) {
+                return Err(OpError::Conflict(format!(
+                    "an export named {:?} already exists",
+                    config.name
+                )));
+            }
+            state.graph.hold(&config.disk, holder.clone())?
+        };
+        match start_export(node, config) {
+            Ok(x) => {
+                let description = x.describe();
+                self.state().exports.insert(config.name.clone(), x);
+                Ok(description)
+            }
+            Err(e) => {
+                let _ = self.state().graph.release(&config.disk, &holder);
+                Err(OpError::Failed(e.to_string()))
+            }
+        }
+    }
+
+    /// `export-remove`: safe mode waits for in-flight requests (drain) before
+    /// it detaches; forced mode fails what is queued and detaches at once.
+    /// The export's node reference goes back to the graph.
+    pub fn remove_export(&self, name: &str, force: bool) -> Result<ExportTotals, OpError> {
+        self.check_open()?;
+        let x = self
+            .state()
+            .exports
+            .remove(name)
+            .ok_or_else(|| OpError::NotFound(format!("no export named {name:?}")))?;
+        let timeout = Duration::from_millis(DRAIN_TIMEOUT_MS);
+        let drained = x.drain(if force { Duration::ZERO } else { timeout });
+        if let (Err(stuck), false) = (&drained, force) {
+            tracing::warn!(
+                export = name,
+                "queues {stuck:?} still busy after {DRAIN_TIMEOUT_MS} ms; detaching anyway"
+            );
+        }
+        let totals = x.totals();
+        let detached = self.detach_one(x, timeout);
+        detached.map(|()| totals).map_err(OpError::Failed)
+    }
+
+    /// Detaches one export and gives its node reference back; closes the
+    /// node if that was the last reference.
+    fn detach_one(&self, x: Export, timeout: Duration) -> Result<(), String> {
+        let name = x.name().to_owned();
+        let node = x.node().name().to_owned();
+        let result = x.detach(timeout).map(|_| ()).map_err(|e| e.to_string());
+        let released = self.state().graph.release(&node, &Holder::Export(name));
+        match released {
+            Ok(Some(last)) => close_node(last, Duration::from_millis(FLUSH_TIMEOUT_MS))?,
+            Ok(None) => {}
+            Err(e) => tracing::error!("{e}"),
+        }
+        result
+    }
+
+    /// `node-list`.
+    pub fn list_nodes(&self) -> Vec<NodeInfo> {
+        let state = self.state();
+        state
+            .graph
+            .nodes()
+            .map(|(n, _, _)| node_info(&state.graph, n))
+            .collect()
+    }
+
+    /// `export-list` / `export-stats`.
+    pub fn list_exports(&self) -> Vec<ExportInfo> {
+        self.state()
+            .exports
+            .values()
+            .map(|x| ExportInfo {
+                description: x.describe(),
+                node: x.node().name().to_owned(),
+                stats: x.totals(),
+            })
+            .collect()
+    }
+
+    /// `export_stats`: counters and latency percentiles of one export.
+    pub fn export_stats(&self, name: &str) -> Result<serde_json::Value, OpError> {
+        let state = self.state();
+        let x = state
+            .exports
+            .get(name)
+            .ok_or_else(|| OpError::NotFound(format!("no export named {name:?}")))?;
+        Ok(serde_json::json!({
+            "name": name,
+            "node": x.node().name(),
+            "stats": x.totals(),
+            "latency": x.latency(),
+        }))
+    }
+
     /// One JSON line per export, printed when it accepts its consumer
     /// (socket listening, or `/dev/ublkbN` present).
     pub fn ready_lines(&self) -> Vec<String> {
-        self.exports
-            .iter()
+        self.state()
+            .exports
+            .values()
             .map(|x| x.describe().to_string())
             .collect()
     }
 
-    /// The exports.
-    pub fn exports(&self) -> &[Export] {
-        &self.exports
+    /// Lines that tell a person how to attach each vhost-user export.
+    pub fn attach_help(&self) -> Vec<String> {
+        self.state()
+            .exports
+            .values()
+            .filter_map(|x| match x {
+                Export::VhostUser(x) => Some(attach_help_for(x)),
+                Export::Ublk(_) => None,
+            })
+            .collect()
     }
 
-    /// Close-all: every holder gives its node reference back voluntarily, in
-    /// order, so that cached data is flushed and later access fails
-    /// gracefully. Each step is logged and bounded; returns whether every
-    /// step finished in time.
-    pub fn close_all(&mut self) -> bool {
+    /// Close-all, after the seed commit (`bdrv_close_all` rewrite): every
+    /// holder gives its node references back voluntarily, in order, so that
+    /// cached data is flushed and any later access fails gracefully. Each
+    /// step is logged and bounded; returns whether every step finished in
+    /// time.
+    pub fn close_all(&self) -> bool {
+        self.closing.store(true, Ordering::SeqCst);
         let mut clean = true;
         clean &= self.drain_exports();
         clean &= self.detach_exports();
+        clean &= self.release_monitor_nodes();
         clean &= self.flush_nodes();
-        self.nodes.clear();
         clean
     }
 
-    /// Step 1: admit nothing new, wait until nothing is in flight.
+    fn log(&self, msg: std::fmt::Arguments<'_>) {
+        if self.quiet.load(Ordering::Relaxed) {
+            tracing::debug!("{msg}");
+        } else {
+            tracing::info!("{msg}");
+        }
+    }
+
+    /// Step 1: every export admits nothing new and waits until nothing is in
+    /// flight.
     fn drain_exports(&self) -> bool {
         let timeout = Duration::from_millis(DRAIN_TIMEOUT_MS);
         let mut clean = true;
-        for x in &self.exports {
-            tracing::info!(
-                export = x.name(),
-                in_flight = x.totals().in_flight,
-                "close-all: drain"
-            );
+        let state = self.state();
+        for x in state.exports.values() {
+            self.log(format_args!(
+                "close-all: drain export {} ({} in flight)",
+                x.name(),
+                x.totals().in_flight
+            ));
             if let Err(stuck) = x.drain(timeout) {
                 tracing::error!(
-                    export = x.name(),
-                    "close-all: queues {stuck:?} still have requests in flight after {DRAIN_TIMEOUT_MS} ms"
+                    "close-all: export {}: queues {stuck:?} still have requests in flight after {DRAIN_TIMEOUT_MS} ms",
+                    x.name()
                 );
                 clean = false;
             }
@@ -195,35 +387,58 @@ impl Daemon {
         clean
     }
 
-    /// Step 2: detach every export; it gives its node reference back.
-    fn detach_exports(&mut self) -> bool {
+    /// Step 2: detach every export; each gives its node reference back.
+    fn detach_exports(&self) -> bool {
+        let exports = std::mem::take(&mut self.state().exports);
         let mut clean = true;
-        for x in self.exports.drain(..) {
-            let name = x.name().to_owned();
-            let totals = x.totals();
-            if !self.quiet {
-                tracing::info!(export = %name, ?totals, "close-all: detach");
-            }
-            if let Err(e) = x.detach(Duration::from_millis(DRAIN_TIMEOUT_MS)) {
-                tracing::error!("close-all: {e}");
+        for (name, x) in exports {
+            self.log(format_args!(
+                "close-all: detach export {name} ({:?})",
+                x.totals()
+            ));
+            if let Err(e) = self.detach_one(x, Duration::from_millis(DRAIN_TIMEOUT_MS)) {
+                tracing::error!("close-all: detach export {name}: {e}");
                 clean = false;
             }
         }
         clean
     }
 
-    /// Step 3 (the monitor's own nodes) arrives with the control socket; step
-    /// 4: flush every node still open, each bounded by a timeout.
-    fn flush_nodes(&self) -> bool {
+    /// Step 3: the monitor lets go of the nodes it created; a node nobody
+    /// else holds is flushed and closed.
+    fn release_monitor_nodes(&self) -> bool {
         let mut clean = true;
-        for node in &self.nodes {
-            if !self.quiet {
-                tracing::info!(node = node.name(), "close-all: flush");
+        let names = self.state().graph.held_by(&Holder::Monitor);
+        for name in names {
+            let released = self.state().graph.release(&name, &Holder::Monitor);
+            if let Ok(Some(node)) = released {
+                self.log(format_args!(
+                    "close-all: release node {name}: flushed and closed"
+                ));
+                if let Err(e) = close_node(node, Duration::from_millis(FLUSH_TIMEOUT_MS)) {
+                    tracing::error!("close-all: node {name}: {e}");
+                    clean = false;
+                }
             }
+        }
+        clean
+    }
+
+    /// Step 4: flush every node still open (held by jobs).
+    fn flush_nodes(&self) -> bool {
+        let nodes: Vec<Arc<Node>> = self
+            .state()
+            .graph
+            .nodes()
+            .map(|(_, n, _)| n.clone())
+            .collect();
+        let mut clean = true;
+        for node in nodes {
+            self.log(format_args!("close-all: flush node {}", node.name()));
+            let name = node.name().to_owned();
             let (tx, rx) = mpsc::channel();
-            let n = node.clone();
             std::thread::spawn(move || {
-                let _ = tx.send(n.flush());
+                let _ = tx.send(node.flush());
             });
             match rx.recv_timeout(Duration::from_millis(FLUSH_TIMEOUT_MS)) {
                 Ok(Ok(())) => {}
@@ -232,10 +447,7 @@ impl Daemon {
                     clean = false;
                 }
                 Err(_) => {
-                    tracing::error!(
-                        node = node.name(),
-                        "close-all: flush did not finish within {FLUSH_TIMEOUT_MS} ms"
-                    );
+                    tracing::error!("close-all: flush of node {name} did not finish within {FLUSH_TIMEOUT_MS} ms");
                     clean = false;
                 }
             }
@@ -244,21 +456,55 @@ impl Daemon {
     }
 }
 
-/// Runs `sluice serve` until SIGINT/SIGTERM. Returns the process exit code.
+fn node_info(graph: &Graph, name: &str) -> NodeInfo {
+    let node = graph.get(name).expect("listed node exists");
+    NodeInfo {
+        name: name.to_owned(),
+        disk: node.spec().to_string(),
+        capacity_bytes: node.limits().capacity_bytes,
+        read_only: node.read_only(),
+        holders: graph.holders(name),
+    }
+}
+
+/// Runs `sluice serve` until SIGINT/SIGTERM or the monitor's `shutdown`.
+/// Returns the process exit code.
 pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
     // Catch the signals before anything exists, so a signal during start-up
     // also ends in an orderly close.
-    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+    let signals = match Signals::new([SIGINT, SIGTERM]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("sluice: cannot install signal handlers: {e}");
             return 1;
         }
     };
-    let mut daemon = match Daemon::start(config) {
+    let (stop_tx, stop_rx) = mpsc::channel();
+    {
+        let stop_tx = stop_tx.clone();
+        let mut signals = signals;
+        std::thread::spawn(move || {
+            for signal in signals.forever() {
+                if stop_tx.send(StopRequest::Signal(signal)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let daemon = match Daemon::start(config) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("sluice: {e}");
+            return 1;
+        }
+    };
+    let control = config.control.clone().unwrap_or_else(default_control_path);
+    let monitor = match Monitor::start(&control, daemon.clone(), stop_tx) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("sluice: {e}");
+            daemon.quiet.store(true, Ordering::Relaxed);
+            daemon.close_all();
             return 1;
         }
     };
@@ -268,6 +514,11 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
         for line in daemon.ready_lines() {
             let _ = writeln!(out, "{line}");
         }
+        let _ = writeln!(
+            out,
+            "{}",
+            serde_json::json!({"event": "ready", "control": monitor.path()})
+        );
         let _ = out.flush();
     }
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
@@ -276,11 +527,18 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
         }
     }
     if attach_help {
-        print_attach_help(&daemon);
+        for help in daemon.attach_help() {
+            eprintln!("{help}");
+        }
     }
-    let signal = signals.forever().next().unwrap_or(SIGTERM);
-    tracing::info!(signal, "shutting down");
-    if daemon.close_all() {
+    let why = stop_rx.recv().unwrap_or(StopRequest::Monitor);
+    match why {
+        StopRequest::Signal(signal) => tracing::info!(signal, "shutting down"),
+        StopRequest::Monitor => tracing::info!("shutting down (monitor request)"),
+    }
+    let clean = daemon.close_all();
+    monitor.stop();
+    if clean {
         tracing::info!("all exports detached and nodes flushed");
         0
     } else {
@@ -289,25 +547,22 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
     }
 }
 
-fn print_attach_help(daemon: &Daemon) {
-    for x in daemon.exports() {
-        let Export::VhostUser(x) = x else { continue };
-        let sock = x
-            .config()
-            .socket
-            .canonicalize()
-            .unwrap_or_else(|_| x.config().socket.clone());
-        eprintln!(
-            "\nsluice serves {} over {}. Attach it to QEMU with:\n  \
-             qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \\\n    \
-             -machine q35,memory-backend=mem \\\n    \
-             -chardev socket,id=disk0,path={} \\\n    \
-             -device vhost-user-blk-pci,chardev=disk0,num-queues={} ...\n\
-             Stop with Ctrl-C: in-flight requests finish and the image is flushed.",
-            x.node().spec(),
-            sock.display(),
-            sock.display(),
-            x.config().queues,
-        );
-    }
+fn attach_help_for(x: &VhostUserExport) -> String {
+    let sock = x
+        .config()
+        .socket
+        .canonicalize()
+        .unwrap_or_else(|_| x.config().socket.clone());
+    format!(
+        "\nsluice serves {} over {}. Attach it to QEMU with:\n  \
+         qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \\\n    \
+         -machine q35,memory-backend=mem \\\n    \
+         -chardev socket,id=disk0,path={} \\\n    \
+         -device vhost-user-blk-pci,chardev=disk0,num-queues={} ...\n\
+         Stop with Ctrl-C: in-flight requests finish and the image is flushed.",
+        x.node().spec(),
+        sock.display(),
+        sock.display(),
+        x.config().queues,
+    )
 }

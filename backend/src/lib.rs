@@ -13,10 +13,13 @@
 //!   shutdown that drains, detaches and flushes.
 
 pub mod config;
+pub mod ctl;
 pub mod daemon;
 pub mod engine;
 pub mod export;
+pub mod graph;
 pub mod limits;
+pub mod monitor;
 pub mod node;
 pub mod request;
 pub mod size;

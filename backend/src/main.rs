@@ -25,6 +25,100 @@ enum Command {
     /// Serve disks until SIGINT/SIGTERM. With no arguments, serves a sparse
     /// 1 GiB image ./sluice-disk.img over ./sluice.sock.
     Serve(ServeArgs),
+    /// Talk to a running daemon through its control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CtlArgs {
+    /// Control socket (default: $RUNTIME_DIRECTORY/control.sock, else
+    /// $XDG_RUNTIME_DIR/sluice/control.sock, else /run/sluice/control.sock).
+    #[arg(long, value_name = "PATH", global = true)]
+    control: Option<PathBuf>,
+    /// Print the JSON result instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtlCommand {
+    /// List nodes and who holds them.
+    Nodes,
+    /// Open a node (held by the monitor).
+    NodeAdd {
+        /// Node name.
+        name: String,
+        /// Block device, image file, or null:SIZE.
+        disk: String,
+        /// Open without write access.
+        #[arg(long)]
+        read_only: bool,
+        /// Create the image sparse with this size if it is missing.
+        #[arg(long, value_name = "SIZE")]
+        create_size: Option<String>,
+    },
+    /// Flush and close a node nobody else holds.
+    NodeRemove {
+        /// Node name.
+        name: String,
+    },
+    /// List exports with their counters.
+    Exports,
+    /// Start an export on a node.
+    ExportAdd {
+        /// Export name.
+        name: String,
+        /// The node to serve.
+        #[arg(long)]
+        node: String,
+        /// Serve over this vhost-user-blk socket.
+        #[arg(long, value_name = "SOCKET", conflicts_with = "ublk")]
+        vhost_user: Option<PathBuf>,
+        /// Serve as /dev/ublkbID (driver picks ID if omitted).
+        #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "auto")]
+        ublk: Option<String>,
+        /// Number of queues.
+        #[arg(long)]
+        queues: Option<u16>,
+        /// In-flight requests per queue.
+        #[arg(long)]
+        queue_depth: Option<u16>,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+        /// Serial (GET_ID).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Polling window in µs.
+        #[arg(long)]
+        poll_us: Option<u32>,
+    },
+    /// Detach an export: waits for in-flight requests, or fails them with --force.
+    ExportRemove {
+        /// Export name.
+        name: String,
+        /// Do not wait for in-flight requests.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Counters and latency percentiles of one export.
+    Stats {
+        /// Export name.
+        name: String,
+    },
+    /// Close everything in order and stop the daemon.
+    Shutdown,
+    /// Call any method with JSON params (see `sluice ctl methods`).
+    Call {
+        /// Method name.
+        method: String,
+        /// Params as a JSON object.
+        params: Option<String>,
+    },
+    /// List the monitor's methods.
+    Methods,
 }
 
 #[derive(Debug, clap::Args)]
@@ -60,6 +154,9 @@ struct ServeArgs {
     /// Socket file mode (octal).
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     socket_mode: Option<u32>,
+    /// Control socket for `sluice ctl` (default under the runtime directory).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -77,11 +174,13 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let Some(Command::Serve(args)) = cli
-        .command
-        .or_else(|| Cli::parse_from(["sluice", "serve"]).command)
-    else {
-        unreachable!("`sluice serve` parses");
+    let args = match cli.command {
+        Some(Command::Serve(a)) => a,
+        Some(Command::Ctl(c)) => return ctl(c),
+        None => match Cli::parse_from(["sluice", "serve"]).command {
+            Some(Command::Serve(a)) => a,
+            _ => unreachable!("`sluice serve` parses"),
+        },
     };
     let (config, attach_help) = match build_config(&args) {
         Ok(c) => c,
@@ -101,14 +200,21 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), String> {
     if let Some(path) = &args.config {
         let text =
             std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
-        let base = path.parent().map(|p| cwd.join(p)).unwrap_or(cwd);
-        let config = ServeConfig::from_toml(&text, &base)
+        let base = path
+            .parent()
+            .map(|p| cwd.join(p))
+            .unwrap_or_else(|| cwd.clone());
+        let mut config = ServeConfig::from_toml(&text, &base)
             .map_err(|e| format!("config {}: {e}", path.display()))?;
+        if let Some(c) = &args.control {
+            config.control = Some(cwd.join(c));
+        }
         return Ok((config, false));
     }
     let Some(disk) = &args.disk else {
-        let config = ServeConfig::from_toml(EMBEDDED_DEFAULT, &cwd)
+        let mut config = ServeConfig::from_toml(EMBEDDED_DEFAULT, &cwd)
             .map_err(|e| format!("embedded default: {e}"))?;
+        config.control = args.control.as_ref().map(|c| cwd.join(c));
         return Ok((config, true));
     };
     if args.vhost_user.is_none() && args.ublk.is_none() {
@@ -157,7 +263,121 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), String> {
             create_size_bytes: None,
         }],
         exports,
+        control: args.control.as_ref().map(|c| cwd.join(c)),
     };
     config.validate().map_err(|e| e.to_string())?;
     Ok((config, false))
+}
+
+fn ctl(args: CtlArgs) -> ExitCode {
+    let path = args
+        .control
+        .clone()
+        .unwrap_or_else(sluice::monitor::default_control_path);
+    let (method, params) = match ctl_request(&args.command) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice ctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = sluice::ctl::CtlClient::connect(&path).and_then(|mut c| c.call(&method, params));
+    match result {
+        Ok(v) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                println!("{}", sluice::ctl::render(&method, &v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sluice ctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), String> {
+    use serde_json::json;
+    let abs = |p: &PathBuf| {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.clone())
+    };
+    Ok(match cmd {
+        CtlCommand::Nodes => ("node_list".into(), json!({})),
+        CtlCommand::NodeAdd {
+            name,
+            disk,
+            read_only,
+            create_size,
+        } => {
+            let mut p = json!({"name": name, "path": disk, "read_only": read_only});
+            if !disk.starts_with("null:") {
+                p["path"] = json!(abs(&PathBuf::from(disk)));
+            }
+            if let Some(size) = create_size {
+                p["create_size"] = json!(size);
+            }
+            ("node_add".into(), p)
+        }
+        CtlCommand::NodeRemove { name } => ("node_remove".into(), json!({"name": name})),
+        CtlCommand::Exports => ("export_list".into(), json!({})),
+        CtlCommand::ExportAdd {
+            name,
+            node,
+            vhost_user,
+            ublk,
+            queues,
+            queue_depth,
+            read_only,
+            serial,
+            poll_us,
+        } => {
+            let mut p = json!({"name": name, "node": node, "read_only": read_only});
+            match (vhost_user, ublk) {
+                (Some(sock), None) => {
+                    p["type"] = json!("vhost-user");
+                    p["socket"] = json!(abs(sock));
+                }
+                (None, Some(id)) => {
+                    p["type"] = json!("ublk");
+                    if id != "auto" {
+                        p["ublk_id"] = json!(id
+                            .parse::<u32>()
+                            .map_err(|_| format!("--ublk {id:?}: expected a device number"))?);
+                    }
+                }
+                _ => return Err("export-add needs --vhost-user SOCKET or --ublk [ID]".into()),
+            }
+            for (k, v) in [
+                ("queues", queues.map(u32::from)),
+                ("queue_depth", queue_depth.map(u32::from)),
+                ("poll_us", *poll_us),
+            ] {
+                if let Some(v) = v {
+                    p[k] = json!(v);
+                }
+            }
+            if let Some(s) = serial {
+                p["serial"] = json!(s);
+            }
+            ("export_add".into(), p)
+        }
+        CtlCommand::ExportRemove { name, force } => (
+            "export_remove".into(),
+            json!({"name": name, "mode": if *force { "force" } else { "safe" }}),
+        ),
+        CtlCommand::Stats { name } => ("export_stats".into(), json!({"name": name})),
+        CtlCommand::Shutdown => ("shutdown".into(), json!({})),
+        CtlCommand::Methods => ("rpc_methods".into(), json!({})),
+        CtlCommand::Call { method, params } => {
+            let p = match params {
+                Some(text) => serde_json::from_str(text).map_err(|e| format!("params: {e}"))?,
+                None => json!({}),
+            };
+            (method.clone(), p)
+        }
+    })
 }

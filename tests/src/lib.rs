@@ -173,6 +173,10 @@ fn send_signal(pid: u32, signal: libc::c_int) {
 pub struct Daemon {
     child: Child,
     stderr: tempfile::NamedTempFile,
+    /// The control socket the harness gave the daemon (unless the test
+    /// passed its own `--control`).
+    pub control: PathBuf,
+    _control_dir: tempfile::TempDir,
     /// The parsed ready events, in the order they were printed.
     pub ready: Vec<serde_json::Value>,
     /// Stdout lines after the ready lines, as the reader thread sees them.
@@ -212,10 +216,24 @@ impl Daemon {
             .prefix("sluice-stderr-")
             .tempfile()
             .map_err(|e| format!("stderr file: {e}"))?;
+        // Tests run daemons side by side: each gets its own control socket
+        // unless the test chose one.
+        let control_dir = tempfile::Builder::new()
+            .prefix("sluice-control-")
+            .tempdir()
+            .map_err(|e| format!("control dir: {e}"))?;
+        let control = control_dir.path().join("control.sock");
+        let mut args: Vec<std::ffi::OsString> =
+            args.iter().map(|a| a.as_ref().to_owned()).collect();
+        let serving = args.first().is_some_and(|a| a == "serve");
+        if serving && !args.iter().any(|a| a == "--control") {
+            args.push("--control".into());
+            args.push(control.clone().into());
+        }
         let stderr_handle = stderr.reopen().map_err(|e| format!("stderr file: {e}"))?;
         let shown: Vec<String> = args
             .iter()
-            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .map(|a| a.to_string_lossy().into_owned())
             .collect();
         let mut child = Command::new(&bin)
             .args(args)
@@ -238,6 +256,8 @@ impl Daemon {
         let mut daemon = Daemon {
             child,
             stderr,
+            control,
+            _control_dir: control_dir,
             ready: Vec::new(),
             stdout_rest: rx,
             args: shown,

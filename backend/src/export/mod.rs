@@ -13,6 +13,44 @@ use std::time::Duration;
 use crate::node::Node;
 use crate::request::BlockOp;
 
+/// Starts the export `config` describes on `node`.
+pub fn start_export(
+    node: Arc<Node>,
+    config: &crate::config::ExportConfig,
+) -> Result<Export, ExportError> {
+    use crate::config::ExportKind;
+    match &config.kind {
+        ExportKind::VhostUser {
+            socket,
+            socket_mode,
+        } => vhost_user::VhostUserExport::start(
+            node,
+            vhost_user::VhostUserConfig {
+                name: config.name.clone(),
+                socket: socket.clone(),
+                queues: config.queues,
+                queue_depth: config.queue_depth,
+                read_only: config.read_only,
+                serial: config.serial.clone(),
+                poll_window_us: config.poll_window_us,
+                socket_mode: *socket_mode,
+            },
+        )
+        .map(Export::VhostUser),
+        ExportKind::Ublk { id } => ublk::UblkExport::start(
+            node,
+            ublk::UblkConfig {
+                name: config.name.clone(),
+                id: *id,
+                queues: config.queues,
+                queue_depth: config.queue_depth,
+                read_only: config.read_only,
+            },
+        )
+        .map(Export::Ublk),
+    }
+}
+
 /// A running export of either protocol.
 #[derive(Debug)]
 pub enum Export {
@@ -44,6 +82,14 @@ impl Export {
         match self {
             Export::VhostUser(x) => x.totals(),
             Export::Ublk(x) => x.totals(),
+        }
+    }
+
+    /// Completion latency percentiles.
+    pub fn latency(&self) -> LatencyPercentiles {
+        match self {
+            Export::VhostUser(x) => x.latency(),
+            Export::Ublk(x) => x.latency(),
         }
     }
 
@@ -140,7 +186,7 @@ pub enum ExportError {
 
 /// Counters and state the queue thread shares with the rest of the daemon.
 /// Written by the queue thread only; read by anyone (relaxed).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct QueueShared {
     /// Requests submitted and not yet completed.
     pub in_flight: AtomicU32,
@@ -154,9 +200,108 @@ pub struct QueueShared {
     pub bytes_written: AtomicU64,
     /// Flushes completed.
     pub flushes: AtomicU64,
+    /// Completion latency histogram (see [`LATENCY_BUCKETS`]).
+    pub latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+impl Default for QueueShared {
+    fn default() -> Self {
+        QueueShared {
+            in_flight: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            bytes_read: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            latency: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+/// Completion latency percentiles of an export, in microseconds (upper
+/// bounds of 1/8-octave buckets).
+#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LatencyPercentiles {
+    /// Requests measured.
+    pub samples: u64,
+    /// Median.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+}
+
+impl LatencyPercentiles {
+    /// Percentiles over the histograms of `queues`.
+    pub fn of(queues: &[QueueShared]) -> Self {
+        let mut sum = [0u64; LATENCY_BUCKETS];
+        for q in queues {
+            for (s, b) in sum.iter_mut().zip(q.latency.iter()) {
+                *s += b.load(Ordering::Relaxed);
+            }
+        }
+        let samples: u64 = sum.iter().sum();
+        if samples == 0 {
+            return LatencyPercentiles::default();
+        }
+        let at = |p: f64| {
+            let want = ((samples as f64) * p).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (b, n) in sum.iter().enumerate() {
+                seen += n;
+                if seen >= want {
+                    return latency_bucket_upper_ns(b) as f64 / 1000.0;
+                }
+            }
+            f64::INFINITY
+        };
+        LatencyPercentiles {
+            samples,
+            p50_us: at(0.50),
+            p99_us: at(0.99),
+            p999_us: at(0.999),
+        }
+    }
+}
+
+/// Latency histogram buckets: 8 per power of two of nanoseconds, from 1 µs
+/// (2^10 ns) to about 69 s (2^36 ns); fixed size, updated with relaxed
+/// atomics by the queue thread, read by the monitor.
+const LATENCY_SUB_BUCKETS: usize = 8;
+const LATENCY_MIN_SHIFT: u32 = 10;
+const LATENCY_OCTAVES: usize = 26;
+/// Number of latency buckets per queue.
+pub const LATENCY_BUCKETS: usize = LATENCY_OCTAVES * LATENCY_SUB_BUCKETS + 1;
+
+fn latency_bucket(ns: u64) -> usize {
+    let ns = ns.max(1 << LATENCY_MIN_SHIFT);
+    let octave = (63 - ns.leading_zeros()) - LATENCY_MIN_SHIFT;
+    if octave as usize >= LATENCY_OCTAVES {
+        return LATENCY_BUCKETS - 1;
+    }
+    let sub = (ns >> (octave + LATENCY_MIN_SHIFT - 3)) as usize & (LATENCY_SUB_BUCKETS - 1);
+    octave as usize * LATENCY_SUB_BUCKETS + sub
+}
+
+/// The upper bound in nanoseconds of bucket `b`.
+fn latency_bucket_upper_ns(b: usize) -> u64 {
+    if b >= LATENCY_BUCKETS - 1 {
+        return u64::MAX;
+    }
+    let octave = (b / LATENCY_SUB_BUCKETS) as u32;
+    let sub = (b % LATENCY_SUB_BUCKETS) as u64;
+    let base = 1u64 << (octave + LATENCY_MIN_SHIFT);
+    base + (sub + 1) * (base / LATENCY_SUB_BUCKETS as u64)
 }
 
 impl QueueShared {
+    /// Counts one completed request that took `latency_ns`.
+    pub fn record_latency(&self, op: Option<BlockOp>, len_bytes: u64, ok: bool, latency_ns: u64) {
+        self.latency[latency_bucket(latency_ns)].fetch_add(1, Ordering::Relaxed);
+        self.record(op, len_bytes, ok);
+    }
+
     /// Counts one completed request.
     pub fn record(&self, op: Option<BlockOp>, len_bytes: u64, ok: bool) {
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -222,4 +367,48 @@ pub fn wait_idle(q: &QueueShared, timeout: std::time::Duration) -> bool {
         std::thread::sleep(std::time::Duration::from_micros(200));
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_monotonic_and_bound_their_samples() {
+        let mut last = 0;
+        for ns in [
+            1u64,
+            900,
+            1024,
+            1500,
+            2047,
+            2048,
+            10_000,
+            123_456,
+            9_999_999,
+            1 << 40,
+        ] {
+            let b = latency_bucket(ns);
+            assert!(b >= last, "{ns}");
+            assert!(
+                latency_bucket_upper_ns(b) >= ns.max(1024),
+                "{ns} in bucket {b}"
+            );
+            last = b;
+        }
+    }
+
+    #[test]
+    fn percentiles_over_queues() {
+        let queues = [QueueShared::default(), QueueShared::default()];
+        for i in 0..1000u64 {
+            queues[(i % 2) as usize].record_latency(Some(BlockOp::Read), 4096, true, 10_000 + i);
+        }
+        queues[0].record_latency(Some(BlockOp::Read), 4096, true, 5_000_000);
+        let p = LatencyPercentiles::of(&queues);
+        assert_eq!(p.samples, 1001);
+        assert!((10.0..12.0).contains(&p.p50_us), "{p:?}");
+        assert!((10.0..12.0).contains(&p.p99_us), "{p:?}");
+        assert!(p.p999_us >= 5000.0, "{p:?}");
+    }
 }

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::types;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
@@ -18,7 +18,7 @@ use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
 
 pub use self::op::decode_op;
-use super::{wait_idle, ExportError, ExportTotals, QueueShared};
+use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::engine::{Prepared, SlotTable};
 use crate::node::Node;
 use crate::request::{BlockOp, BlockRequest, RequestError};
@@ -252,6 +252,11 @@ impl UblkExport {
         ExportTotals::of(&self.queues)
     }
 
+    /// Completion latency percentiles.
+    pub fn latency(&self) -> LatencyPercentiles {
+        LatencyPercentiles::of(&self.queues)
+    }
+
     /// Drain: wait until nothing is in flight. Admission stays open: the
     /// kernel's own quiesce at stop (and its final flush) must still be
     /// served. Returns the queues that stayed busy.
@@ -372,7 +377,8 @@ fn set_params(dev: &mut UblkDev, node: &Node, read_only: bool) -> Result<(), lib
 /// [`decode_op`], validate it, and put its backing I/O on this queue's ring.
 fn serve_queue(qid: u16, dev: &UblkDev, node: &Arc<Node>, depth: u16, shared: &QueueShared) {
     let bufs = dev.alloc_queue_io_bufs();
-    let mut table = match SlotTable::<BlockOp>::new(node.clone(), depth, NODE_FIXED_FILE) {
+    let mut table = match SlotTable::<(BlockOp, Instant)>::new(node.clone(), depth, NODE_FIXED_FILE)
+    {
         Ok(t) => t,
         Err(e) => {
             tracing::error!("ublk queue {qid}: cannot allocate slots: {e}");
@@ -403,9 +409,14 @@ fn serve_queue(qid: u16, dev: &UblkDev, node: &Arc<Node>, depth: u16, shared: &Q
             }
         };
         if io.is_tgt_io() {
-            let (op, result) = table.finish(tag, io.result());
+            let ((op, started), result) = table.finish(tag, io.result());
             let len = u64::from(q.get_iod(tag).nr_sectors) << 9;
-            shared.record(Some(op), len, result.is_ok());
+            shared.record_latency(
+                Some(op),
+                len,
+                result.is_ok(),
+                started.elapsed().as_nanos() as u64,
+            );
             shared.in_flight.store(table.in_flight(), Ordering::Relaxed);
             complete(match result {
                 Ok(()) if op.moves_data() => len as i32,
@@ -446,7 +457,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, node: &Arc<Node>, depth: u16, shared: &Q
             len_bytes,
             segments: if op.moves_data() { &iov } else { &[] },
         };
-        match table.begin(tag, &req, op) {
+        match table.begin(tag, &req, (op, Instant::now())) {
             Ok(Prepared::Sqe(sqe)) => {
                 let sqe = sqe.user_data(UblkIOCtx::build_user_data(
                     tag,
@@ -462,8 +473,13 @@ fn serve_queue(qid: u16, dev: &UblkDev, node: &Arc<Node>, depth: u16, shared: &Q
                 }
             }
             Ok(Prepared::Done(res)) => {
-                let (op, result) = table.finish(tag, res);
-                shared.record(Some(op), len_bytes, result.is_ok());
+                let ((op, started), result) = table.finish(tag, res);
+                shared.record_latency(
+                    Some(op),
+                    len_bytes,
+                    result.is_ok(),
+                    started.elapsed().as_nanos() as u64,
+                );
                 complete(match result {
                     Ok(()) if op.moves_data() => len_bytes as i32,
                     Ok(()) => 0,

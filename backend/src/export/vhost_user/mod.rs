@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use self::queue::{ExportShared, QueueWorker};
 use self::virtio_blk::Geometry;
-use super::{wait_idle, ExportError, ExportTotals, QueueShared};
+use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::engine::Engine;
 use crate::limits::{MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES};
 use crate::node::Node;
@@ -289,6 +289,11 @@ impl VhostUserExport {
     /// Cumulative statistics.
     pub fn totals(&self) -> ExportTotals {
         ExportTotals::of(&self.shared.queues)
+    }
+
+    /// Completion latency percentiles.
+    pub fn latency(&self) -> LatencyPercentiles {
+        LatencyPercentiles::of(&self.shared.queues)
     }
 
     /// Drain, step one: admit nothing new (new requests fail with IOERR) and

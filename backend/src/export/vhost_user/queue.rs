@@ -24,6 +24,8 @@ pub struct VirtioCtx {
     /// `None` for requests answered without a block operation (GET_ID).
     op: Option<BlockOp>,
     len_bytes: u64,
+    /// When the chain was popped, for the latency histogram.
+    started: Instant,
 }
 
 /// State every queue of one export shares.
@@ -217,6 +219,7 @@ impl QueueWorker {
             used_len_ok: decoded.used_len_ok,
             op: None,
             len_bytes: 0,
+            started: Instant::now(),
         };
         let result = match decoded.command {
             Command::Fail(e) => Err(e),
@@ -306,5 +309,10 @@ fn complete(
     if let Err(e) = state.add_used(ctx.head, used_len) {
         tracing::warn!("cannot return descriptor {} to the guest: {e}", ctx.head);
     }
-    shared.record(ctx.op, ctx.len_bytes, result.is_ok());
+    shared.record_latency(
+        ctx.op,
+        ctx.len_bytes,
+        result.is_ok(),
+        ctx.started.elapsed().as_nanos() as u64,
+    );
 }
