@@ -404,9 +404,11 @@ mod tests {
         for i in 0..1000u64 {
             queues[(i % 2) as usize].record_latency(Some(BlockOp::Read), 4096, true, 10_000 + i);
         }
-        queues[0].record_latency(Some(BlockOp::Read), 4096, true, 5_000_000);
+        for _ in 0..5 {
+            queues[0].record_latency(Some(BlockOp::Read), 4096, true, 5_000_000);
+        }
         let p = LatencyPercentiles::of(&queues);
-        assert_eq!(p.samples, 1001);
+        assert_eq!(p.samples, 1005);
         assert!((10.0..12.0).contains(&p.p50_us), "{p:?}");
         assert!((10.0..12.0).contains(&p.p99_us), "{p:?}");
         assert!(p.p999_us >= 5000.0, "{p:?}");
