@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod engine;
 pub mod export;
 pub mod graph;
+pub mod jobs;
 pub mod limits;
 pub mod monitor;
 pub mod node;

@@ -68,6 +68,17 @@ impl<C> Engine<C> {
     /// Builds the engine of one queue: a ring of `queue_depth` entries with the
     /// node's descriptor registered as fixed file 0, and `queue_depth` slots.
     pub fn new(node: Arc<Node>, queue_depth: u16) -> io::Result<Self> {
+        let completion_event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
+        Self::with_completion_event(node, queue_depth, &completion_event)
+    }
+
+    /// [`Engine::new`] posting completions to an existing eventfd (a queue
+    /// that rebuilds its engine keeps the eventfd its poller watches).
+    pub fn with_completion_event(
+        node: Arc<Node>,
+        queue_depth: u16,
+        event: &EventFd,
+    ) -> io::Result<Self> {
         assert!(queue_depth > 0);
         // Every request is one SQE and at most `queue_depth` are in flight,
         // so the SQ cannot overflow; the CQ is twice that by default.
@@ -78,7 +89,7 @@ impl<C> Engine<C> {
         if let Some(fd) = node.raw_fd() {
             ring.submitter().register_files(&[fd])?;
         }
-        let completion_event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
+        let completion_event = event.try_clone()?;
         ring.submitter()
             .register_eventfd(completion_event.as_raw_fd())?;
         Ok(Engine {

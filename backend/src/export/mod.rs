@@ -69,11 +69,11 @@ impl Export {
         }
     }
 
-    /// The node it holds.
-    pub fn node(&self) -> &Arc<Node> {
+    /// The node it serves now.
+    pub fn node(&self) -> Arc<Node> {
         match self {
             Export::VhostUser(x) => x.node(),
-            Export::Ublk(x) => x.node(),
+            Export::Ublk(x) => x.node().clone(),
         }
     }
 
@@ -113,11 +113,12 @@ impl Export {
 
     /// The JSON object of the ready line.
     pub fn describe(&self) -> serde_json::Value {
-        let limits = self.node().limits();
+        let node = self.node();
+        let limits = node.limits();
         let mut v = serde_json::json!({
             "event": "ready",
             "export": self.name(),
-            "disk": self.node().spec().to_string(),
+            "disk": node.spec().to_string(),
             "capacity_bytes": limits.capacity_bytes,
             "logical_block_size_bytes": limits.logical_block_size_bytes,
             "physical_block_size_bytes": limits.physical_block_size_bytes,

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
+use arc_swap::{ArcSwap, ArcSwapOption};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -36,6 +37,7 @@ use self::virtio_blk::Geometry;
 use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::engine::Engine;
 use crate::limits::{MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES};
+use crate::jobs::DirtyBitmap;
 use crate::node::Node;
 
 pub use self::queue::VirtioCtx;
@@ -188,7 +190,6 @@ impl VhostUserBackend for BlkBackend {
 /// A running vhost-user export.
 pub struct VhostUserExport {
     config: VhostUserConfig,
-    node: Arc<Node>,
     shared: Arc<ExportShared>,
     stop: Arc<EventFd>,
     stopping: Arc<AtomicBool>,
@@ -200,7 +201,7 @@ impl std::fmt::Debug for VhostUserExport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhostUserExport")
             .field("config", &self.config)
-            .field("node", &self.node.name())
+            .field("node", &self.node().name())
             .finish()
     }
 }
@@ -218,11 +219,15 @@ impl VhostUserExport {
         };
         let shared = Arc::new(ExportShared {
             admitting: AtomicBool::new(true),
+            paused: AtomicBool::new(false),
+            node: ArcSwap::new(node.clone()),
+            dirty_log: ArcSwapOption::empty(),
             queues: (0..config.queues).map(|_| QueueShared::default()).collect(),
+            wakers: Mutex::new(Vec::new()),
         });
         // Build the first connection's engines now, so a kernel without
         // io_uring is reported at start, not at the first frontend.
-        let first = Connection::new(&node, &config, geometry, &shared)?;
+        let first = Connection::new(&config, geometry, &shared)?;
         let listener = bind_socket(&config.socket, config.socket_mode)?;
         let stop =
             Arc::new(
@@ -235,7 +240,6 @@ impl VhostUserExport {
         let connection = Arc::new(Mutex::new(None));
         let thread = {
             let ctx = ListenerCtx {
-                node: node.clone(),
                 config: config.clone(),
                 geometry,
                 shared: shared.clone(),
@@ -253,7 +257,6 @@ impl VhostUserExport {
         };
         Ok(VhostUserExport {
             config,
-            node,
             shared,
             stop,
             stopping,
@@ -267,14 +270,57 @@ impl VhostUserExport {
         &self.config
     }
 
-    /// The node it serves.
-    pub fn node(&self) -> &Arc<Node> {
-        &self.node
+    /// The node it serves now.
+    pub fn node(&self) -> Arc<Node> {
+        self.shared.node.load_full()
     }
 
-    /// The effective geometry the guest sees.
+    /// Whether the guest sees a read-only disk.
     pub fn read_only(&self) -> bool {
-        self.config.read_only || self.node.read_only()
+        self.config.read_only || self.node().read_only()
+    }
+
+    /// Starts (or stops, with `None`) logging completed modifications into
+    /// a mirror job's dirty bitmap.
+    pub fn set_dirty_log(&self, log: Option<Arc<DirtyBitmap>>) {
+        self.shared.dirty_log.store(log);
+    }
+
+    /// Pivot, step one: queues leave new requests in the ring; waits until
+    /// nothing is in flight. On timeout the export is resumed and the busy
+    /// queues are returned.
+    pub fn pause(&self, timeout: Duration) -> Result<(), Vec<usize>> {
+        self.shared.paused.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        let stuck: Vec<usize> = self
+            .shared
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| !wait_idle(q, deadline.saturating_duration_since(Instant::now())))
+            .map(|(i, _)| i)
+            .collect();
+        if stuck.is_empty() {
+            Ok(())
+        } else {
+            self.resume();
+            Err(stuck)
+        }
+    }
+
+    /// Pivot, step two (while paused): requests go to `node` from now on.
+    /// The guest-visible geometry stays as it was. Returns the old node.
+    pub fn switch_node(&self, node: Arc<Node>) -> Arc<Node> {
+        self.shared.node.swap(node)
+    }
+
+    /// Pivot, step three: queues take requests again (and are woken, since
+    /// the guest's kicks during the pause were consumed).
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::SeqCst);
+        for w in self.shared.wakers.lock().unwrap().iter() {
+            let _ = w.write(1);
+        }
     }
 
     /// Requests in flight over all queues.
@@ -340,7 +386,7 @@ impl VhostUserExport {
             });
         }
         let _ = thread.join();
-        Ok(self.node.clone())
+        Ok(self.node())
     }
 }
 
@@ -351,7 +397,6 @@ struct Connection {
 
 impl Connection {
     fn new(
-        node: &Arc<Node>,
         config: &VhostUserConfig,
         geometry: Geometry,
         shared: &Arc<ExportShared>,
@@ -360,10 +405,18 @@ impl Connection {
         let bytes = config.serial.as_bytes();
         let n = bytes.len().min(SERIAL_MAX_BYTES);
         serial[..n].copy_from_slice(&bytes[..n]);
+        let node = shared.node.load_full();
         let mut workers = Vec::with_capacity(usize::from(config.queues));
         let mut exit_events = Vec::with_capacity(usize::from(config.queues));
+        let mut wakers = Vec::with_capacity(usize::from(config.queues));
+        let eventfd_err = |e: io::Error| ExportError::Start {
+            export: config.name.clone(),
+            reason: format!("eventfd: {e}"),
+        };
         for q in 0..config.queues {
-            let engine = Engine::new(node.clone(), config.queue_depth).map_err(|source| {
+            let completion_event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(eventfd_err)?;
+            wakers.push(completion_event.try_clone().map_err(eventfd_err)?);
+            let engine = Engine::with_completion_event(node.clone(), config.queue_depth, &completion_event).map_err(|source| {
                 let hint = match source.raw_os_error() {
                     Some(libc::ENOSYS) => ": the kernel has no io_uring (Linux 5.15+ needed)",
                     Some(libc::EPERM) => {
@@ -381,6 +434,8 @@ impl Connection {
             })?;
             workers.push(Mutex::new(QueueWorker::new(
                 engine,
+                completion_event,
+                config.queue_depth,
                 geometry,
                 serial,
                 shared.clone(),
@@ -396,6 +451,7 @@ impl Connection {
             })?;
             exit_events.push((Mutex::new(Some(consumer)), notifier));
         }
+        *shared.wakers.lock().unwrap() = wakers;
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         Ok(Connection {
             backend: BlkBackend {
@@ -412,7 +468,6 @@ impl Connection {
 }
 
 struct ListenerCtx {
-    node: Arc<Node>,
     config: VhostUserConfig,
     geometry: Geometry,
     shared: Arc<ExportShared>,
@@ -438,7 +493,7 @@ impl ListenerCtx {
             let conn = match next.take() {
                 Some(c) => c,
                 None => {
-                    match Connection::new(&self.node, &self.config, self.geometry, &self.shared) {
+                    match Connection::new(&self.config, self.geometry, &self.shared) {
                         Ok(c) => c,
                         Err(e) => {
                             tracing::error!("{e}");

@@ -2,8 +2,11 @@
 //! driven by the queue's own worker thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
 use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
 
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -12,7 +15,9 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use super::virtio_blk::{decode, status_of, Command, Decoded, Geometry};
 use crate::engine::{scatter, Engine, SubmitError};
 use crate::export::QueueShared;
+use crate::jobs::DirtyBitmap;
 use crate::limits::{BAD_REQUEST_LOG_INTERVAL_MS, MAX_SEGMENTS, SERIAL_MAX_BYTES};
+use crate::node::Node;
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
 /// What the engine carries for each in-flight virtio request.
@@ -23,6 +28,7 @@ pub struct VirtioCtx {
     used_len_ok: u32,
     /// `None` for requests answered without a block operation (GET_ID).
     op: Option<BlockOp>,
+    offset_bytes: u64,
     len_bytes: u64,
     /// When the chain was popped, for the latency histogram.
     started: Instant,
@@ -33,13 +39,27 @@ pub struct VirtioCtx {
 pub struct ExportShared {
     /// New requests are admitted; once cleared they fail with IOERR.
     pub admitting: AtomicBool,
+    /// Queues leave new requests in the ring (a pivot is under way).
+    pub paused: AtomicBool,
+    /// The node requests go to; a queue switches to a new one when it has
+    /// nothing in flight (mirror pivot).
+    pub node: ArcSwap<Node>,
+    /// Where completed modifications are logged while a mirror job runs.
+    pub dirty_log: ArcSwapOption<DirtyBitmap>,
     /// Per-queue state.
     pub queues: Box<[QueueShared]>,
+    /// Each queue's completion eventfd of the current connection: writing
+    /// it wakes the queue (after a pause).
+    pub wakers: Mutex<Vec<EventFd>>,
 }
 
 /// The queue thread's own state. Only the queue's worker thread touches it.
 pub struct QueueWorker {
     engine: Engine<VirtioCtx>,
+    /// The eventfd the engine posts completions to, watched by this queue's
+    /// worker; kept across engine rebuilds.
+    completion_event: EventFd,
+    queue_depth: u16,
     /// The guest memory map requests are decoded against.
     mem: Arc<GuestMemoryMmap>,
     /// Maps replaced while requests were in flight: those requests' buffers
@@ -64,6 +84,8 @@ impl QueueWorker {
     /// A worker for queue `index` of an export.
     pub fn new(
         engine: Engine<VirtioCtx>,
+        completion_event: EventFd,
+        queue_depth: u16,
         geometry: Geometry,
         serial: [u8; SERIAL_MAX_BYTES],
         shared: Arc<ExportShared>,
@@ -72,6 +94,8 @@ impl QueueWorker {
     ) -> Self {
         QueueWorker {
             engine,
+            completion_event,
+            queue_depth,
             mem: Arc::new(GuestMemoryMmap::new()),
             retired: Vec::new(),
             geometry,
@@ -92,7 +116,33 @@ impl QueueWorker {
 
     /// The completion eventfd to watch.
     pub fn completion_fd(&self) -> std::os::fd::RawFd {
-        self.engine.completion_fd()
+        use std::os::fd::AsRawFd;
+        self.completion_event.as_raw_fd()
+    }
+
+    /// Follows a pivot: once idle, rebuild the engine on the export's
+    /// current node (a new ring with the new fixed file; the eventfd stays).
+    fn follow_node(&mut self) {
+        let node = self.shared.node.load();
+        if Arc::ptr_eq(&node, self.engine.node()) || self.engine.in_flight() > 0 {
+            return;
+        }
+        match Engine::with_completion_event(node.clone(), self.queue_depth, &self.completion_event)
+        {
+            Ok(engine) => {
+                tracing::info!(
+                    queue = self.index,
+                    node = node.name(),
+                    "queue switched node"
+                );
+                self.engine = engine;
+            }
+            Err(e) => tracing::error!(
+                queue = self.index,
+                "cannot switch to node {}: {e}",
+                node.name()
+            ),
+        }
     }
 
     fn shared(&self) -> &QueueShared {
@@ -103,6 +153,7 @@ impl QueueWorker {
     /// has been idle for the polling window, then arms notifications.
     pub fn run(&mut self, vring: &VringRwLock, atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
         self.engine.clear_completion_event();
+        self.follow_node();
         let mut idle_since = Instant::now();
         loop {
             self.refresh_memory(atomic_mem);
@@ -164,8 +215,9 @@ impl QueueWorker {
     fn reap(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> usize {
         let mem = &self.mem;
         let shared = &self.shared.queues[self.index];
+        let dirty_log = self.shared.dirty_log.load();
         self.engine.reap(|ctx, result| {
-            complete(state, mem, shared, ctx, result);
+            complete(state, mem, shared, dirty_log.as_deref(), ctx, result);
         }) as usize
     }
 
@@ -176,6 +228,9 @@ impl QueueWorker {
         atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> usize {
         let mut count = 0;
+        if self.shared.paused.load(Ordering::Acquire) {
+            return 0;
+        }
         let _ = state.disable_notification();
         while self.engine.has_free_slot() {
             let mem = &*self.mem;
@@ -218,6 +273,7 @@ impl QueueWorker {
             status_addr,
             used_len_ok: decoded.used_len_ok,
             op: None,
+            offset_bytes: 0,
             len_bytes: 0,
             started: Instant::now(),
         };
@@ -250,6 +306,7 @@ impl QueueWorker {
                 segments,
             } => {
                 ctx.op = Some(op);
+                ctx.offset_bytes = offset_bytes;
                 ctx.len_bytes = len_bytes;
                 let req = BlockRequest {
                     op,
@@ -270,7 +327,7 @@ impl QueueWorker {
         if let (Err(_), Some(reason)) = (result, decoded.reason) {
             self.log_bad(reason);
         }
-        complete(state, &self.mem, self.shared(), ctx, result);
+        complete(state, &self.mem, self.shared(), None, ctx, result);
     }
 
     fn log_bad(&mut self, reason: &str) {
@@ -299,9 +356,17 @@ fn complete(
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     mem: &GuestMemoryMmap,
     shared: &QueueShared,
+    dirty_log: Option<&DirtyBitmap>,
     ctx: VirtioCtx,
     result: RequestResult,
 ) {
+    // A mirror copies what changed: log every modification once it is on
+    // the source (a copy that raced with it is redone).
+    if let (Some(log), Some(op)) = (dirty_log, ctx.op) {
+        if op.modifies() {
+            log.mark(ctx.offset_bytes, ctx.len_bytes);
+        }
+    }
     let status = status_of(result);
     let used_len = if result.is_ok() { ctx.used_len_ok } else { 1 };
     // The address was checked against this memory map when decoded.

@@ -1,0 +1,5 @@
+//! Block jobs: background work that holds node references.
+
+mod bitmap;
+
+pub use bitmap::DirtyBitmap;
