@@ -74,10 +74,17 @@ impl DirtyBitmap {
             return None;
         }
         let n = self.words.len();
-        let start = (from % self.chunks) / 64;
+        let from = from % self.chunks;
+        let (start, skip) = (from / 64, from % 64);
         for i in 0..=n {
             let w = (start + i) % n;
-            let mut bits = self.words[w].load(Ordering::Acquire);
+            // The first word from `from` on; its low bits last, after wrapping.
+            let mask = match i {
+                0 => !0u64 << skip,
+                _ if i == n => (1u64 << skip) - 1,
+                _ => !0u64,
+            };
+            let mut bits = self.words[w].load(Ordering::Acquire) & mask;
             while bits != 0 {
                 let b = bits.trailing_zeros() as usize;
                 let bit = 1u64 << b;
