@@ -142,6 +142,46 @@ fn holders(v: &Value) -> String {
     }
 }
 
+/// How often `--wait` asks for a job's progress.
+pub const CTL_JOB_POLL_MS: u64 = 200;
+
+/// Polls `job_status` until the job is ready (or failed), drawing a progress
+/// bar on stderr when `show` is set. Returns the last status.
+pub fn wait_for_job(client: &mut CtlClient, id: &str, show: bool) -> Result<Value, CtlError> {
+    let bar = indicatif::ProgressBar::new(0);
+    if show {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("job {id}"));
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    loop {
+        let st = client.call("job_status", json!({"id": id}))?;
+        bar.set_length(st["total_bytes"].as_u64().unwrap_or(0));
+        bar.set_position(st["done_bytes"].as_u64().unwrap_or(0));
+        match st["phase"].as_str() {
+            Some("ready") => {
+                bar.finish_with_message(format!("job {id} ready"));
+                return Ok(st);
+            }
+            Some("failed") => {
+                bar.abandon_with_message(format!("job {id} failed"));
+                return Err(CtlError::Rpc {
+                    code: 0,
+                    message: format!("job {id} failed: {}", s(&st["error"])),
+                });
+            }
+            _ => std::thread::sleep(Duration::from_millis(CTL_JOB_POLL_MS)),
+        }
+    }
+}
+
 /// Renders a method's result for a person.
 pub fn render(method: &str, result: &Value) -> String {
     match method {
@@ -214,6 +254,36 @@ pub fn render(method: &str, result: &Value) -> String {
                 s(&lat["p99_us"]),
                 s(&lat["p999_us"]),
             ]);
+            t.to_string()
+        }
+        "job_list" | "job_status" | "job_mirror" | "job_cancel" | "job_complete" => {
+            let jobs = match result {
+                Value::Array(a) => a.clone(),
+                one => vec![one.clone()],
+            };
+            let mut t = table(&[
+                "job", "type", "source", "target", "phase", "progress", "dirty",
+            ]);
+            for j in &jobs {
+                let (done, total) = (
+                    j["done_bytes"].as_u64().unwrap_or(0),
+                    j["total_bytes"].as_u64().unwrap_or(0),
+                );
+                let pct = if total > 0 {
+                    done as f64 * 100.0 / total as f64
+                } else {
+                    100.0
+                };
+                t.add_row(vec![
+                    s(&j["id"]),
+                    s(&j["type"]),
+                    s(&j["source"]),
+                    s(&j["target"]),
+                    s(&j["phase"]),
+                    format!("{pct:.1}% of {}", crate::size::HumanBytes(total)),
+                    crate::size::HumanBytes(j["dirty_bytes"].as_u64().unwrap_or(0)).to_string(),
+                ]);
+            }
             t.to_string()
         }
         "rpc_methods" => {

@@ -15,6 +15,7 @@ use crate::config::{DiskConfig, ExportConfig, ServeConfig};
 use crate::export::vhost_user::VhostUserExport;
 use crate::export::{start_export, Export, ExportTotals};
 use crate::graph::{close_node, Graph, GraphError, Holder};
+use crate::jobs::{JobStatus, MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT};
 use crate::limits::{DRAIN_TIMEOUT_MS, FLUSH_TIMEOUT_MS};
 use crate::monitor::{default_control_path, Monitor, StopRequest};
 use crate::node::{DiskSpec, Node};
@@ -40,6 +41,37 @@ pub struct Daemon {
 struct State {
     graph: Graph,
     exports: BTreeMap<String, Export>,
+    /// Export names being added or removed right now: reserved, so two
+    /// monitor clients cannot race on one name.
+    exports_busy: std::collections::BTreeSet<String>,
+    jobs: BTreeMap<String, MirrorJob>,
+    next_job: u64,
+}
+
+impl State {
+    /// The exports serving node `name`.
+    fn exports_of(&self, name: &str) -> impl Iterator<Item = &Export> {
+        let name = name.to_owned();
+        self.exports
+            .values()
+            .filter(move |x| x.node().name() == name)
+    }
+}
+
+/// What `job_mirror` asks for.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorParams {
+    /// Job id (default: mirrorN).
+    pub id: Option<String>,
+    /// Source node.
+    pub node: String,
+    /// Target node (opened with `node_add`; served by no export).
+    pub target: String,
+    /// Copy chunk and bitmap granularity.
+    pub chunk_bytes: Option<u64>,
+    /// Chunk copies in flight.
+    pub max_in_flight: Option<u16>,
 }
 
 /// Why a control operation failed; each kind maps to one JSON-RPC code.
@@ -228,16 +260,27 @@ impl Daemon {
                     config.name
                 )));
             }
-            state.graph.hold(&config.disk, holder.clone())?
+            if state.exports_busy.contains(&config.name) {
+                return Err(OpError::Conflict(format!(
+                    "export {:?} is being added or removed right now",
+                    config.name
+                )));
+            }
+            let node = state.graph.hold(&config.disk, holder.clone())?;
+            state.exports_busy.insert(config.name.clone());
+            node
         };
-        match start_export(node, config) {
+        let started = start_export(node, config);
+        let mut state = self.state();
+        state.exports_busy.remove(&config.name);
+        match started {
             Ok(x) => {
                 let description = x.describe();
-                self.state().exports.insert(config.name.clone(), x);
+                state.exports.insert(config.name.clone(), x);
                 Ok(description)
             }
             Err(e) => {
-                let _ = self.state().graph.release(&config.disk, &holder);
+                let _ = state.graph.release(&config.disk, &holder);
                 Err(OpError::Failed(e.to_string()))
             }
         }
@@ -248,11 +291,23 @@ impl Daemon {
     /// The export's node reference goes back to the graph.
     pub fn remove_export(&self, name: &str, force: bool) -> Result<ExportTotals, OpError> {
         self.check_open()?;
-        let x = self
-            .state()
-            .exports
-            .remove(name)
-            .ok_or_else(|| OpError::NotFound(format!("no export named {name:?}")))?;
+        let x = {
+            let mut state = self.state();
+            let x = state
+                .exports
+                .remove(name)
+                .ok_or_else(|| OpError::NotFound(format!("no export named {name:?}")))?;
+            state.exports_busy.insert(name.to_owned());
+            x
+        };
+        // Unreserve the name once the export is gone and its node released.
+        struct Unreserve<'a>(&'a Daemon, &'a str);
+        impl Drop for Unreserve<'_> {
+            fn drop(&mut self) {
+                self.0.state().exports_busy.remove(self.1);
+            }
+        }
+        let _unreserve = Unreserve(self, name);
         let timeout = Duration::from_millis(DRAIN_TIMEOUT_MS);
         let drained = x.drain(if force { Duration::ZERO } else { timeout });
         if let (Err(stuck), false) = (&drained, force) {
@@ -279,6 +334,185 @@ impl Daemon {
             Err(e) => tracing::error!("{e}"),
         }
         result
+    }
+
+    /// `job_mirror`: starts copying `node` to `target` while its exports
+    /// keep serving it.
+    pub fn start_mirror(&self, p: &MirrorParams) -> Result<JobStatus, OpError> {
+        self.check_open()?;
+        let mut state = self.state();
+        let id = match &p.id {
+            Some(id) if state.jobs.contains_key(id) => {
+                return Err(OpError::Conflict(format!(
+                    "a job named {id:?} already exists"
+                )))
+            }
+            Some(id) => id.clone(),
+            None => loop {
+                let id = format!("mirror{}", state.next_job);
+                state.next_job += 1;
+                if !state.jobs.contains_key(&id) {
+                    break id;
+                }
+            },
+        };
+        let source = state.graph.get(&p.node)?.clone();
+        let target = state.graph.get(&p.target)?.clone();
+        if let Some(x) = state
+            .exports_of(&p.node)
+            .find(|x| matches!(x, Export::Ublk(_)))
+        {
+            return Err(OpError::Invalid(format!(
+                "node {:?} is served over ublk by export {}: mirroring a ublk-served node is not supported yet",
+                p.node,
+                x.name()
+            )));
+        }
+        let target_users: Vec<Holder> = state
+            .graph
+            .holders(&p.target)
+            .into_iter()
+            .filter(|h| *h != Holder::Monitor)
+            .collect();
+        if !target_users.is_empty() {
+            return Err(GraphError::InUse {
+                name: p.target.clone(),
+                holders: target_users,
+            }
+            .into());
+        }
+        let mut job = MirrorJob::new(
+            &id,
+            source,
+            target,
+            p.chunk_bytes.unwrap_or(MIRROR_CHUNK_BYTES),
+            p.max_in_flight.unwrap_or(MIRROR_MAX_IN_FLIGHT),
+        )
+        .map_err(OpError::Invalid)?;
+        let holder = Holder::Job(id.clone());
+        state.graph.hold(&p.node, holder.clone())?;
+        state.graph.hold(&p.target, holder)?;
+        for x in state.exports_of(&p.node) {
+            if let Export::VhostUser(x) = x {
+                x.set_dirty_log(Some(job.bitmap().clone()));
+            }
+        }
+        if let Err(e) = job.start_copier() {
+            for x in state.exports_of(&p.node) {
+                if let Export::VhostUser(x) = x {
+                    x.set_dirty_log(None);
+                }
+            }
+            let holder = Holder::Job(id.clone());
+            let _ = state.graph.release(&p.node, &holder);
+            let _ = state.graph.release(&p.target, &holder);
+            return Err(OpError::Failed(e));
+        }
+        let status = job.status();
+        state.jobs.insert(id, job);
+        Ok(status)
+    }
+
+    /// `job_list`.
+    pub fn list_jobs(&self) -> Vec<JobStatus> {
+        self.state().jobs.values().map(MirrorJob::status).collect()
+    }
+
+    /// `job_status`.
+    pub fn job_status(&self, id: &str) -> Result<JobStatus, OpError> {
+        self.state()
+            .jobs
+            .get(id)
+            .map(MirrorJob::status)
+            .ok_or_else(|| OpError::NotFound(format!("no job named {id:?}")))
+    }
+
+    fn take_job(&self, id: &str) -> Result<MirrorJob, OpError> {
+        self.state()
+            .jobs
+            .remove(id)
+            .ok_or_else(|| OpError::NotFound(format!("no job named {id:?}")))
+    }
+
+    /// Gives a finished job's node references back, closing nodes it held
+    /// last.
+    fn release_job(&self, job: &MirrorJob) -> Result<(), String> {
+        let holder = Holder::Job(job.id().to_owned());
+        let mut closing = Vec::new();
+        {
+            let mut state = self.state();
+            for node in [job.source().name(), job.target().name()] {
+                if let Ok(Some(last)) = state.graph.release(node, &holder) {
+                    closing.push(last);
+                }
+            }
+        }
+        for node in closing {
+            close_node(node, Duration::from_millis(FLUSH_TIMEOUT_MS))?;
+        }
+        Ok(())
+    }
+
+    /// `job_cancel`: stop copying, flush the target and let both nodes go;
+    /// the source and its exports are untouched.
+    pub fn cancel_job(&self, id: &str) -> Result<JobStatus, OpError> {
+        let mut job = self.take_job(id)?;
+        for x in self.state().exports_of(job.source().name()) {
+            if let Export::VhostUser(x) = x {
+                x.set_dirty_log(None);
+            }
+        }
+        let status = job.status();
+        let cancelled = job.cancel();
+        let released = self.release_job(&job);
+        tracing::info!(job = id, "mirror cancelled");
+        cancelled.and(released).map_err(OpError::Failed)?;
+        Ok(status)
+    }
+
+    /// `job_complete`: pivot. Every export of the source pauses (drain), the
+    /// rest is copied, the target flushed, the exports switch to the target
+    /// and resume; the source is released.
+    pub fn complete_job(&self, id: &str) -> Result<JobStatus, OpError> {
+        self.check_open()?;
+        let mut job = self.take_job(id)?;
+        let put_back = |job: MirrorJob, e: OpError| {
+            self.state().jobs.insert(job.id().to_owned(), job);
+            Err(e)
+        };
+        if !job.is_ready() {
+            let st = job.status();
+            return put_back(
+                job,
+                OpError::Conflict(format!(
+                    "job {id:?} is not ready yet ({} of {} bytes in sync)",
+                    st.done_bytes, st.total_bytes
+                )),
+            );
+        }
+        // The pivot happens under the state lock, so no export comes or goes
+        // meanwhile; guest requests wait in their rings for its duration.
+        let pivot = {
+            let mut state = self.state();
+            let result = pivot_exports(&state, &mut job);
+            if let Ok(names) = &result {
+                for name in names {
+                    let holder = Holder::Export(name.clone());
+                    let _ = state.graph.hold(job.target().name(), holder.clone());
+                    let _ = state.graph.release(job.source().name(), &holder);
+                }
+            }
+            result
+        };
+        let names = match pivot {
+            Ok(names) => names,
+            Err(e) => return put_back(job, e),
+        };
+        let mut status = job.status();
+        status.done_bytes = status.total_bytes;
+        self.release_job(&job).map_err(OpError::Failed)?;
+        tracing::info!(job = id, exports = ?names, target = job.target().name(), "mirror completed: exports switched to the target");
+        Ok(status)
     }
 
     /// `node-list`.
@@ -353,6 +587,7 @@ impl Daemon {
         clean &= self.detach_exports();
         clean &= self.release_monitor_nodes();
         clean &= self.flush_nodes();
+        clean &= self.cancel_jobs();
         clean
     }
 
@@ -453,6 +688,84 @@ impl Daemon {
             }
         }
         clean
+    }
+}
+
+/// Pauses every vhost-user export of the job's source, copies what is left,
+/// switches them to the target and resumes them. Returns their names; on
+/// failure everything is resumed on the source.
+fn pivot_exports(state: &State, job: &mut MirrorJob) -> Result<Vec<String>, OpError> {
+    let exports: Vec<&crate::export::vhost_user::VhostUserExport> = state
+        .exports_of(job.source().name())
+        .filter_map(|x| match x {
+            Export::VhostUser(x) => Some(x),
+            Export::Ublk(_) => None,
+        })
+        .collect();
+    let timeout = Duration::from_millis(DRAIN_TIMEOUT_MS);
+    for (i, x) in exports.iter().enumerate() {
+        if let Err(stuck) = x.pause(timeout) {
+            exports[..i].iter().for_each(|x| x.resume());
+            return Err(OpError::Failed(format!(
+                "export {} did not drain: queues {stuck:?} busy",
+                x.config().name
+            )));
+        }
+    }
+    if let Err(e) = job.finish_copy() {
+        exports.iter().for_each(|x| x.resume());
+        return Err(OpError::Failed(e));
+    }
+    for x in &exports {
+        x.switch_node(job.target().clone());
+        x.set_dirty_log(None);
+        x.resume();
+    }
+    Ok(exports.iter().map(|x| x.config().name.clone()).collect())
+}
+
+impl Daemon {
+    /// Step 5, the seed's loop: cancel the remaining jobs one at a time
+    /// until no node is left. Every node still open must be held by a job;
+    /// one that is not is reported (it would never close).
+    fn cancel_jobs(&self) -> bool {
+        let mut clean = true;
+        loop {
+            let (next, leftovers) = {
+                let state = self.state();
+                if state.graph.is_empty() {
+                    return clean;
+                }
+                let next = state.graph.nodes().find_map(|(_, _, holders)| {
+                    holders.into_iter().find_map(|h| match h {
+                        Holder::Job(id) => Some(id),
+                        _ => None,
+                    })
+                });
+                let leftovers: Vec<String> = state
+                    .graph
+                    .nodes()
+                    .map(|(n, _, h)| format!("{n} (held by {h:?})"))
+                    .collect();
+                (next, leftovers)
+            };
+            let Some(id) = next else {
+                tracing::error!("close-all: nodes left that no job holds: {leftovers:?}");
+                return false;
+            };
+            self.log(format_args!("close-all: cancel job {id}"));
+            if let Err(e) = self.cancel_job_closing(&id) {
+                tracing::error!("close-all: cancel job {id}: {e}");
+                clean = false;
+            }
+        }
+    }
+
+    fn cancel_job_closing(&self, id: &str) -> Result<(), String> {
+        let mut job = self.take_job(id).map_err(|e| e.to_string())?;
+        let cancelled = job.cancel();
+        let released = self.release_job(&job);
+        cancelled.and(released)
     }
 }
 

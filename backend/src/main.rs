@@ -108,6 +108,47 @@ enum CtlCommand {
         /// Export name.
         name: String,
     },
+    /// Start a mirror job: copy NODE to TARGET while it is served.
+    Mirror {
+        /// Source node.
+        #[arg(long)]
+        node: String,
+        /// Target node (add it first with node-add).
+        #[arg(long)]
+        target: String,
+        /// Job id (default: mirrorN).
+        #[arg(long)]
+        id: Option<String>,
+        /// Copy chunk in bytes.
+        #[arg(long)]
+        chunk_bytes: Option<u64>,
+        /// Chunk copies in flight.
+        #[arg(long)]
+        max_in_flight: Option<u16>,
+        /// Show a progress bar until the job is ready.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List jobs with their progress.
+    Jobs,
+    /// One job's status; --wait shows a progress bar until it is ready.
+    JobStatus {
+        /// Job id.
+        id: String,
+        /// Wait for the job to become ready.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Stop a job; its target is flushed, the source is untouched.
+    JobCancel {
+        /// Job id.
+        id: String,
+    },
+    /// Pivot a ready mirror: its exports switch to the target.
+    JobComplete {
+        /// Job id.
+        id: String,
+    },
     /// Close everything in order and stop the daemon.
     Shutdown,
     /// Call any method with JSON params (see `sluice ctl methods`).
@@ -274,6 +315,11 @@ fn ctl(args: CtlArgs) -> ExitCode {
         .control
         .clone()
         .unwrap_or_else(sluice::monitor::default_control_path);
+    let wait_for = match &args.command {
+        CtlCommand::Mirror { wait: true, .. } => Some(None),
+        CtlCommand::JobStatus { id, wait: true } => Some(Some(id.clone())),
+        _ => None,
+    };
     let (method, params) = match ctl_request(&args.command) {
         Ok(r) => r,
         Err(e) => {
@@ -281,7 +327,25 @@ fn ctl(args: CtlArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let result = sluice::ctl::CtlClient::connect(&path).and_then(|mut c| c.call(&method, params));
+    let waiting = wait_for.is_some();
+    let call_method = method.clone();
+    let result = sluice::ctl::CtlClient::connect(&path).and_then(|mut c| {
+        let v = c.call(&call_method, params)?;
+        match wait_for {
+            Some(id) => {
+                let id = id
+                    .or_else(|| v["id"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                sluice::ctl::wait_for_job(&mut c, &id, !args.json)
+            }
+            None => Ok(v),
+        }
+    });
+    let method = if waiting {
+        "job_status".to_owned()
+    } else {
+        method
+    };
     match result {
         Ok(v) => {
             if args.json {
@@ -370,6 +434,30 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), String> 
             json!({"name": name, "mode": if *force { "force" } else { "safe" }}),
         ),
         CtlCommand::Stats { name } => ("export_stats".into(), json!({"name": name})),
+        CtlCommand::Mirror {
+            node,
+            target,
+            id,
+            chunk_bytes,
+            max_in_flight,
+            ..
+        } => {
+            let mut p = json!({"node": node, "target": target});
+            if let Some(id) = id {
+                p["id"] = json!(id);
+            }
+            if let Some(c) = chunk_bytes {
+                p["chunk_bytes"] = json!(c);
+            }
+            if let Some(m) = max_in_flight {
+                p["max_in_flight"] = json!(m);
+            }
+            ("job_mirror".into(), p)
+        }
+        CtlCommand::Jobs => ("job_list".into(), json!({})),
+        CtlCommand::JobStatus { id, .. } => ("job_status".into(), json!({"id": id})),
+        CtlCommand::JobCancel { id } => ("job_cancel".into(), json!({"id": id})),
+        CtlCommand::JobComplete { id } => ("job_complete".into(), json!({"id": id})),
         CtlCommand::Shutdown => ("shutdown".into(), json!({})),
         CtlCommand::Methods => ("rpc_methods".into(), json!({})),
         CtlCommand::Call { method, params } => {

@@ -107,6 +107,11 @@ impl<C> Engine<C> {
         self.table.node()
     }
 
+    /// Number of in-flight slots (the queue depth).
+    pub fn depth(&self) -> u16 {
+        self.table.depth() as u16
+    }
+
     /// Requests submitted and not yet reaped.
     pub fn in_flight(&self) -> u32 {
         self.table.in_flight()

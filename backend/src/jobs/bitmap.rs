@@ -18,7 +18,9 @@ impl DirtyBitmap {
         assert!(chunk_bytes.is_power_of_two());
         let chunks = capacity_bytes.div_ceil(chunk_bytes) as usize;
         DirtyBitmap {
-            words: (0..chunks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: (0..chunks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             chunk_bytes,
             chunks,
             dirty: AtomicUsize::new(0),

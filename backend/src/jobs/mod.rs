@@ -3,3 +3,6 @@
 mod bitmap;
 
 pub use bitmap::DirtyBitmap;
+mod mirror;
+
+pub use mirror::{JobPhase, JobStatus, MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT};

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::{code, RpcError, StopRequest};
 use crate::config::{DiskParams, ExportParams};
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, MirrorParams};
 
 /// Every method with a one-line description (`rpc_methods` lists them).
 pub const METHODS: &[(&str, &str)] = &[
@@ -19,6 +19,11 @@ pub const METHODS: &[(&str, &str)] = &[
     ("export_remove", "detach an export: {name, mode: \"safe\" (wait for in-flight) | \"force\"}"),
     ("export_list", "exports with their node and counters"),
     ("export_stats", "counters and latency percentiles of one export: {name}"),
+    ("job_mirror", "copy a node to a target node while it is served: {node, target, id?, chunk_bytes?, max_in_flight?}"),
+    ("job_list", "jobs with their progress"),
+    ("job_status", "one job's phase and progress: {id}"),
+    ("job_cancel", "stop a job and flush its target: {id}"),
+    ("job_complete", "pivot a ready mirror: its exports switch to the target: {id}"),
     ("rpc_methods", "this list"),
     ("shutdown", "close everything in order and exit"),
 ];
@@ -54,6 +59,12 @@ enum RemoveMode {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoParams {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobId {
+    id: String,
+}
 
 fn invalid(e: impl std::fmt::Display) -> RpcError {
     RpcError::new(code::INVALID_PARAMS, e.to_string())
@@ -99,6 +110,26 @@ pub fn call(
         "export_stats" => {
             let Named { name } = params(p)?;
             Ok(json!(daemon.export_stats(&name)?))
+        }
+        "job_mirror" => {
+            let p: MirrorParams = params(p)?;
+            Ok(json!(daemon.start_mirror(&p)?))
+        }
+        "job_list" => {
+            params::<NoParams>(p)?;
+            Ok(json!(daemon.list_jobs()))
+        }
+        "job_status" => {
+            let JobId { id } = params(p)?;
+            Ok(json!(daemon.job_status(&id)?))
+        }
+        "job_cancel" => {
+            let JobId { id } = params(p)?;
+            Ok(json!(daemon.cancel_job(&id)?))
+        }
+        "job_complete" => {
+            let JobId { id } = params(p)?;
+            Ok(json!(daemon.complete_job(&id)?))
         }
         "rpc_methods" => Ok(json!(METHODS
             .iter()

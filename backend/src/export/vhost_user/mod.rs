@@ -21,10 +21,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use arc_swap::{ArcSwap, ArcSwapOption};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
-use arc_swap::{ArcSwap, ArcSwapOption};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -36,8 +36,8 @@ use self::queue::{ExportShared, QueueWorker};
 use self::virtio_blk::Geometry;
 use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::engine::Engine;
-use crate::limits::{MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES};
 use crate::jobs::DirtyBitmap;
+use crate::limits::{MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES};
 use crate::node::Node;
 
 pub use self::queue::VirtioCtx;
@@ -224,6 +224,7 @@ impl VhostUserExport {
             dirty_log: ArcSwapOption::empty(),
             queues: (0..config.queues).map(|_| QueueShared::default()).collect(),
             wakers: Mutex::new(Vec::new()),
+            workers: Mutex::new(None),
         });
         // Build the first connection's engines now, so a kernel without
         // io_uring is reported at start, not at the first frontend.
@@ -292,19 +293,28 @@ impl VhostUserExport {
     pub fn pause(&self, timeout: Duration) -> Result<(), Vec<usize>> {
         self.shared.paused.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + timeout;
-        let stuck: Vec<usize> = self
-            .shared
-            .queues
-            .iter()
-            .enumerate()
-            .filter(|(_, q)| !wait_idle(q, deadline.saturating_duration_since(Instant::now())))
-            .map(|(i, _)| i)
-            .collect();
-        if stuck.is_empty() {
-            Ok(())
-        } else {
-            self.resume();
-            Err(stuck)
+        loop {
+            // Counted under each worker's lock: a worker that had already
+            // looked at `paused` before it was set has finished that pass.
+            match self.shared.in_flight_exact() {
+                None | Some(0) => return Ok(()),
+                Some(_) if Instant::now() >= deadline => {
+                    self.resume();
+                    let busy = self
+                        .shared
+                        .queues
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, q)| q.in_flight.load(Ordering::Relaxed) > 0)
+                        .map(|(i, _)| i)
+                        .collect();
+                    return Err(busy);
+                }
+                Some(_) => {
+                    // Completions wake the workers themselves; just wait.
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
         }
     }
 
@@ -318,9 +328,7 @@ impl VhostUserExport {
     /// the guest's kicks during the pause were consumed).
     pub fn resume(&self) {
         self.shared.paused.store(false, Ordering::SeqCst);
-        for w in self.shared.wakers.lock().unwrap().iter() {
-            let _ = w.write(1);
-        }
+        self.shared.wake_all();
     }
 
     /// Requests in flight over all queues.
@@ -347,18 +355,21 @@ impl VhostUserExport {
     pub fn drain(&self, timeout: Duration) -> Result<(), Vec<usize>> {
         self.shared.admitting.store(false, Ordering::SeqCst);
         let deadline = Instant::now() + timeout;
-        let stuck: Vec<usize> = self
-            .shared
-            .queues
-            .iter()
-            .enumerate()
-            .filter(|(_, q)| !wait_idle(q, deadline.saturating_duration_since(Instant::now())))
-            .map(|(i, _)| i)
-            .collect();
-        if stuck.is_empty() {
-            Ok(())
-        } else {
-            Err(stuck)
+        loop {
+            match self.shared.in_flight_exact() {
+                None | Some(0) => return Ok(()),
+                Some(_) if Instant::now() >= deadline => {
+                    return Err(self
+                        .shared
+                        .queues
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, q)| q.in_flight.load(Ordering::Relaxed) > 0)
+                        .map(|(i, _)| i)
+                        .collect())
+                }
+                Some(_) => std::thread::sleep(Duration::from_micros(200)),
+            }
         }
     }
 
@@ -435,7 +446,6 @@ impl Connection {
             workers.push(Mutex::new(QueueWorker::new(
                 engine,
                 completion_event,
-                config.queue_depth,
                 geometry,
                 serial,
                 shared.clone(),
@@ -452,13 +462,15 @@ impl Connection {
             exit_events.push((Mutex::new(Some(consumer)), notifier));
         }
         *shared.wakers.lock().unwrap() = wakers;
+        let workers: Arc<[Mutex<QueueWorker>]> = workers.into();
+        *shared.workers.lock().unwrap() = Some(Arc::downgrade(&workers));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         Ok(Connection {
             backend: BlkBackend {
                 geometry,
                 config_space: Arc::new(geometry.config_space()),
                 mem,
-                workers: workers.into(),
+                workers,
                 shared: shared.clone(),
                 exit_events: exit_events.into(),
                 export: config.name.as_str().into(),
@@ -492,16 +504,14 @@ impl ListenerCtx {
             }
             let conn = match next.take() {
                 Some(c) => c,
-                None => {
-                    match Connection::new(&self.config, self.geometry, &self.shared) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            tracing::error!("{e}");
-                            std::thread::sleep(Duration::from_millis(100));
-                            continue;
-                        }
+                None => match Connection::new(&self.config, self.geometry, &self.shared) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
                     }
-                }
+                },
             };
             self.serve_one(&mut listener, conn);
         }

@@ -2,7 +2,7 @@
 //! driven by the queue's own worker thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use std::time::{Duration, Instant};
@@ -51,6 +51,36 @@ pub struct ExportShared {
     /// Each queue's completion eventfd of the current connection: writing
     /// it wakes the queue (after a pause).
     pub wakers: Mutex<Vec<EventFd>>,
+    /// The current connection's queue workers. A pause locks each in turn:
+    /// holding a worker's lock means it is between wake-ups, so what it has
+    /// in flight is exact and its next pop sees the pause.
+    pub workers: Mutex<Option<Weak<[Mutex<QueueWorker>]>>>,
+}
+
+impl ExportShared {
+    /// Requests in flight over the current connection's queues, counted
+    /// while each queue is between wake-ups (`None`: no connection).
+    pub fn in_flight_exact(&self) -> Option<u32> {
+        let workers = self.workers.lock().unwrap().as_ref()?.upgrade()?;
+        Some(
+            workers
+                .iter()
+                .map(|w| {
+                    w.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .engine
+                        .in_flight()
+                })
+                .sum(),
+        )
+    }
+
+    /// Wakes every queue of the current connection.
+    pub fn wake_all(&self) {
+        for w in self.wakers.lock().unwrap().iter() {
+            let _ = w.write(1);
+        }
+    }
 }
 
 /// The queue thread's own state. Only the queue's worker thread touches it.
@@ -85,7 +115,6 @@ impl QueueWorker {
     pub fn new(
         engine: Engine<VirtioCtx>,
         completion_event: EventFd,
-        queue_depth: u16,
         geometry: Geometry,
         serial: [u8; SERIAL_MAX_BYTES],
         shared: Arc<ExportShared>,
@@ -93,9 +122,9 @@ impl QueueWorker {
         poll_window: Duration,
     ) -> Self {
         QueueWorker {
+            queue_depth: engine.depth(),
             engine,
             completion_event,
-            queue_depth,
             mem: Arc::new(GuestMemoryMmap::new()),
             retired: Vec::new(),
             geometry,
@@ -157,6 +186,9 @@ impl QueueWorker {
         let mut idle_since = Instant::now();
         loop {
             self.refresh_memory(atomic_mem);
+            // A pivot can happen while this loop polls: never pop onto the
+            // old node once the export switched.
+            self.follow_node();
             let progress = {
                 let mut state = vring.get_mut();
                 let reaped = self.reap(&mut state);
@@ -179,6 +211,11 @@ impl QueueWorker {
             if idle_since.elapsed() < self.poll_window {
                 std::hint::spin_loop();
                 continue;
+            }
+            // Paused (pivot): requests stay in the ring; sleep without
+            // looking at it. Completions and the resume wake us.
+            if self.shared.paused.load(Ordering::Acquire) {
+                break;
             }
             // Going to sleep: re-enable guest notifications and look once
             // more, so a request that raced with the re-enable is not missed.

@@ -1,0 +1,485 @@
+//! The mirror job: a live copy of a node to a target node while an export
+//! keeps serving the source.
+//!
+//! The whole source is marked dirty; a copier thread takes dirty chunks and
+//! copies them (read from the source, write to the target, at most
+//! `max_in_flight` chunks at a time) while the export logs every completed
+//! modification back into the bitmap. When the bitmap is empty the job is
+//! *ready*: it keeps copying what the guest changes, so the target stays a
+//! bounded lag behind. Completion pauses the export, copies what is left,
+//! flushes the target and switches the export over; cancellation stops the
+//! copy and flushes the target.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::DirtyBitmap;
+use crate::engine::Engine;
+use crate::node::Node;
+use crate::request::{BlockOp, BlockRequest, RequestResult};
+
+/// Default copy chunk: also the dirty-bitmap granularity. Small, because a
+/// 4 KiB guest write dirties a whole chunk and costs a whole chunk's copy.
+pub const MIRROR_CHUNK_BYTES: u64 = 64 << 10;
+/// Default number of chunk copies in flight.
+pub const MIRROR_MAX_IN_FLIGHT: u16 = 16;
+/// Largest accepted chunk.
+pub const MIRROR_MAX_CHUNK_BYTES: u64 = 16 << 20;
+/// Most chunk copies in flight accepted.
+pub const MIRROR_MAX_IN_FLIGHT_LIMIT: u16 = 64;
+/// How long an idle copier sleeps before it looks for new dirty chunks.
+pub const MIRROR_IDLE_POLL_MS: u64 = 2;
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobPhase {
+    /// Copying; not yet in sync.
+    Running,
+    /// In sync once; keeps copying new changes.
+    Ready,
+    /// Stopped on an I/O error (see `error`).
+    Failed,
+}
+
+/// What `job_status` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobStatus {
+    /// Job id.
+    pub id: String,
+    /// Job type.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Source node.
+    pub source: String,
+    /// Target node.
+    pub target: String,
+    /// Phase.
+    pub phase: JobPhase,
+    /// Bytes known to be in sync.
+    pub done_bytes: u64,
+    /// Size of the copy.
+    pub total_bytes: u64,
+    /// Bytes waiting to be (re)copied.
+    pub dirty_bytes: u64,
+    /// Chunk size.
+    pub chunk_bytes: u64,
+    /// Chunk copies allowed in flight.
+    pub max_in_flight: u16,
+    /// Why the job failed.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    stop: AtomicBool,
+    ready: AtomicBool,
+    in_flight_chunks: AtomicU64,
+    error: Mutex<Option<String>>,
+}
+
+/// A running mirror job.
+#[derive(Debug)]
+pub struct MirrorJob {
+    id: String,
+    source: Arc<Node>,
+    target: Arc<Node>,
+    bitmap: Arc<DirtyBitmap>,
+    shared: Arc<Shared>,
+    chunk_bytes: u64,
+    max_in_flight: u16,
+    copier: Option<JoinHandle<()>>,
+}
+
+impl MirrorJob {
+    /// Checks the pair and prepares the job; nothing is copied until
+    /// [`MirrorJob::start_copier`], so that the caller can hook the bitmap
+    /// into the source's exports first (a modification that lands before the
+    /// hook and after a chunk's copy would otherwise be missed).
+    pub fn new(
+        id: &str,
+        source: Arc<Node>,
+        target: Arc<Node>,
+        chunk_bytes: u64,
+        max_in_flight: u16,
+    ) -> Result<Self, String> {
+        if Arc::ptr_eq(&source, &target) {
+            return Err("a node cannot be mirrored to itself".into());
+        }
+        if !chunk_bytes.is_power_of_two() || !(4096..=MIRROR_MAX_CHUNK_BYTES).contains(&chunk_bytes)
+        {
+            return Err(format!(
+                "chunk_bytes must be a power of two from 4096 to {MIRROR_MAX_CHUNK_BYTES}, not {chunk_bytes}"
+            ));
+        }
+        if !(1..=MIRROR_MAX_IN_FLIGHT_LIMIT).contains(&max_in_flight) {
+            return Err(format!(
+                "max_in_flight must be 1..={MIRROR_MAX_IN_FLIGHT_LIMIT}, not {max_in_flight}"
+            ));
+        }
+        let (src_cap, tgt_cap) = (
+            source.limits().capacity_bytes,
+            target.limits().capacity_bytes,
+        );
+        if tgt_cap < src_cap {
+            return Err(format!(
+                "target {} ({tgt_cap} bytes) is smaller than source {} ({src_cap} bytes)",
+                target.name(),
+                source.name()
+            ));
+        }
+        if target.read_only() {
+            return Err(format!("target {} is read-only", target.name()));
+        }
+        let bitmap = Arc::new(DirtyBitmap::new(src_cap, chunk_bytes));
+        bitmap.mark_all();
+        Ok(MirrorJob {
+            id: id.to_owned(),
+            source,
+            target,
+            bitmap,
+            shared: Arc::new(Shared::default()),
+            chunk_bytes,
+            max_in_flight,
+            copier: None,
+        })
+    }
+
+    /// Starts the background copy.
+    pub fn start_copier(&mut self) -> Result<(), String> {
+        let (chunk_bytes, max_in_flight) = (self.chunk_bytes, self.max_in_flight);
+        let (source, target, bitmap, shared) = (
+            self.source.clone(),
+            self.target.clone(),
+            self.bitmap.clone(),
+            self.shared.clone(),
+        );
+        let copier = std::thread::Builder::new()
+            .name(format!("mirror-{}", self.id))
+            .spawn(move || {
+                let mut copier =
+                    match Copier::new(source, target, bitmap, chunk_bytes, max_in_flight) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            *shared.error.lock().unwrap() = Some(e);
+                            return;
+                        }
+                    };
+                if let Err(e) = copier.run(&shared, false) {
+                    tracing::error!("mirror job: {e}");
+                    *shared.error.lock().unwrap() = Some(e);
+                }
+            })
+            .map_err(|e| format!("cannot spawn the copier: {e}"))?;
+        self.copier = Some(copier);
+        tracing::info!(
+            job = %self.id,
+            source = self.source.name(),
+            target = self.target.name(),
+            "mirror started"
+        );
+        Ok(())
+    }
+
+    /// Job id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Source node.
+    pub fn source(&self) -> &Arc<Node> {
+        &self.source
+    }
+
+    /// Target node.
+    pub fn target(&self) -> &Arc<Node> {
+        &self.target
+    }
+
+    /// The bitmap exports log modifications into.
+    pub fn bitmap(&self) -> &Arc<DirtyBitmap> {
+        &self.bitmap
+    }
+
+    /// Whether source and target have been in sync.
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Acquire)
+    }
+
+    /// Current status.
+    pub fn status(&self) -> JobStatus {
+        let total = self.source.limits().capacity_bytes;
+        let pending = (self.bitmap.dirty() as u64
+            + self.shared.in_flight_chunks.load(Ordering::Relaxed))
+        .saturating_mul(self.chunk_bytes)
+        .min(total);
+        let error = self.shared.error.lock().unwrap().clone();
+        JobStatus {
+            id: self.id.clone(),
+            kind: "mirror",
+            source: self.source.name().to_owned(),
+            target: self.target.name().to_owned(),
+            phase: if error.is_some() {
+                JobPhase::Failed
+            } else if self.is_ready() {
+                JobPhase::Ready
+            } else {
+                JobPhase::Running
+            },
+            done_bytes: total - pending,
+            total_bytes: total,
+            dirty_bytes: self.bitmap.dirty() as u64 * self.chunk_bytes,
+            chunk_bytes: self.chunk_bytes,
+            max_in_flight: self.max_in_flight,
+            error,
+        }
+    }
+
+    /// Stops the background copier (in-flight chunk copies finish).
+    fn stop_copier(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.copier.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Completion, once nothing writes the source any more (its exports are
+    /// paused): copies every chunk still dirty and flushes the target.
+    pub fn finish_copy(&mut self) -> Result<(), String> {
+        self.stop_copier();
+        if let Some(e) = self.shared.error.lock().unwrap().clone() {
+            return Err(format!("job {} failed earlier: {e}", self.id));
+        }
+        let mut copier = Copier::new(
+            self.source.clone(),
+            self.target.clone(),
+            self.bitmap.clone(),
+            self.chunk_bytes,
+            self.max_in_flight,
+        )?;
+        let shared = Shared::default();
+        copier.run(&shared, true)?;
+        drop(copier);
+        self.target.flush().map_err(|e| e.to_string())
+    }
+
+    /// Cancellation: stop copying and flush what reached the target.
+    pub fn cancel(&mut self) -> Result<(), String> {
+        self.stop_copier();
+        self.target.flush().map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for MirrorJob {
+    fn drop(&mut self) {
+        self.stop_copier();
+    }
+}
+
+/// Page-aligned copy buffers, allocated once per copier.
+struct Buffers {
+    ptr: *mut u8,
+    layout: Layout,
+    chunk_bytes: usize,
+}
+
+impl Buffers {
+    fn new(count: usize, chunk_bytes: usize) -> Result<Self, String> {
+        let layout =
+            Layout::from_size_align(count * chunk_bytes, 4096).map_err(|e| e.to_string())?;
+        // SAFETY: the layout has a non-zero size (count and chunk are >= 1).
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(format!(
+                "cannot allocate {} bytes of copy buffers",
+                layout.size()
+            ));
+        }
+        Ok(Buffers {
+            ptr,
+            layout,
+            chunk_bytes,
+        })
+    }
+
+    fn iov(&self, i: usize, len: usize) -> libc::iovec {
+        assert!(len <= self.chunk_bytes && (i + 1) * self.chunk_bytes <= self.layout.size());
+        libc::iovec {
+            iov_base: self.ptr.wrapping_add(i * self.chunk_bytes).cast(),
+            iov_len: len,
+        }
+    }
+}
+
+impl Drop for Buffers {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout; the copier drops its
+        // engines (which wait for their in-flight requests) before this.
+        unsafe { dealloc(self.ptr, self.layout) };
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Copy {
+    chunk: usize,
+    buf: usize,
+    len: usize,
+}
+
+struct Copier {
+    // Field order is drop order: engines (and their in-flight I/O) go before
+    // the buffers they point into.
+    reads: Engine<Copy>,
+    writes: Engine<Copy>,
+    buffers: Buffers,
+    bitmap: Arc<DirtyBitmap>,
+    capacity_bytes: u64,
+    chunk_bytes: u64,
+    free: Vec<usize>,
+    /// Chunk copied by each buffer, to never copy one chunk twice at once
+    /// (a stale copy landing after a fresh one would undo it).
+    busy: Vec<Option<usize>>,
+    cursor: usize,
+}
+
+impl Copier {
+    fn new(
+        source: Arc<Node>,
+        target: Arc<Node>,
+        bitmap: Arc<DirtyBitmap>,
+        chunk_bytes: u64,
+        max_in_flight: u16,
+    ) -> Result<Self, String> {
+        let n = usize::from(max_in_flight);
+        Ok(Copier {
+            reads: Engine::new(source, max_in_flight).map_err(|e| format!("source ring: {e}"))?,
+            writes: Engine::new(target, max_in_flight).map_err(|e| format!("target ring: {e}"))?,
+            buffers: Buffers::new(n, chunk_bytes as usize)?,
+            capacity_bytes: bitmap.chunks() as u64 * chunk_bytes,
+            bitmap,
+            chunk_bytes,
+            free: (0..n).rev().collect(),
+            busy: vec![None; n],
+            cursor: 0,
+        })
+    }
+
+    fn submit(
+        engine: &mut Engine<Copy>,
+        op: BlockOp,
+        offset: u64,
+        iov: &[libc::iovec],
+        c: Copy,
+    ) -> Result<(), String> {
+        let req = BlockRequest {
+            op,
+            offset_bytes: offset,
+            len_bytes: c.len as u64,
+            segments: iov,
+        };
+        engine
+            .submit(&req, c)
+            .map_err(|e| format!("chunk {}: {e}", c.chunk))
+    }
+
+    /// Copies dirty chunks until told to stop; with `until_clean`, returns
+    /// as soon as nothing is dirty or in flight.
+    fn run(&mut self, shared: &Shared, until_clean: bool) -> Result<(), String> {
+        let source_capacity = self
+            .reads
+            .node()
+            .limits()
+            .capacity_bytes
+            .min(self.capacity_bytes);
+        loop {
+            if shared.stop.load(Ordering::Acquire) && !until_clean {
+                break;
+            }
+            // Start copies while buffers are free.
+            while let Some(&buf) = self.free.last() {
+                let Some(chunk) = self.bitmap.take_next(self.cursor) else {
+                    break;
+                };
+                if self.busy.contains(&Some(chunk)) {
+                    // Still being copied: look again once that copy lands.
+                    self.bitmap.set(chunk);
+                    break;
+                }
+                self.free.pop();
+                self.cursor = chunk + 1;
+                let offset = chunk as u64 * self.chunk_bytes;
+                let len = self.chunk_bytes.min(source_capacity - offset) as usize;
+                self.busy[buf] = Some(chunk);
+                let c = Copy { chunk, buf, len };
+                Self::submit(
+                    &mut self.reads,
+                    BlockOp::Read,
+                    offset,
+                    &[self.buffers.iov(buf, len)],
+                    c,
+                )?;
+                shared.in_flight_chunks.fetch_add(1, Ordering::Relaxed);
+            }
+            self.reads
+                .submit_pending()
+                .map_err(|e| format!("submit reads: {e}"))?;
+            // Reads that landed become writes.
+            let mut landed = Vec::new();
+            self.reads.reap(|c, r: RequestResult| landed.push((c, r)));
+            for (c, r) in landed {
+                r.map_err(|e| format!("read chunk {} of the source: {e:?}", c.chunk))?;
+                let offset = c.chunk as u64 * self.chunk_bytes;
+                Self::submit(
+                    &mut self.writes,
+                    BlockOp::Write { fua: false },
+                    offset,
+                    &[self.buffers.iov(c.buf, c.len)],
+                    c,
+                )?;
+            }
+            self.writes
+                .submit_pending()
+                .map_err(|e| format!("submit writes: {e}"))?;
+            let mut written = Vec::new();
+            self.writes.reap(|c, r: RequestResult| written.push((c, r)));
+            for (c, r) in written {
+                r.map_err(|e| format!("write chunk {} of the target: {e:?}", c.chunk))?;
+                self.busy[c.buf] = None;
+                self.free.push(c.buf);
+                shared.in_flight_chunks.fetch_sub(1, Ordering::Relaxed);
+            }
+            let in_flight = self.reads.in_flight() + self.writes.in_flight();
+            if in_flight == 0 && self.bitmap.dirty() == 0 {
+                shared.ready.store(true, Ordering::Release);
+                if until_clean {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(MIRROR_IDLE_POLL_MS));
+                continue;
+            }
+            if in_flight > 0 {
+                let wait = Duration::from_millis(MIRROR_IDLE_POLL_MS);
+                let r = if self.writes.in_flight() > 0 {
+                    self.writes.wait_for_completion(wait)
+                } else {
+                    self.reads.wait_for_completion(wait)
+                };
+                r.map_err(|e| format!("waiting for copies: {e}"))?;
+            }
+        }
+        // Stopped: let the copies in flight land; a chunk read but not
+        // written goes back into the bitmap for whoever copies next.
+        let bitmap = &self.bitmap;
+        let timeout = Duration::from_millis(crate::limits::DRAIN_TIMEOUT_MS);
+        self.reads.drain(timeout, |c, _| bitmap.set(c.chunk));
+        self.writes.drain(timeout, |c, r| {
+            if r.is_err() {
+                bitmap.set(c.chunk);
+            }
+        });
+        Ok(())
+    }
+}

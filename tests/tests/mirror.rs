@@ -1,0 +1,306 @@
+//! The mirror job against the real daemon: a live copy while a libblkio
+//! client writes, completion (pivot) onto the target, cancellation, and a
+//! shutdown that cancels a running job last.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use sluice_tests::{make_file, pattern, Client, Daemon, Op, EXIT_TIMEOUT, MIB};
+
+const BLOCK: usize = 4096;
+
+/// A JSON-RPC call on the daemon's control socket.
+fn rpc(control: &Path, method: &str, params: Value) -> Result<Value, Value> {
+    let mut s = UnixStream::connect(control).expect("control socket");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    writeln!(s, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("reply");
+    let reply: Value = serde_json::from_str(&line).expect("JSON reply");
+    match reply.get("error") {
+        Some(e) => Err(e.clone()),
+        None => Ok(reply["result"].clone()),
+    }
+}
+
+fn wait_ready(control: &Path, id: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let st = rpc(control, "job_status", json!({"id": id})).expect("job_status");
+        match st["phase"].as_str() {
+            Some("ready") => return st,
+            Some("failed") => panic!("job failed: {st}"),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job not ready after {timeout:?}: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    source: PathBuf,
+    target: PathBuf,
+    sock: PathBuf,
+}
+
+fn original(bytes: u64) -> Vec<u8> {
+    let mut image = Vec::with_capacity(bytes as usize);
+    for off in (0..bytes).step_by(MIB as usize) {
+        image.extend_from_slice(&pattern(off, MIB as usize, 0xA11));
+    }
+    image
+}
+
+fn setup(bytes: u64) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.img");
+    let target = dir.path().join("target.img");
+    // The source starts with data everywhere, the target with zeroes.
+    std::fs::write(&source, original(bytes)).unwrap();
+    make_file(&target, bytes);
+    let sock = dir.path().join("vm.sock");
+    Setup {
+        dir,
+        source,
+        target,
+        sock,
+    }
+}
+
+fn serve(s: &Setup) -> Daemon {
+    let config = s.dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[disk]]\nname = \"src\"\npath = {:?}\n[[export]]\nname = \"vm\"\ndisk = \"src\"\n\
+             type = \"vhost-user\"\nsocket = {:?}\nqueues = 2\n",
+            s.source, s.sock
+        ),
+    )
+    .unwrap();
+    let d = Daemon::spawn(&["serve", "--config", config.to_str().unwrap()], 1);
+    rpc(
+        &d.control,
+        "node_add",
+        json!({"name": "dst", "path": s.target}),
+    )
+    .expect("node_add");
+    d
+}
+
+#[test]
+fn mirror_while_writing_then_pivot_onto_the_target() {
+    const BYTES: u64 = 64 * MIB;
+    let s = setup(BYTES);
+    let mut daemon = serve(&s);
+    let blocks = (BYTES as usize) / BLOCK;
+    // The last seed written to each block (0 = never written).
+    let written: Vec<AtomicU64> = (0..blocks).map(|_| AtomicU64::new(0)).collect();
+    let stop = AtomicBool::new(false);
+    let phase_counts = Mutex::new(Vec::new());
+    std::thread::scope(|sc| {
+        let writer = sc.spawn(|| {
+            let mut client = Client::connect(&s.sock, 1, 16).expect("connect");
+            let mut seed = 1u64;
+            let mut x = 0x2545_F491_4F6C_DD1Du64;
+            while !stop.load(Ordering::SeqCst) {
+                let mut ops = Vec::new();
+                let mut seeds = Vec::new();
+                for _ in 0..32 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let b = (x % blocks as u64) as usize;
+                    seed += 1;
+                    let off = (b * BLOCK) as u64;
+                    ops.push(Op::Write {
+                        offset: off,
+                        data: pattern(off, BLOCK, seed),
+                        fua: false,
+                    });
+                    seeds.push((b, seed));
+                }
+                // One block written twice in a batch may land in either order:
+                // keep batches free of duplicates.
+                seeds.sort_unstable();
+                seeds.dedup_by_key(|(b, _)| *b);
+                if seeds.len() < ops.len() {
+                    continue;
+                }
+                let outs = client.run(0, &ops).expect("writes");
+                assert!(outs.iter().all(|o| o.ret == 0), "a write failed");
+                for (b, seed) in seeds {
+                    written[b].store(seed, Ordering::SeqCst);
+                }
+                phase_counts
+                    .lock()
+                    .unwrap()
+                    .push((Instant::now(), ops.len()));
+                // A guest that keeps writing, not one that saturates the
+                // disk: the background copy must be able to catch up (see
+                // the job's documentation on convergence).
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+
+        std::thread::sleep(Duration::from_millis(500));
+        let job = rpc(
+            &daemon.control,
+            "job_mirror",
+            json!({"node": "src", "target": "dst", "id": "m0", "chunk_bytes": 65536}),
+        )
+        .expect("job_mirror");
+        assert_eq!(job["id"], "m0");
+        assert_eq!(job["total_bytes"], BYTES);
+        // Held by the job now: the target cannot be removed.
+        let err = rpc(&daemon.control, "node_remove", json!({"name": "dst"})).unwrap_err();
+        assert!(err["message"].as_str().unwrap().contains("job m0"), "{err}");
+        let started = Instant::now();
+        let st = wait_ready(&daemon.control, "m0", Duration::from_secs(60));
+        eprintln!(
+            "mirror of {BYTES} bytes ready after {:?}: {st}",
+            started.elapsed()
+        );
+        // Still writing while the pivot happens.
+        std::thread::sleep(Duration::from_millis(300));
+        let done = rpc(&daemon.control, "job_complete", json!({"id": "m0"})).expect("job_complete");
+        assert_eq!(done["done_bytes"], BYTES);
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        writer.join().unwrap();
+    });
+
+    // The export now serves the target, the job is gone, the source is
+    // held by the monitor only.
+    let exports = rpc(&daemon.control, "export_list", json!({})).unwrap();
+    assert_eq!(exports[0]["node"], "dst", "{exports}");
+    assert_eq!(
+        rpc(&daemon.control, "job_list", json!({})).unwrap(),
+        json!([])
+    );
+    let nodes = rpc(&daemon.control, "node_list", json!({})).unwrap();
+    let src = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "src")
+        .unwrap();
+    assert_eq!(src["holders"], json!([{"kind": "monitor"}]), "{nodes}");
+    // A write after the pivot goes to the target only.
+    let mut client = Client::connect(&s.sock, 1, 4).expect("connect after pivot");
+    assert_eq!(client.write(0, &pattern(0, BLOCK, 0xFEED)), 0);
+    drop(client);
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+
+    let src = std::fs::read(&s.source).unwrap();
+    let dst = std::fs::read(&s.target).unwrap();
+    assert_eq!(&dst[..BLOCK], &pattern(0, BLOCK, 0xFEED)[..]);
+    assert_ne!(
+        &src[..BLOCK],
+        &pattern(0, BLOCK, 0xFEED)[..],
+        "post-pivot write reached the source"
+    );
+    // Every block of the target holds the last write to it (or the
+    // original data): nothing acknowledged before or across the pivot is
+    // missing.
+    let orig = original(BYTES);
+    for b in 1..blocks {
+        let off = (b * BLOCK) as u64;
+        let seed = written[b].load(Ordering::SeqCst);
+        let want = if seed == 0 {
+            orig[b * BLOCK..(b + 1) * BLOCK].to_vec()
+        } else {
+            pattern(off, BLOCK, seed)
+        };
+        assert!(
+            dst[b * BLOCK..(b + 1) * BLOCK] == want[..],
+            "target block {b} (seed {seed}) differs"
+        );
+    }
+    let counts = phase_counts.into_inner().unwrap();
+    eprintln!("client wrote {} batches during the test", counts.len());
+}
+
+#[test]
+fn cancel_midway_leaves_source_and_export_untouched() {
+    const BYTES: u64 = 128 * MIB;
+    let s = setup(BYTES);
+    let mut daemon = serve(&s);
+    // Slow on purpose: small chunks, one at a time.
+    rpc(
+        &daemon.control,
+        "job_mirror",
+        json!({"node": "src", "target": "dst", "id": "slow", "chunk_bytes": 65536, "max_in_flight": 1}),
+    )
+    .expect("job_mirror");
+    std::thread::sleep(Duration::from_millis(100));
+    let st = rpc(&daemon.control, "job_status", json!({"id": "slow"})).unwrap();
+    assert_eq!(st["phase"], "running", "{st}");
+    let err = rpc(&daemon.control, "job_complete", json!({"id": "slow"})).unwrap_err();
+    assert!(
+        err["message"].as_str().unwrap().contains("not ready"),
+        "{err}"
+    );
+    rpc(&daemon.control, "job_cancel", json!({"id": "slow"})).expect("job_cancel");
+    assert_eq!(
+        rpc(&daemon.control, "job_list", json!({})).unwrap(),
+        json!([])
+    );
+    let err = rpc(&daemon.control, "job_status", json!({"id": "slow"})).unwrap_err();
+    assert_eq!(err["code"], -32001);
+    // The export still serves the source; the target is free again.
+    let mut client = Client::connect(&s.sock, 1, 4).expect("connect");
+    let data = client.read(5 * MIB, BLOCK).expect("read");
+    assert_eq!(data, pattern(5 * MIB, BLOCK, 0xA11));
+    assert_eq!(client.write(0, &pattern(0, BLOCK, 7)), 0);
+    drop(client);
+    rpc(&daemon.control, "node_remove", json!({"name": "dst"})).expect("target released");
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+    assert_eq!(
+        &std::fs::read(&s.source).unwrap()[..BLOCK],
+        &pattern(0, BLOCK, 7)[..]
+    );
+}
+
+#[test]
+fn shutdown_cancels_a_running_job_last() {
+    const BYTES: u64 = 128 * MIB;
+    let s = setup(BYTES);
+    let mut daemon = serve(&s);
+    rpc(
+        &daemon.control,
+        "job_mirror",
+        json!({"node": "src", "target": "dst", "id": "late", "chunk_bytes": 65536, "max_in_flight": 1}),
+    )
+    .expect("job_mirror");
+    std::thread::sleep(Duration::from_millis(100));
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+    let log = daemon.stderr();
+    let at = |needle: &str| {
+        log.find(needle)
+            .unwrap_or_else(|| panic!("{needle:?} not in the log:\n{log}"))
+    };
+    let steps = [
+        at("close-all: drain export vm"),
+        at("close-all: detach export vm"),
+        at("close-all: flush node"),
+        at("close-all: cancel job late"),
+    ];
+    assert!(
+        steps.windows(2).all(|w| w[0] < w[1]),
+        "close-all steps out of order:\n{log}"
+    );
+}

@@ -1,0 +1,784 @@
+//! The real sluice serving emulated drives as `/dev/ublkbN` through the kernel's ublk driver,
+//! inside a QEMU guest (the host kernel has no ublk driver). sluice, fio, mkfs.ext4 and the
+//! libblkio client `qd1_latency` are the host's binaries, run in the guest over the shared
+//! root. Two boots:
+//!
+//! [`ublk_over_nvme_and_sata`] — NVMe and SATA drives, one boot, three daemons in turn:
+//! 1. `--disk /dev/nvme0n1 --ublk 0 --queues 2`: ublkb0 has 2 hardware queues and the
+//!    write cache, FUA, block sizes, discard and write-zeroes limits of nvme0n1; fio
+//!    (io_uring, O_DIRECT, 4 KiB random writes, 64 MiB, crc32c verify) passes; in the QEMU
+//!    trace of the NVMe drive, bracketed by O_DIRECT reads of nvme0n1 at unusual LBAs, a
+//!    plain write through ublkb0 reaches the drive without a flush, a guest fsync of ublkb0
+//!    reaches it as a flush, an `oflag=dsync` write as a write (whose FUA bit the guest's
+//!    block tracepoints show on nvme0n1: QEMU's trace has no FUA field), and sluice's
+//!    shutdown as a flush; SIGTERM → exit 0, ublkb0 gone, and a pattern written through
+//!    ublkb0 reads back raw from nvme0n1 (in the guest with O_DIRECT, and from the image on
+//!    the host).
+//! 2. `--disk /dev/sda --ublk 5 --queues 2`: same parameter match (the AHCI disk has discard
+//!    but no write zeroes, and ublkb5 must say the same); a second sluice asking for ublk id
+//!    5 is refused with a clear message and a non-zero exit and disturbs nothing; then fio
+//!    verify and ext4 (mkfs, files, sync, umount, `fsck.ext4 -fn` clean, files intact).
+//! 3. One sluice from a config file: nvme0n1 as ublk id 1, sda over a vhost-user socket;
+//!    both ready lines; fio on ublkb1 while `qd1_latency` reads through the socket; SIGTERM
+//!    → exit 0, ublkb1 and the socket gone.
+//!
+//! [`ublk_sigterm_with_io_in_flight`] — SIGTERM to sluice while fio (queue depth 32) has
+//! writes in flight on ublkb0: sluice exits 0, ublkb0 goes away, fio ends (with errors) within a
+//! bound, no task hangs, and a pattern fsync'ed before the storm is on the NVMe drive.
+//!
+//! Skips with "skipped: …" when the machine is not prepared (tests/vm/prepare.sh). Needs
+//! `cargo build -p sluice` first (or `SLUICE_BIN`); `cargo test` builds `qd1_latency`.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sluice_tests::vm::{skip_unless_available, Vm, VmRun};
+use sluice_tests::{first_difference, make_file, pattern, sluice_bin, MIB};
+
+const NVME_BYTES: u64 = 256 * MIB;
+const SATA_BYTES: u64 = 256 * MIB;
+/// The pattern the guest writes through ublkb0 and finds raw on nvme0n1 (1 MiB, [`SEED`]).
+const PATTERN_OFFSET: u64 = 100 * MIB;
+const PATTERN_BYTES: usize = MIB as usize;
+const SEED: u64 = 0x0b1c_u64 << 48 | 0x5eed;
+/// Where the storm boot fsyncs its pattern: beyond the 128 MiB the storm writes.
+const STORM_PATTERN_OFFSET: u64 = 200 * MIB;
+const STORM_BYTES: u64 = 128 * MIB;
+/// 4 KiB blocks of nvme0n1 (through ublkb0 for the writes) used to make the trace
+/// attributable: `MARKS` are O_DIRECT reads of nvme0n1 itself, between which the guest does
+/// one thing to ublkb0. Nothing else touches 230–256 MiB.
+const PLAIN_BLOCK: u64 = 230 * 256 + 7;
+const FUA_BLOCK: u64 = 230 * 256 + 19;
+const MARKS: [u64; 6] = [
+    240 * 256 + 11,
+    240 * 256 + 23,
+    240 * 256 + 37,
+    240 * 256 + 51,
+    240 * 256 + 67,
+    240 * 256 + 83,
+];
+/// The queue parameters ublkbN must share with its backing drive.
+const PARAMS: [&str; 7] = [
+    "write_cache",
+    "fua",
+    "logical_block_size",
+    "physical_block_size",
+    "discard_max_bytes",
+    "discard_granularity",
+    "write_zeroes_max_bytes",
+];
+
+/// Shell helpers shared by both jobs.
+const HELPERS: &str = r#"
+set -uo pipefail
+S=@SLUICE@
+W=$SLUICE_VM_WORK
+T=/sys/kernel/tracing
+[ -e $T/events/block ] || mount -t tracefs nodev $T
+lap_t=$(date +%s.%N)
+# lap NAME: reports NAME.seconds since the previous lap.
+lap() {
+    local now; now=$(date +%s.%N)
+    report "$1.seconds" "$(awk "BEGIN { printf \"%.1f\", $now - $lap_t }")"
+    lap_t=$now
+}
+# start NAME READY_LINES ARGS...: sluice serve ARGS in the background (pid in $pid), waits
+# for READY_LINES ready lines on its stdout.
+start() {
+    local name=$1 want=$2; shift 2
+    "$S" serve "$@" >/tmp/$name.out 2>/tmp/$name.err &
+    pid=$!
+    for _ in $(seq 300); do
+        if [ "$(ready $name | wc -l)" -ge "$want" ]; then
+            cat /tmp/$name.out
+            report "$name.started" yes
+            return 0
+        fi
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "sluice $name did not get ready"; cat /tmp/$name.out /tmp/$name.err
+    report "$name.started" no
+    exit 1
+}
+# stop NAME PID: SIGTERM, waits (30 s at most, then SIGKILL); reports NAME.exit.
+stop() {
+    kill -TERM $2
+    if ! timeout 30 tail --pid=$2 -f /dev/null; then
+        echo "sluice $1 still running 30 s after SIGTERM: SIGKILL"
+        kill -KILL $2
+    fi
+    wait $2
+    report "$1.exit" $?
+    echo "--- sluice $1 stderr ---"; cat /tmp/$1.err
+}
+# gone NAME DEV: reports NAME.gone yes when neither /dev/DEV nor /sys/block/DEV exists.
+gone() {
+    if [ -e /dev/$2 ] || [ -e /sys/block/$2 ]; then report "$1.gone" no; else report "$1.gone" yes; fi
+}
+# params NAME UBLK BACKING: the queue parameters of both, and ublk's hardware queues.
+params() {
+    for f in PARAMS; do
+        report "$1.ublk.$f" "$(cat /sys/block/$2/queue/$f)"
+        report "$1.backing.$f" "$(cat /sys/block/$3/queue/$f)"
+    done
+    report "$1.hw_queues" "$(ls /sys/block/$2/mq | wc -l)"
+}
+# fio_verify NAME DEV SIZE: random O_DIRECT writes through io_uring, verified; NAME.fio.
+fio_verify() {
+    if fio --name=$1 --filename=$2 --ioengine=io_uring --direct=1 --eta=never --rw=randwrite --bs=4k \
+        --size=$3 --iodepth=16 --verify=crc32c --output=/tmp/fio-$1.log; then
+        report "$1.fio" ok
+    else
+        report "$1.fio" "failed:$?"; cat /tmp/fio-$1.log
+    fi
+}
+# same NAME FILE DD_ARGS...: reports NAME same|differs for FILE and what dd DD_ARGS reads.
+same() {
+    local name=$1 file=$2; shift 2
+    if dd "$@" status=none | cmp - "$file"; then report "$name" same; else report "$name" differs; fi
+}
+# ready NAME: the ready lines of exports (not of the control socket) sluice NAME printed.
+ready() { grep '"event":"ready"' /tmp/$1.out | grep '"export":'; }
+"#;
+
+const JOB_NVME_SATA: &str = r#"
+# marker BLOCK: an O_DIRECT 4 KiB read of nvme0n1 itself, a landmark in the QEMU trace.
+marker() { dd if=/dev/nvme0n1 of=/dev/null bs=4k count=1 skip=$1 iflag=direct status=none; }
+# rwbs DEV SECTOR: the rwbs flags of the traced requests issued to DEV (maj,min) at SECTOR.
+rwbs() {
+    awk -v dev="$1" -v sec="$2" '{ for (i = 1; i <= NF; i++) if ($i == "block_rq_issue:") {
+        if ($(i + 1) == dev && $(i + 5) == sec) print $(i + 2); break } }' $T/trace | tr '\n' ' '
+}
+
+# ---- 1. nvme0n1 as ublkb0, from the command line ----
+start nvme 1 --disk /dev/nvme0n1 --ublk 0 --queues 2
+p=$pid
+report nvme.ready "$(ready nvme)"
+params nvme ublkb0 nvme0n1
+fio_verify nvme /dev/ublkb0 64M
+lap nvme_fio
+
+dev_ublk=$(tr : , </sys/block/ublkb0/dev)
+dev_nvme=$(tr : , </sys/block/nvme0n1/dev)
+echo >$T/trace
+echo 1 >$T/events/block/block_rq_issue/enable
+marker MARK0
+dd if=$W/pattern.bin of=/dev/ublkb0 bs=4k count=1 seek=PLAIN_BLOCK oflag=direct status=none
+marker MARK1
+sync /dev/ublkb0
+report nvme.fsync $?
+marker MARK2
+dd if=$W/pattern.bin of=/dev/ublkb0 bs=4k count=1 seek=FUA_BLOCK oflag=direct,dsync status=none
+report nvme.dsync_write $?
+marker MARK3
+echo 0 >$T/events/block/block_rq_issue/enable
+grep -v '^#' $T/trace
+report rwbs.plain.ublk "$(rwbs $dev_ublk $((PLAIN_BLOCK * 8)))"
+report rwbs.plain.nvme "$(rwbs $dev_nvme $((PLAIN_BLOCK * 8)))"
+report rwbs.fua.ublk "$(rwbs $dev_ublk $((FUA_BLOCK * 8)))"
+report rwbs.fua.nvme "$(rwbs $dev_nvme $((FUA_BLOCK * 8)))"
+
+dd if=$W/pattern.bin of=/dev/ublkb0 bs=1M seek=PATTERN_MIB oflag=direct status=none
+same nvme.readback $W/pattern.bin if=/dev/ublkb0 bs=1M skip=PATTERN_MIB count=1 iflag=direct
+marker MARK4
+stop nvme $p
+marker MARK5
+gone nvme ublkb0
+same nvme.raw $W/pattern.bin if=/dev/nvme0n1 bs=1M skip=PATTERN_MIB count=1 iflag=direct
+lap nvme_rest
+
+# ---- 2. sda as ublkb5; a second server for id 5 is refused ----
+start sata 1 --disk /dev/sda --ublk 5 --queues 2
+p=$pid
+report sata.ready "$(ready sata)"
+params sata ublkb5 sda
+before=$(ls /sys/class/ublk-char | tr '\n' ' ')
+timeout 30 "$S" serve --disk null:64M --ublk 5 >/tmp/dup.out 2>/tmp/dup.err
+report dup.exit $?
+cat /tmp/dup.err
+report dup.error "$(grep '^sluice:' /tmp/dup.err | tail -1)"
+report dup.ready_lines "$(grep -c '"event":"ready"' /tmp/dup.out)"
+report dup.ublk_devices_before "$before"
+report dup.ublk_devices_after "$(ls /sys/class/ublk-char | tr '\n' ' ')"
+if kill -0 $p 2>/dev/null; then report dup.first_alive yes; else report dup.first_alive no; fi
+fio_verify sata /dev/ublkb5 64M
+lap sata_fio
+
+mkfs.ext4 -q -F /dev/ublkb5
+mkdir -p /mnt/t
+mount -t ext4 /dev/ublkb5 /mnt/t
+for i in $(seq 1 16); do
+    dd if=/dev/urandom of=/mnt/t/f$i bs=64k count=$((i * 4)) status=none
+done
+(cd /mnt/t && sha256sum f*) >/tmp/sums
+sync
+umount /mnt/t
+if fsck.ext4 -fn /dev/ublkb5; then report ext4.fsck clean; else report ext4.fsck "failed:$?"; fi
+mount -t ext4 -o ro /dev/ublkb5 /mnt/t
+if (cd /mnt/t && sha256sum --quiet -c /tmp/sums); then report ext4.files intact; else report ext4.files damaged; fi
+umount /mnt/t
+stop sata $p
+gone sata ublkb5
+lap sata_rest
+
+# ---- 3. one daemon from a config file: ublk and vhost-user ----
+cat >/tmp/sluice.toml <<'EOF'
+[[disk]]
+name = "nvme"
+path = "/dev/nvme0n1"
+
+[[disk]]
+name = "sata"
+path = "/dev/sda"
+
+[[export]]
+name = "local"
+disk = "nvme"
+type = "ublk"
+ublk_id = 1
+queues = 2
+
+[[export]]
+name = "vm"
+disk = "sata"
+type = "vhost-user"
+socket = "/tmp/vm.sock"
+EOF
+start mixed 2 --config /tmp/sluice.toml
+p=$pid
+report mixed.ready_lines "$(ready mixed | wc -l)"
+report mixed.ready.local "$(ready mixed | grep '"export":"local"')"
+report mixed.ready.vm "$(ready mixed | grep '"export":"vm"')"
+if [ -S /tmp/vm.sock ]; then report mixed.socket yes; else report mixed.socket no; fi
+report mixed.hw_queues "$(ls /sys/block/ublkb1/mq | wc -l)"
+fio --name=mixed --filename=/dev/ublkb1 --ioengine=io_uring --direct=1 --eta=never --rw=randwrite --bs=4k \
+    --size=64M --iodepth=16 --verify=crc32c --output=/tmp/fio-mixed.log &
+fpid=$!
+# The vhost-user client starts once fio's writes are flowing through ublkb1.
+for _ in $(seq 200); do
+    [ "$(awk '{ print $5 }' /sys/block/ublkb1/stat)" -ge 256 ] && break
+    sleep 0.05
+done
+report mixed.ublk_writes_before_client "$(awk '{ print $5 }' /sys/block/ublkb1/stat)"
+timeout 60 @QD1@ /tmp/vm.sock QD1_READS >/tmp/qd1.out 2>&1
+report mixed.client_exit $?
+cat /tmp/qd1.out
+report mixed.client "$(tail -1 /tmp/qd1.out)"
+if kill -0 $fpid 2>/dev/null; then report mixed.fio_running_after_client yes; else report mixed.fio_running_after_client no; fi
+if wait $fpid; then report mixed.fio ok; else report mixed.fio "failed:$?"; cat /tmp/fio-mixed.log; fi
+stop mixed $p
+gone mixed ublkb1
+if [ -e /tmp/vm.sock ]; then report mixed.socket_gone no; else report mixed.socket_gone yes; fi
+lap mixed
+"#;
+
+const JOB_STORM: &str = r#"
+# Report a task blocked for 3 s (the default is 120 s).
+if [ -w /proc/sys/kernel/hung_task_timeout_secs ]; then
+    echo 3 >/proc/sys/kernel/hung_task_timeout_secs
+    report hung_task_timeout "$(cat /proc/sys/kernel/hung_task_timeout_secs)"
+else
+    report hung_task_timeout none
+fi
+start storm 1 --disk /dev/nvme0n1 --ublk 0 --queues 2
+p=$pid
+dd if=$W/pattern.bin of=/dev/ublkb0 bs=1M seek=STORM_PATTERN_MIB oflag=direct conv=fsync status=none
+report storm.pattern_fsync $?
+lap storm_start
+timeout -k 5 60 fio --name=storm --filename=/dev/ublkb0 --ioengine=io_uring --direct=1 --eta=never \
+    --rw=randwrite --bs=4k --offset=0 --size=STORM_BYTES --iodepth=32 --time_based --runtime=45 \
+    --output=/tmp/fio-storm.log 2>&1 &
+fpid=$!
+# Signal once fio has done some work and has writes in flight right now.
+for _ in $(seq 400); do
+    [ "$(awk '{ print $5 }' /sys/block/ublkb0/stat)" -ge 1000 ] && [ "$(awk '{ print $2 }' /sys/block/ublkb0/inflight)" -gt 0 ] && break
+    sleep 0.05
+done
+report storm.writes_before_sigterm "$(awk '{ print $5 }' /sys/block/ublkb0/stat)"
+report storm.inflight_at_sigterm "$(awk '{ print $2 }' /sys/block/ublkb0/inflight)"
+t0=$(date +%s.%N)
+stop storm $p
+report storm.stop_seconds "$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $t0 }")"
+timeout 30 tail --pid=$fpid -f /dev/null
+wait $fpid
+report storm.fio_exit $?
+report storm.fio_seconds_after_sigterm "$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $t0 }")"
+report storm.fio_error "$(grep -m1 -i 'error' /tmp/fio-storm.log | cut -c1-160)"
+report storm.sluice_drain "$(grep -o 'drain export.*' /tmp/storm.err | head -1)"
+gone storm ublkb0
+report storm.d_state "$(ps -eo stat=,comm= | awk '$1 ~ /^D/ { print $2 }' | tr '\n' ' ')"
+# Give the hung-task detector two periods past the signal.
+sleep "$(awk "BEGIN { r = 7 - ($(date +%s.%N) - $t0); print (r > 0 ? r : 0) }")"
+report storm.hung_tasks "$(dmesg | grep -c 'blocked for more than')"
+lap storm_sigterm_and_watch
+dmesg | grep -iE 'ublk|blocked|hung|I/O error' | tail -20
+same storm.raw $W/pattern.bin if=/dev/nvme0n1 bs=1M skip=STORM_PATTERN_MIB count=1 iflag=direct
+"#;
+
+/// `qd1_latency` next to this test executable: `<target>/debug/deps/vm_ublk-…` →
+/// `<target>/debug/examples/qd1_latency` (`cargo test` builds examples).
+fn qd1_latency_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("examples/qd1_latency"))
+        .expect("test executable in <target>/<profile>/deps");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build -p sluice-tests --example qd1_latency`",
+        bin.display()
+    );
+    bin
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// The job text: helpers, then `body`, with the placeholders filled in.
+fn job(body: &str) -> String {
+    let mut text = format!("{HELPERS}{body}")
+        .replace("@SLUICE@", path_str(&sluice_bin()))
+        .replace("PARAMS", &PARAMS.join(" "))
+        .replace("PLAIN_BLOCK", &PLAIN_BLOCK.to_string())
+        .replace("FUA_BLOCK", &FUA_BLOCK.to_string())
+        .replace(
+            "STORM_PATTERN_MIB",
+            &(STORM_PATTERN_OFFSET / MIB).to_string(),
+        )
+        .replace("PATTERN_MIB", &(PATTERN_OFFSET / MIB).to_string())
+        .replace("STORM_BYTES", &STORM_BYTES.to_string())
+        .replace("QD1_READS", "300");
+    for (i, m) in MARKS.iter().enumerate() {
+        text = text.replace(&format!("MARK{i}"), &m.to_string());
+    }
+    text.push_str("\nreport done yes\n");
+    text
+}
+
+/// Panics with `msg` and the guest's console unless `ok`.
+fn ensure(run: &VmRun, ok: bool, msg: impl std::fmt::Display) {
+    if !ok {
+        panic!("{msg}\n--- console ---\n{}", run.console);
+    }
+}
+
+/// Asserts that the job reported `want` for `key`.
+fn ensure_eq(run: &VmRun, key: &str, want: &str) {
+    let got = run.result(key);
+    ensure(
+        run,
+        got == want,
+        format!("{key}: the guest reported {got:?}, expected {want:?}"),
+    );
+}
+
+/// The job ran to its end (a failed start exits early).
+fn ensure_complete(run: &VmRun) {
+    ensure(
+        run,
+        run.exit_code == 0 && run.results.get("done").is_some_and(|v| v == "yes"),
+        format!(
+            "the guest job ended with status {} before its end (reported: {:?})",
+            run.exit_code, run.results
+        ),
+    );
+}
+
+/// The pci_nvme_* events of a QEMU trace, in order: (name, arguments).
+///
+/// QEMU keeps the `file=` of the *last* `-trace` option, and the harness passes it with the
+/// first pattern only: with several patterns the events land on QEMU's stderr
+/// ([`VmRun::qemu_log`]) instead of [`VmRun::trace`]. Both are searched.
+fn nvme_events(run: &VmRun) -> Vec<(&str, &str)> {
+    run.trace
+        .lines()
+        .chain(run.qemu_log.lines())
+        .filter_map(|l| {
+            let ev = &l[l.find("pci_nvme_")?..];
+            Some(ev.split_once(' ').unwrap_or((ev, "")))
+        })
+        .collect()
+}
+
+/// Checks the ublk queue parameters against the backing drive's and prints both.
+fn ensure_params_match(run: &VmRun, name: &str, ublk: &str, backing: &str) {
+    for p in PARAMS {
+        let u = run.result(&format!("{name}.ublk.{p}"));
+        let b = run.result(&format!("{name}.backing.{p}"));
+        eprintln!("  {p:24} {ublk}={u:14} {backing}={b}");
+        ensure(
+            run,
+            u == b,
+            format!("/sys/block/{ublk}/queue/{p} is {u:?} but {backing}'s is {b:?}"),
+        );
+    }
+    ensure_eq(run, &format!("{name}.hw_queues"), "2");
+}
+
+fn ready_json(run: &VmRun, key: &str) -> serde_json::Value {
+    let line = run.result(key);
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{key}: not JSON ({e}): {line}"))
+}
+
+fn read_image(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut got = vec![0u8; len];
+    f.read_exact_at(&mut got, offset)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    got
+}
+
+fn print_timings(test: &str, run: &VmRun) {
+    let laps: Vec<String> = run
+        .results
+        .iter()
+        .filter_map(|(k, v)| Some(format!("{} {v} s", k.strip_suffix(".seconds")?)))
+        .collect();
+    eprintln!(
+        "{test}: boot and job took {:.1?} ({})",
+        run.elapsed,
+        laps.join(", ")
+    );
+}
+
+#[test]
+fn ublk_over_nvme_and_sata() {
+    if skip_unless_available() {
+        return;
+    }
+    let qd1 = qd1_latency_bin();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nvme = dir.path().join("nvme.img");
+    let sata = dir.path().join("sata.img");
+    make_file(&nvme, NVME_BYTES);
+    make_file(&sata, SATA_BYTES);
+    let want = pattern(PATTERN_OFFSET, PATTERN_BYTES, SEED);
+    std::fs::write(dir.path().join("pattern.bin"), &want).expect("pattern.bin");
+
+    let run = Vm::new(dir.path())
+        .nvme(&nvme, "sluice-nvme0")
+        .sata(&sata)
+        .module("ublk_drv")
+        .module("ext4")
+        .qemu_trace("pci_nvme_read")
+        .qemu_trace("pci_nvme_write")
+        .qemu_trace("pci_nvme_flush*")
+        .timeout(Duration::from_secs(300))
+        .run(&job(JOB_NVME_SATA).replace("@QD1@", path_str(&qd1)))
+        .expect("boot");
+    print_timings("vm_ublk nvme+sata", &run);
+    ensure_complete(&run);
+
+    // ---- 1. nvme0n1 as ublkb0 ----
+    let ready = ready_json(&run, "nvme.ready");
+    eprintln!("nvme ready line: {ready}");
+    ensure(
+        &run,
+        ready["device"] == "/dev/ublkb0" && ready["queues"] == 2 && ready["type"] == "ublk",
+        format!("nvme ready line: {ready}"),
+    );
+    eprintln!("ublkb0 over nvme0n1:");
+    ensure_params_match(&run, "nvme", "ublkb0", "nvme0n1");
+    ensure_eq(&run, "nvme.ublk.fua", "1");
+    ensure_eq(&run, "nvme.ublk.write_cache", "write back");
+    ensure_eq(&run, "nvme.fio", "ok");
+    ensure_eq(&run, "nvme.readback", "same");
+    ensure_eq(&run, "nvme.exit", "0");
+    ensure_eq(&run, "nvme.gone", "yes");
+    ensure_eq(&run, "nvme.raw", "same");
+    let got = read_image(&nvme, PATTERN_OFFSET, PATTERN_BYTES);
+    if let Some(diff) = first_difference("pattern in nvme.img", PATTERN_OFFSET, &got, &want) {
+        panic!("{diff}");
+    }
+
+    // ---- what reached the NVMe drive (QEMU trace), between the marker reads ----
+    let events = nvme_events(&run);
+    let mut names: Vec<&str> = events.iter().map(|(n, _)| *n).collect();
+    names.sort_unstable();
+    names.dedup();
+    eprintln!(
+        "QEMU trace: {} pci_nvme events, names {names:?}",
+        events.len()
+    );
+    let lbs: u64 = run
+        .result("nvme.backing.logical_block_size")
+        .parse()
+        .expect("logical block size");
+    let lba_arg = |block: u64| format!(" lba {:#x}", block * 4096 / lbs);
+    let at =
+        |e: &(&str, &str), name: &str, block: u64| e.0 == name && e.1.ends_with(&lba_arg(block));
+    let mark_pos: Vec<usize> = MARKS
+        .iter()
+        .map(|&m| {
+            let hits: Vec<usize> = events
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| at(e, "pci_nvme_read", m))
+                .map(|(i, _)| i)
+                .collect();
+            ensure(
+                &run,
+                hits.len() == 1,
+                format!(
+                    "marker read of block {m} ({}) seen {} times in the QEMU trace, not once",
+                    lba_arg(m).trim(),
+                    hits.len()
+                ),
+            );
+            hits[0]
+        })
+        .collect();
+    ensure(
+        &run,
+        mark_pos.windows(2).all(|w| w[0] < w[1]),
+        format!("marker reads out of order in the QEMU trace: {mark_pos:?}"),
+    );
+    let window = |k: usize| &events[mark_pos[k] + 1..mark_pos[k + 1]];
+    let flushes = |k: usize| {
+        window(k)
+            .iter()
+            .filter(|(n, _)| *n == "pci_nvme_flush_ns")
+            .count()
+    };
+    let show = |k: usize| {
+        window(k)
+            .iter()
+            .map(|(n, a)| format!("{n} {a}"))
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    };
+    let windows = [
+        "plain O_DIRECT write to ublkb0",
+        "fsync of ublkb0",
+        "O_DIRECT|O_DSYNC write to ublkb0",
+        "1 MiB pattern written through ublkb0 and read back",
+        "SIGTERM to sluice",
+    ];
+    for (k, what) in windows.iter().enumerate() {
+        eprintln!(
+            "trace window {k} ({what}), {} events:\n  {}",
+            window(k).len(),
+            show(k)
+        );
+    }
+    ensure(
+        &run,
+        window(0)
+            .iter()
+            .any(|e| at(e, "pci_nvme_write", PLAIN_BLOCK)),
+        format!(
+            "no pci_nvme_write at{} after the plain write",
+            lba_arg(PLAIN_BLOCK)
+        ),
+    );
+    ensure(
+        &run,
+        flushes(0) == 0,
+        format!(
+            "a plain write through ublkb0 caused {} NVMe flushes",
+            flushes(0)
+        ),
+    );
+    ensure(
+        &run,
+        flushes(1) >= 1,
+        format!(
+            "the guest's fsync of ublkb0 reached the NVMe drive as no flush:\n  {}",
+            show(1)
+        ),
+    );
+    ensure_eq(&run, "nvme.fsync", "0");
+    ensure_eq(&run, "nvme.dsync_write", "0");
+    ensure(
+        &run,
+        window(2).iter().any(|e| at(e, "pci_nvme_write", FUA_BLOCK)),
+        format!(
+            "no pci_nvme_write at{} after the dsync write",
+            lba_arg(FUA_BLOCK)
+        ),
+    );
+    eprintln!(
+        "dsync write window: {} flush(es) (the kernel syncs an O_DSYNC block-device write \
+         after it, FUA or not); QEMU's trace has no FUA bit",
+        flushes(2)
+    );
+    ensure(
+        &run,
+        flushes(4) >= 1,
+        format!(
+            "sluice's SIGTERM close-all reached the NVMe drive as no flush:\n  {}",
+            show(4)
+        ),
+    );
+    // The FUA bit, as the guest's block tracepoints show it ("W" then "F" in rwbs):
+    // the dsync write reaches ublkb0 with FUA, and sluice's write to nvme0n1 carries it on;
+    // the plain write carries it nowhere.
+    let has_fua = |rwbs: &str| rwbs.split_whitespace().any(|r| r.starts_with("WF"));
+    let is_write = |rwbs: &str| rwbs.split_whitespace().any(|r| r.starts_with('W'));
+    for side in ["ublk", "nvme"] {
+        let plain = run.result(&format!("rwbs.plain.{side}"));
+        let fua = run.result(&format!("rwbs.fua.{side}"));
+        eprintln!("block_rq_issue rwbs on {side}: plain write {plain:?}, dsync write {fua:?}");
+        ensure(
+            &run,
+            is_write(plain) && !has_fua(plain),
+            format!("plain write on {side}: rwbs {plain:?}, expected a write without FUA"),
+        );
+        ensure(
+            &run,
+            has_fua(fua),
+            format!("dsync write on {side}: rwbs {fua:?}, expected a FUA write (WF…)"),
+        );
+    }
+
+    // ---- 2. sda as ublkb5, and a second server for id 5 ----
+    eprintln!("ublkb5 over sda:");
+    ensure_params_match(&run, "sata", "ublkb5", "sda");
+    eprintln!(
+        "second `--ublk 5`: exit {}, {:?}",
+        run.result("dup.exit"),
+        run.result("dup.error")
+    );
+    let dup_exit: i32 = run.result("dup.exit").parse().expect("dup.exit");
+    ensure(
+        &run,
+        dup_exit != 0 && dup_exit != 124,
+        format!("a second server for ublk id 5 exited with {dup_exit}, expected a refusal"),
+    );
+    let dup_error = run.result("dup.error");
+    ensure(
+        &run,
+        dup_error.contains("ublk device 5 already exists"),
+        format!("the refusal does not name the taken id: {dup_error:?}"),
+    );
+    ensure_eq(&run, "dup.ready_lines", "0");
+    ensure_eq(
+        &run,
+        "dup.ublk_devices_after",
+        run.result("dup.ublk_devices_before"),
+    );
+    ensure_eq(&run, "dup.first_alive", "yes");
+    ensure_eq(&run, "sata.fio", "ok");
+    ensure_eq(&run, "ext4.fsck", "clean");
+    ensure_eq(&run, "ext4.files", "intact");
+    ensure_eq(&run, "sata.exit", "0");
+    ensure_eq(&run, "sata.gone", "yes");
+
+    // ---- 3. ublk and vhost-user in one daemon ----
+    ensure_eq(&run, "mixed.ready_lines", "2");
+    let local = ready_json(&run, "mixed.ready.local");
+    let vm = ready_json(&run, "mixed.ready.vm");
+    ensure(
+        &run,
+        local["type"] == "ublk" && local["device"] == "/dev/ublkb1",
+        format!("ready line of the ublk export: {local}"),
+    );
+    ensure(
+        &run,
+        vm["type"] == "vhost-user" && vm["socket"] == "/tmp/vm.sock",
+        format!("ready line of the vhost-user export: {vm}"),
+    );
+    ensure_eq(&run, "mixed.socket", "yes");
+    ensure_eq(&run, "mixed.hw_queues", "2");
+    ensure_eq(&run, "mixed.client_exit", "0");
+    let client = ready_json(&run, "mixed.client");
+    eprintln!(
+        "qd1_latency over vhost-user while fio ran on ublkb1: {client} (ublkb1 had {} writes \
+         when it started)",
+        run.result("mixed.ublk_writes_before_client")
+    );
+    ensure(
+        &run,
+        client["reads"] == 300,
+        format!("qd1_latency: {client}"),
+    );
+    ensure(
+        &run,
+        run.result_u64("mixed.ublk_writes_before_client") >= 256,
+        "fio had not started writing to ublkb1 when the vhost-user client started",
+    );
+    ensure_eq(&run, "mixed.fio_running_after_client", "yes");
+    ensure_eq(&run, "mixed.fio", "ok");
+    ensure_eq(&run, "mixed.exit", "0");
+    ensure_eq(&run, "mixed.gone", "yes");
+    ensure_eq(&run, "mixed.socket_gone", "yes");
+}
+
+#[test]
+fn ublk_sigterm_with_io_in_flight() {
+    if skip_unless_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nvme = dir.path().join("nvme.img");
+    make_file(&nvme, NVME_BYTES);
+    let want = pattern(STORM_PATTERN_OFFSET, PATTERN_BYTES, SEED);
+    std::fs::write(dir.path().join("pattern.bin"), &want).expect("pattern.bin");
+
+    let run = Vm::new(dir.path())
+        .nvme(&nvme, "sluice-nvme0")
+        .module("ublk_drv")
+        .timeout(Duration::from_secs(180))
+        .run(&job(JOB_STORM))
+        .expect("boot");
+    print_timings("vm_ublk storm", &run);
+    ensure_complete(&run);
+    eprintln!(
+        "SIGTERM after {} writes with {} in flight: sluice exit {} after {} s; fio exit {} \
+         after {} s; hung-task timeout {}",
+        run.result("storm.writes_before_sigterm"),
+        run.result("storm.inflight_at_sigterm"),
+        run.result("storm.exit"),
+        run.result("storm.stop_seconds"),
+        run.result("storm.fio_exit"),
+        run.result("storm.fio_seconds_after_sigterm"),
+        run.result("hung_task_timeout"),
+    );
+    eprintln!(
+        "fio's error: {:?}; sluice: {:?}",
+        run.result("storm.fio_error"),
+        run.result("storm.sluice_drain")
+    );
+    ensure_eq(&run, "storm.pattern_fsync", "0");
+    ensure(
+        &run,
+        run.result_u64("storm.inflight_at_sigterm") > 0,
+        "no write was in flight on ublkb0 when sluice got SIGTERM",
+    );
+    ensure_eq(&run, "storm.exit", "0");
+    ensure_eq(&run, "storm.gone", "yes");
+    // fio was under `timeout -k 5 60` with a 45 s runtime: 124/137 would mean it hung and was
+    // killed, 0 that sluice's exit went unnoticed for 45 s.
+    let fio_exit: i32 = run.result("storm.fio_exit").parse().expect("fio exit");
+    let fio_after: f64 = run
+        .result("storm.fio_seconds_after_sigterm")
+        .parse()
+        .expect("seconds");
+    ensure(
+        &run,
+        ![124, 137].contains(&fio_exit) && fio_after < 30.0,
+        format!("fio exited with {fio_exit} {fio_after} s after SIGTERM to sluice"),
+    );
+    ensure_eq(&run, "storm.d_state", "");
+    ensure(
+        &run,
+        run.result("hung_task_timeout") != "none",
+        "the guest kernel has no hung-task detector",
+    );
+    ensure_eq(&run, "storm.hung_tasks", "0");
+    ensure_eq(&run, "storm.raw", "same");
+    let got = read_image(&nvme, STORM_PATTERN_OFFSET, PATTERN_BYTES);
+    if let Some(diff) = first_difference(
+        "fsync'ed pattern in nvme.img",
+        STORM_PATTERN_OFFSET,
+        &got,
+        &want,
+    ) {
+        panic!("{diff}");
+    }
+}
