@@ -340,17 +340,15 @@ impl Vm {
                 ]),
             }
         }
-        for (i, ev) in self.trace_events.iter().enumerate() {
+        // QEMU keeps the `file=` of the last -trace option: give it to every
+        // one, so several patterns all land in vm-trace.log.
+        let trace_file = qemu_value(&work.join("vm-trace.log"));
+        for ev in &self.trace_events {
             a.push("-trace".into());
-            if i == 0 {
-                a.push(format!(
-                    "enable={},file={}",
-                    ev.replace(',', ",,"),
-                    qemu_value(&work.join("vm-trace.log"))
-                ));
-            } else {
-                a.push(format!("enable={}", ev.replace(',', ",,")));
-            }
+            a.push(format!(
+                "enable={},file={trace_file}",
+                ev.replace(',', ",,")
+            ));
         }
         Ok(a.into_iter().map(OsString::from).collect())
     }

@@ -390,14 +390,9 @@ fn ensure_complete(run: &VmRun) {
 }
 
 /// The pci_nvme_* events of a QEMU trace, in order: (name, arguments).
-///
-/// QEMU keeps the `file=` of the *last* `-trace` option, and the harness passes it with the
-/// first pattern only: with several patterns the events land on QEMU's stderr
-/// ([`VmRun::qemu_log`]) instead of [`VmRun::trace`]. Both are searched.
 fn nvme_events(run: &VmRun) -> Vec<(&str, &str)> {
     run.trace
         .lines()
-        .chain(run.qemu_log.lines())
         .filter_map(|l| {
             let ev = &l[l.find("pci_nvme_")?..];
             Some(ev.split_once(' ').unwrap_or((ev, "")))
