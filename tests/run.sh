@@ -45,4 +45,4 @@ if [ "$with_vm" = 0 ]; then
     export SLUICE_SKIP_VM=1
 fi
 echo "== testing"
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2

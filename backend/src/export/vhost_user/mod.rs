@@ -292,28 +292,33 @@ impl VhostUserExport {
     /// queues are returned.
     pub fn pause(&self, timeout: Duration) -> Result<(), Vec<usize>> {
         self.shared.paused.store(true, Ordering::SeqCst);
+        let idle = self.wait_until_idle(timeout);
+        if idle.is_err() {
+            self.resume();
+        }
+        idle
+    }
+
+    /// Waits until nothing is in flight, counted under each worker's lock
+    /// (a worker that looked at `paused`/`admitting` before it changed has
+    /// finished that pass). Completions wake the workers themselves. On
+    /// timeout returns the busy queues.
+    fn wait_until_idle(&self, timeout: Duration) -> Result<(), Vec<usize>> {
         let deadline = Instant::now() + timeout;
         loop {
-            // Counted under each worker's lock: a worker that had already
-            // looked at `paused` before it was set has finished that pass.
             match self.shared.in_flight_exact() {
                 None | Some(0) => return Ok(()),
                 Some(_) if Instant::now() >= deadline => {
-                    self.resume();
-                    let busy = self
+                    return Err(self
                         .shared
                         .queues
                         .iter()
                         .enumerate()
                         .filter(|(_, q)| q.in_flight.load(Ordering::Relaxed) > 0)
                         .map(|(i, _)| i)
-                        .collect();
-                    return Err(busy);
+                        .collect())
                 }
-                Some(_) => {
-                    // Completions wake the workers themselves; just wait.
-                    std::thread::sleep(Duration::from_micros(200));
-                }
+                Some(_) => std::thread::sleep(Duration::from_micros(200)),
             }
         }
     }
@@ -354,23 +359,7 @@ impl VhostUserExport {
     /// wait until nothing is in flight. Returns the queues that stayed busy.
     pub fn drain(&self, timeout: Duration) -> Result<(), Vec<usize>> {
         self.shared.admitting.store(false, Ordering::SeqCst);
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.shared.in_flight_exact() {
-                None | Some(0) => return Ok(()),
-                Some(_) if Instant::now() >= deadline => {
-                    return Err(self
-                        .shared
-                        .queues
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, q)| q.in_flight.load(Ordering::Relaxed) > 0)
-                        .map(|(i, _)| i)
-                        .collect())
-                }
-                Some(_) => std::thread::sleep(Duration::from_micros(200)),
-            }
-        }
+        self.wait_until_idle(timeout)
     }
 
     /// Detach: drop the frontend, stop accepting, remove the socket and give
