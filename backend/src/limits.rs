@@ -34,6 +34,14 @@ pub const MAX_POLL_WINDOW_US: u32 = 1_000_000;
 /// How long shutdown waits for in-flight requests of one queue to complete.
 pub const DRAIN_TIMEOUT_MS: u64 = 10_000;
 
+/// After a vhost-user export drained, it keeps answering new requests with
+/// IOERR until the guest has sent none for this long, then detaches: QEMU
+/// keeps the rings of a disconnected backend for a reconnect, so a request
+/// queued after the detach would wait forever instead of failing.
+pub const DETACH_QUIET_MS: u64 = 200;
+/// Longest the quiet wait lasts for a guest that keeps retrying.
+pub const DETACH_QUIET_LIMIT_MS: u64 = 5_000;
+
 /// How long the daemon waits for a node's final flush.
 pub const FLUSH_TIMEOUT_MS: u64 = 30_000;
 

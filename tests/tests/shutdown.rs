@@ -56,7 +56,9 @@ fn storm(
             })
             .collect();
         x.submitted[q as usize].store(((k + BATCH) * QUEUES + q) as usize, Ordering::SeqCst);
+        let mut failed = false;
         let r = h.run_with(&ops, |i, out| {
+            failed |= out.ret != 0;
             if out.ret == 0 {
                 let (b, seed) = block_and_seed(q, k + i as u64);
                 let mut a = x.acked.lock().unwrap();
@@ -66,7 +68,7 @@ fn storm(
             }
         });
         // After the signal requests fail or time out: that ends the storm.
-        if r.is_err() {
+        if r.is_err() || failed {
             return;
         }
         k += BATCH;

@@ -37,7 +37,10 @@ use self::virtio_blk::Geometry;
 use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::engine::Engine;
 use crate::jobs::DirtyBitmap;
-use crate::limits::{MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES};
+use crate::limits::{
+    DETACH_QUIET_LIMIT_MS, DETACH_QUIET_MS, MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES,
+    SERIAL_MAX_BYTES,
+};
 use crate::node::Node;
 
 pub use self::queue::VirtioCtx;
@@ -359,7 +362,40 @@ impl VhostUserExport {
     /// wait until nothing is in flight. Returns the queues that stayed busy.
     pub fn drain(&self, timeout: Duration) -> Result<(), Vec<usize>> {
         self.shared.admitting.store(false, Ordering::SeqCst);
-        self.wait_until_idle(timeout)
+        self.wait_until_idle(timeout)?;
+        if !timeout.is_zero() {
+            self.wait_until_guest_quiet();
+        }
+        Ok(())
+    }
+
+    /// Keeps failing new requests (admission is closed) until the guest has
+    /// sent none for `DETACH_QUIET_MS`, at most `DETACH_QUIET_LIMIT_MS`: a
+    /// guest whose I/O fails stops sending, while a request it queues after
+    /// the detach would sit in a ring nobody reads (QEMU keeps the rings for
+    /// a reconnect) and hang the guest.
+    fn wait_until_guest_quiet(&self) {
+        if self.shared.in_flight_exact().is_none() {
+            return; // no frontend
+        }
+        let quiet = Duration::from_millis(DETACH_QUIET_MS);
+        let limit = Instant::now() + Duration::from_millis(DETACH_QUIET_LIMIT_MS);
+        let mut seen = self.totals().requests;
+        let mut since = Instant::now();
+        while Instant::now() < limit {
+            std::thread::sleep(Duration::from_millis(10));
+            let now = self.totals().requests;
+            if now != seen {
+                seen = now;
+                since = Instant::now();
+            } else if since.elapsed() >= quiet {
+                return;
+            }
+        }
+        tracing::warn!(
+            export = %self.config.name,
+            "the guest kept sending requests for {DETACH_QUIET_LIMIT_MS} ms after the drain; detaching anyway"
+        );
     }
 
     /// Detach: drop the frontend, stop accepting, remove the socket and give
