@@ -394,13 +394,13 @@ impl Daemon {
         state.graph.hold(&p.target, holder)?;
         for x in state.exports_of(&p.node) {
             if let Export::VhostUser(x) = x {
-                x.set_dirty_log(Some(job.bitmap().clone()));
+                x.set_mirror(Some(job.tap().clone()));
             }
         }
         if let Err(e) = job.start_copier() {
             for x in state.exports_of(&p.node) {
                 if let Export::VhostUser(x) = x {
-                    x.set_dirty_log(None);
+                    x.set_mirror(None);
                 }
             }
             let holder = Holder::Job(id.clone());
@@ -459,7 +459,7 @@ impl Daemon {
         let mut job = self.take_job(id)?;
         for x in self.state().exports_of(job.source().name()) {
             if let Export::VhostUser(x) = x {
-                x.set_dirty_log(None);
+                x.set_mirror(None);
             }
         }
         let status = job.status();
@@ -718,7 +718,7 @@ fn pivot_exports(state: &State, job: &mut MirrorJob) -> Result<Vec<String>, OpEr
     }
     for x in &exports {
         x.switch_node(job.target().clone());
-        x.set_dirty_log(None);
+        x.set_mirror(None);
         x.resume();
     }
     Ok(exports.iter().map(|x| x.config().name.clone()).collect())

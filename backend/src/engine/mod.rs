@@ -31,6 +31,9 @@ use crate::request::{BlockRequest, RequestError, RequestResult};
 pub use bounce::{gather, scatter, zero};
 pub use slots::{Prepared, SlotTable};
 
+/// `user_data` bit of the mirror half of a mirrored write.
+const MIRROR_HALF: u64 = 1 << 32;
+
 /// Why the engine refused a request before it reached the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
@@ -50,6 +53,11 @@ pub struct Engine<C> {
     ring: IoUring,
     table: SlotTable<C>,
     free: Vec<u16>,
+    /// Per slot: SQEs still to complete (2 for a mirrored write).
+    pending: Vec<u8>,
+    /// Per slot, for mirrored writes: the result of the half that landed
+    /// first (source, mirror).
+    halves: Vec<(Option<i32>, Option<i32>)>,
     /// Completions produced without the kernel: slot and raw result.
     ready: Vec<(u16, i32)>,
     completion_event: EventFd,
@@ -82,10 +90,12 @@ impl<C> Engine<C> {
         assert!(queue_depth > 0);
         // Every request is one SQE and at most `queue_depth` are in flight,
         // so the SQ cannot overflow; the CQ is twice that by default.
+        // A mirrored write is two SQEs: room for every slot to be one.
+        let entries = 2 * u32::from(queue_depth);
         let ring = IoUring::builder()
             .setup_coop_taskrun()
-            .build(u32::from(queue_depth))
-            .or_else(|_| IoUring::new(u32::from(queue_depth)))?;
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
         if let Some(fd) = node.raw_fd() {
             ring.submitter().register_files(&[fd])?;
         }
@@ -96,6 +106,8 @@ impl<C> Engine<C> {
             ring,
             table: SlotTable::new(node, queue_depth, types::Fixed(0))?,
             free: (0..queue_depth).rev().collect(),
+            pending: vec![0; usize::from(queue_depth)],
+            halves: vec![(None, None); usize::from(queue_depth)],
             ready: Vec::with_capacity(usize::from(queue_depth)),
             completion_event,
             unsubmitted: 0,
@@ -137,27 +149,61 @@ impl<C> Engine<C> {
     ///
     /// The request's segments must stay valid until its completion is reaped.
     pub fn submit(&mut self, req: &BlockRequest<'_>, ctx: C) -> Result<(), SubmitError> {
+        self.submit_inner(req, ctx, None).map(|_| ())
+    }
+
+    /// [`Engine::submit`] for a guest write that must also reach a mirror
+    /// target (`target` stays open until the completion is reaped: the
+    /// caller holds the node). Returns whether the write was mirrored (only
+    /// writes that go to the kernel are); the completion then reports the
+    /// target half through [`Engine::reap_mirrored`].
+    pub fn submit_mirrored(
+        &mut self,
+        req: &BlockRequest<'_>,
+        ctx: C,
+        target: RawFd,
+    ) -> Result<bool, SubmitError> {
+        self.submit_inner(req, ctx, Some(target))
+    }
+
+    fn push(&mut self, entry: &io_uring::squeue::Entry) {
+        // SAFETY: every SQE references only a slot's iovecs, its bounce
+        // buffer and the front's segments, all of which stay valid until the
+        // completion for that slot is reaped (slots are never reused before
+        // that, and Drop waits).
+        if unsafe { self.ring.submission().push(entry) }.is_err() {
+            // Cannot happen: SQ entries >= 2 x slots. Flush and retry.
+            let _ = self.ring.submit();
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(entry) }
+                .expect("submission queue full with a free slot");
+        }
+        self.unsubmitted += 1;
+    }
+
+    fn submit_inner(
+        &mut self,
+        req: &BlockRequest<'_>,
+        ctx: C,
+        target: Option<RawFd>,
+    ) -> Result<bool, SubmitError> {
         let index = self.free.pop().ok_or(SubmitError::Busy)?;
+        let i = usize::from(index);
         match self.table.begin(index, req, ctx) {
             Ok(Prepared::Sqe(entry)) => {
-                let entry = entry.user_data(u64::from(index));
-                // SAFETY: the SQE references only the slot's iovecs, its
-                // bounce buffer and the front's segments, all of which stay
-                // valid until the completion for `index` is reaped (slots are
-                // never reused before that, and Drop waits).
-                if unsafe { self.ring.submission().push(&entry) }.is_err() {
-                    // Cannot happen: SQ entries >= slots. Flush and retry.
-                    let _ = self.ring.submit();
-                    // SAFETY: as above.
-                    unsafe { self.ring.submission().push(&entry) }
-                        .expect("submission queue full with a free slot");
+                let mirror = target.and_then(|fd| self.table.mirror_write(index, fd));
+                self.pending[i] = 1 + u8::from(mirror.is_some());
+                self.halves[i] = (None, None);
+                self.push(&entry.user_data(u64::from(index)));
+                if let Some(m) = &mirror {
+                    self.push(&m.clone().user_data(u64::from(index) | MIRROR_HALF));
                 }
-                self.unsubmitted += 1;
-                Ok(())
+                Ok(mirror.is_some())
             }
             Ok(Prepared::Done(res)) => {
+                self.pending[i] = 1;
                 self.ready.push((index, res));
-                Ok(())
+                Ok(false)
             }
             Err(e) => {
                 self.free.push(index);
@@ -190,18 +236,40 @@ impl<C> Engine<C> {
 
     /// Hands every available completion to `on_complete`; returns how many.
     pub fn reap(&mut self, mut on_complete: impl FnMut(C, RequestResult)) -> u32 {
+        self.reap_mirrored(|ctx, result, _| on_complete(ctx, result))
+    }
+
+    /// [`Engine::reap`] that also says, for a mirrored write, whether its
+    /// target half succeeded (`None` for requests that were not mirrored).
+    pub fn reap_mirrored(
+        &mut self,
+        mut on_complete: impl FnMut(C, RequestResult, Option<bool>),
+    ) -> u32 {
         let mut count = 0;
         while let Some((index, res)) = self.ready.pop() {
             let (ctx, result) = self.table.finish(index, res);
             self.free.push(index);
-            on_complete(ctx, result);
+            on_complete(ctx, result, None);
             count += 1;
         }
         while let Some(cqe) = self.ring.completion().next() {
-            let index = cqe.user_data() as u16;
-            let (ctx, result) = self.table.finish(index, cqe.result());
+            let index = (cqe.user_data() & 0xffff) as u16;
+            let i = usize::from(index);
+            let mirror_half = cqe.user_data() & MIRROR_HALF != 0;
+            if mirror_half {
+                self.halves[i].1 = Some(cqe.result());
+            } else {
+                self.halves[i].0 = Some(cqe.result());
+            }
+            self.pending[i] -= 1;
+            if self.pending[i] > 0 {
+                continue;
+            }
+            let (source, mirror) = std::mem::take(&mut self.halves[i]);
+            let res = source.expect("the source half completed");
+            let (ctx, result) = self.table.finish(index, res);
             self.free.push(index);
-            on_complete(ctx, result);
+            on_complete(ctx, result, mirror.map(|r| r >= 0));
             count += 1;
         }
         count

@@ -307,6 +307,26 @@ impl<C> SlotTable<C> {
         Ok(Prepared::Sqe(entry))
     }
 
+    /// For a write in flight in slot `index`: the same write aimed at the
+    /// descriptor `target` (a mirror target), reading the same memory (the
+    /// front's segments or the slot's bounce buffer). `None` for other ops.
+    pub fn mirror_write(&self, index: u16, target: RawFd) -> Option<squeue::Entry> {
+        let slot = &self.slots[usize::from(index)];
+        let BlockOp::Write { fua } = slot.op else {
+            return None;
+        };
+        let (iov, n) = match slot.bounce {
+            BounceUse::Write => (&slot.bounce_iov as *const libc::iovec, 1),
+            _ => (slot.iovecs.as_ptr(), slot.iov_count as u32),
+        };
+        Some(
+            opcode::Writev::new(types::Fd(target), iov, n)
+                .offset(slot.offset_bytes)
+                .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+                .build(),
+        )
+    }
+
     fn is_dio_aligned(&self, req: &BlockRequest<'_>) -> bool {
         if (req.offset_bytes | req.len_bytes) & self.offset_align_mask != 0 {
             return false;

@@ -3,12 +3,13 @@
 //!
 //! The whole source is marked dirty; a copier thread takes dirty chunks and
 //! copies them (read from the source, write to the target, at most
-//! `max_in_flight` chunks at a time) while the export logs every completed
-//! modification back into the bitmap. When the bitmap is empty the job is
-//! *ready*: it keeps copying what the guest changes, so the target stays a
-//! bounded lag behind. Completion pauses the export, copies what is left,
-//! flushes the target and switches the export over; cancellation stops the
-//! copy and flushes the target.
+//! `max_in_flight` chunks at a time). The job is write-blocking from the
+//! start: every guest write goes to both nodes and completes when both have
+//! it, so the copy converges however fast the guest writes; other
+//! modifications (discard, write-zeroes) are logged back into the bitmap.
+//! When the bitmap is empty the job is *ready*. Completion pauses the
+//! export, copies what is left, flushes the target and switches the export
+//! over; cancellation stops the copy and flushes the target.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::DirtyBitmap;
+use super::MirrorTap;
 use crate::engine::Engine;
 use crate::node::Node;
 use crate::request::{BlockOp, BlockRequest, RequestResult};
@@ -87,7 +88,7 @@ pub struct MirrorJob {
     id: String,
     source: Arc<Node>,
     target: Arc<Node>,
-    bitmap: Arc<DirtyBitmap>,
+    tap: Arc<MirrorTap>,
     shared: Arc<Shared>,
     chunk_bytes: u64,
     max_in_flight: u16,
@@ -134,13 +135,13 @@ impl MirrorJob {
         if target.read_only() {
             return Err(format!("target {} is read-only", target.name()));
         }
-        let bitmap = Arc::new(DirtyBitmap::new(src_cap, chunk_bytes));
-        bitmap.mark_all();
+        // Write-blocking from the start (see the module docs).
+        let tap = Arc::new(MirrorTap::new(src_cap, chunk_bytes, target.clone()));
         Ok(MirrorJob {
             id: id.to_owned(),
             source,
             target,
-            bitmap,
+            tap,
             shared: Arc::new(Shared::default()),
             chunk_bytes,
             max_in_flight,
@@ -151,23 +152,23 @@ impl MirrorJob {
     /// Starts the background copy.
     pub fn start_copier(&mut self) -> Result<(), String> {
         let (chunk_bytes, max_in_flight) = (self.chunk_bytes, self.max_in_flight);
-        let (source, target, bitmap, shared) = (
+        let (source, target, tap, shared) = (
             self.source.clone(),
             self.target.clone(),
-            self.bitmap.clone(),
+            self.tap.clone(),
             self.shared.clone(),
         );
         let copier = std::thread::Builder::new()
             .name(format!("mirror-{}", self.id))
             .spawn(move || {
-                let mut copier =
-                    match Copier::new(source, target, bitmap, chunk_bytes, max_in_flight) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            *shared.error.lock().unwrap() = Some(e);
-                            return;
-                        }
-                    };
+                let mut copier = match Copier::new(source, target, tap, chunk_bytes, max_in_flight)
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        *shared.error.lock().unwrap() = Some(e);
+                        return;
+                    }
+                };
                 if let Err(e) = copier.run(&shared, false) {
                     tracing::error!("mirror job: {e}");
                     *shared.error.lock().unwrap() = Some(e);
@@ -199,9 +200,9 @@ impl MirrorJob {
         &self.target
     }
 
-    /// The bitmap exports log modifications into.
-    pub fn bitmap(&self) -> &Arc<DirtyBitmap> {
-        &self.bitmap
+    /// What the source's exports share with the job.
+    pub fn tap(&self) -> &Arc<MirrorTap> {
+        &self.tap
     }
 
     /// Whether source and target have been in sync.
@@ -212,7 +213,7 @@ impl MirrorJob {
     /// Current status.
     pub fn status(&self) -> JobStatus {
         let total = self.source.limits().capacity_bytes;
-        let pending = (self.bitmap.dirty() as u64
+        let pending = (self.tap.bitmap().dirty() as u64
             + self.shared.in_flight_chunks.load(Ordering::Relaxed))
         .saturating_mul(self.chunk_bytes)
         .min(total);
@@ -231,7 +232,7 @@ impl MirrorJob {
             },
             done_bytes: total - pending,
             total_bytes: total,
-            dirty_bytes: self.bitmap.dirty() as u64 * self.chunk_bytes,
+            dirty_bytes: self.tap.bitmap().dirty() as u64 * self.chunk_bytes,
             chunk_bytes: self.chunk_bytes,
             max_in_flight: self.max_in_flight,
             error,
@@ -256,7 +257,7 @@ impl MirrorJob {
         let mut copier = Copier::new(
             self.source.clone(),
             self.target.clone(),
-            self.bitmap.clone(),
+            self.tap.clone(),
             self.chunk_bytes,
             self.max_in_flight,
         )?;
@@ -327,6 +328,8 @@ struct Copy {
     chunk: usize,
     buf: usize,
     len: usize,
+    /// The chunk's mirrored-write generation when the copy started.
+    generation: u32,
 }
 
 struct Copier {
@@ -335,7 +338,7 @@ struct Copier {
     reads: Engine<Copy>,
     writes: Engine<Copy>,
     buffers: Buffers,
-    bitmap: Arc<DirtyBitmap>,
+    tap: Arc<MirrorTap>,
     capacity_bytes: u64,
     chunk_bytes: u64,
     free: Vec<usize>,
@@ -349,7 +352,7 @@ impl Copier {
     fn new(
         source: Arc<Node>,
         target: Arc<Node>,
-        bitmap: Arc<DirtyBitmap>,
+        tap: Arc<MirrorTap>,
         chunk_bytes: u64,
         max_in_flight: u16,
     ) -> Result<Self, String> {
@@ -358,8 +361,8 @@ impl Copier {
             reads: Engine::new(source, max_in_flight).map_err(|e| format!("source ring: {e}"))?,
             writes: Engine::new(target, max_in_flight).map_err(|e| format!("target ring: {e}"))?,
             buffers: Buffers::new(n, chunk_bytes as usize)?,
-            capacity_bytes: bitmap.chunks() as u64 * chunk_bytes,
-            bitmap,
+            capacity_bytes: tap.bitmap().chunks() as u64 * chunk_bytes,
+            tap,
             chunk_bytes,
             free: (0..n).rev().collect(),
             busy: vec![None; n],
@@ -400,20 +403,33 @@ impl Copier {
             }
             // Start copies while buffers are free.
             while let Some(&buf) = self.free.last() {
-                let Some(chunk) = self.bitmap.take_next(self.cursor) else {
+                let bitmap = self.tap.bitmap();
+                let Some(chunk) = bitmap.take_next(self.cursor) else {
                     break;
                 };
                 if self.busy.contains(&Some(chunk)) {
                     // Still being copied: look again once that copy lands.
-                    self.bitmap.set(chunk);
+                    bitmap.set(chunk);
                     break;
                 }
+                let Some(generation) = self.tap.copy_begin(chunk) else {
+                    // A guest write to both nodes is in flight there: a copy
+                    // now could land after it on the target. Later.
+                    bitmap.set(chunk);
+                    self.cursor = chunk + 1;
+                    break;
+                };
                 self.free.pop();
                 self.cursor = chunk + 1;
                 let offset = chunk as u64 * self.chunk_bytes;
                 let len = self.chunk_bytes.min(source_capacity - offset) as usize;
                 self.busy[buf] = Some(chunk);
-                let c = Copy { chunk, buf, len };
+                let c = Copy {
+                    chunk,
+                    buf,
+                    len,
+                    generation,
+                };
                 Self::submit(
                     &mut self.reads,
                     BlockOp::Read,
@@ -447,20 +463,29 @@ impl Copier {
             self.writes.reap(|c, r: RequestResult| written.push((c, r)));
             for (c, r) in written {
                 r.map_err(|e| format!("write chunk {} of the target: {e:?}", c.chunk))?;
+                if self.tap.copy_raced(c.chunk, c.generation) {
+                    // A guest write to both nodes started during the copy
+                    // and may have reached the target before it.
+                    self.tap.bitmap().set(c.chunk);
+                }
                 self.busy[c.buf] = None;
                 self.free.push(c.buf);
                 shared.in_flight_chunks.fetch_sub(1, Ordering::Relaxed);
             }
             let in_flight = self.reads.in_flight() + self.writes.in_flight();
-            if in_flight == 0 && self.bitmap.dirty() == 0 {
-                shared.ready.store(true, Ordering::Release);
+            if in_flight == 0 && self.tap.bitmap().dirty() == 0 {
                 if until_clean {
                     return Ok(());
                 }
+                // In sync, and every new write goes to both nodes.
+                shared.ready.store(true, Ordering::Release);
                 std::thread::sleep(Duration::from_millis(MIRROR_IDLE_POLL_MS));
                 continue;
             }
-            if in_flight > 0 {
+            if in_flight == 0 {
+                // Every dirty chunk has a guest write in flight: wait a bit.
+                std::thread::sleep(Duration::from_millis(MIRROR_IDLE_POLL_MS));
+            } else {
                 let wait = Duration::from_millis(MIRROR_IDLE_POLL_MS);
                 let r = if self.writes.in_flight() > 0 {
                     self.writes.wait_for_completion(wait)
@@ -472,7 +497,7 @@ impl Copier {
         }
         // Stopped: let the copies in flight land; a chunk read but not
         // written goes back into the bitmap for whoever copies next.
-        let bitmap = &self.bitmap;
+        let bitmap = self.tap.bitmap();
         let timeout = Duration::from_millis(crate::limits::DRAIN_TIMEOUT_MS);
         self.reads.drain(timeout, |c, _| bitmap.set(c.chunk));
         self.writes.drain(timeout, |c, r| {

@@ -36,7 +36,7 @@ use self::queue::{ExportShared, QueueWorker};
 use self::virtio_blk::Geometry;
 use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::engine::Engine;
-use crate::jobs::DirtyBitmap;
+use crate::jobs::MirrorTap;
 use crate::limits::{
     DETACH_QUIET_LIMIT_MS, DETACH_QUIET_MS, MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES,
     SERIAL_MAX_BYTES,
@@ -224,7 +224,7 @@ impl VhostUserExport {
             admitting: AtomicBool::new(true),
             paused: AtomicBool::new(false),
             node: ArcSwap::new(node.clone()),
-            dirty_log: ArcSwapOption::empty(),
+            mirror: ArcSwapOption::empty(),
             queues: (0..config.queues).map(|_| QueueShared::default()).collect(),
             wakers: Mutex::new(Vec::new()),
             workers: Mutex::new(None),
@@ -284,10 +284,9 @@ impl VhostUserExport {
         self.config.read_only || self.node().read_only()
     }
 
-    /// Starts (or stops, with `None`) logging completed modifications into
-    /// a mirror job's dirty bitmap.
-    pub fn set_dirty_log(&self, log: Option<Arc<DirtyBitmap>>) {
-        self.shared.dirty_log.store(log);
+    /// Hooks a mirror job into (or, with `None`, out of) the data path.
+    pub fn set_mirror(&self, tap: Option<Arc<MirrorTap>>) {
+        self.shared.mirror.store(tap);
     }
 
     /// Pivot, step one: queues leave new requests in the ring; waits until

@@ -15,14 +15,17 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use super::virtio_blk::{decode, status_of, Command, Decoded, Geometry};
 use crate::engine::{scatter, Engine, SubmitError};
 use crate::export::QueueShared;
-use crate::jobs::DirtyBitmap;
+use crate::jobs::MirrorTap;
 use crate::limits::{BAD_REQUEST_LOG_INTERVAL_MS, MAX_SEGMENTS, SERIAL_MAX_BYTES};
 use crate::node::Node;
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
 /// What the engine carries for each in-flight virtio request.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct VirtioCtx {
+    /// The mirror this write also went to (held until it completes, which
+    /// keeps the target open while the kernel may still use it).
+    mirrored: Option<Arc<MirrorTap>>,
     head: u16,
     status_addr: GuestAddress,
     used_len_ok: u32,
@@ -44,8 +47,8 @@ pub struct ExportShared {
     /// The node requests go to; a queue switches to a new one when it has
     /// nothing in flight (mirror pivot).
     pub node: ArcSwap<Node>,
-    /// Where completed modifications are logged while a mirror job runs.
-    pub dirty_log: ArcSwapOption<DirtyBitmap>,
+    /// The mirror job's tap while one runs on this export's node.
+    pub mirror: ArcSwapOption<MirrorTap>,
     /// Per-queue state.
     pub queues: Box<[QueueShared]>,
     /// Each queue's completion eventfd of the current connection: writing
@@ -252,9 +255,17 @@ impl QueueWorker {
     fn reap(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> usize {
         let mem = &self.mem;
         let shared = &self.shared.queues[self.index];
-        let dirty_log = self.shared.dirty_log.load();
-        self.engine.reap(|ctx, result| {
-            complete(state, mem, shared, dirty_log.as_deref(), ctx, result);
+        let mirror = self.shared.mirror.load();
+        self.engine.reap_mirrored(|ctx, result, target_ok| {
+            complete(
+                state,
+                mem,
+                shared,
+                mirror.as_deref(),
+                ctx,
+                result,
+                target_ok,
+            );
         }) as usize
     }
 
@@ -306,6 +317,7 @@ impl QueueWorker {
             return;
         };
         let mut ctx = VirtioCtx {
+            mirrored: None,
             head,
             status_addr,
             used_len_ok: decoded.used_len_ok,
@@ -351,7 +363,24 @@ impl QueueWorker {
                     len_bytes,
                     segments: &self.iovecs[..segments],
                 };
-                match self.engine.submit(&req, ctx) {
+                let tap = self.shared.mirror.load_full();
+                let target_fd = tap.as_ref().and_then(|t| t.target().raw_fd());
+                let submitted = match (tap, target_fd, op) {
+                    // Mirror job (write-blocking): the write goes to both nodes.
+                    (Some(tap), Some(fd), BlockOp::Write { .. }) => {
+                        tap.begin_write(offset_bytes, len_bytes);
+                        ctx.mirrored = Some(tap.clone());
+                        let r = self.engine.submit_mirrored(&req, ctx.clone(), fd);
+                        if !matches!(r, Ok(true)) {
+                            // Not mirrored after all: count it as done (the
+                            // chunk is marked and copied again).
+                            tap.end_write(offset_bytes, len_bytes, false);
+                        }
+                        r.map(|_| ())
+                    }
+                    _ => self.engine.submit(&req, ctx.clone()),
+                };
+                match submitted {
                     Ok(()) => return,
                     Err(SubmitError::Refused(e)) => {
                         self.log_bad("request misses the device alignment and cannot be bounced");
@@ -364,7 +393,7 @@ impl QueueWorker {
         if let (Err(_), Some(reason)) = (result, decoded.reason) {
             self.log_bad(reason);
         }
-        complete(state, &self.mem, self.shared(), None, ctx, result);
+        complete(state, &self.mem, self.shared(), None, ctx, result, None);
     }
 
     fn log_bad(&mut self, reason: &str) {
@@ -393,16 +422,26 @@ fn complete(
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     mem: &GuestMemoryMmap,
     shared: &QueueShared,
-    dirty_log: Option<&DirtyBitmap>,
+    mirror: Option<&MirrorTap>,
     ctx: VirtioCtx,
     result: RequestResult,
+    target_ok: Option<bool>,
 ) {
-    // A mirror copies what changed: log every modification once it is on
-    // the source (a copy that raced with it is redone).
-    if let (Some(log), Some(op)) = (dirty_log, ctx.op) {
-        if op.modifies() {
-            log.mark(ctx.offset_bytes, ctx.len_bytes);
+    // A mirror copies what changed: a write that went to both nodes is
+    // counted done (its chunks copied again if either half failed); any
+    // other modification is logged for the copier once it is on the source.
+    match (&ctx.mirrored, ctx.op) {
+        (Some(tap), _) => tap.end_write(
+            ctx.offset_bytes,
+            ctx.len_bytes,
+            result.is_ok() && target_ok == Some(true),
+        ),
+        (None, Some(op)) if op.modifies() => {
+            if let Some(tap) = mirror {
+                tap.log(ctx.offset_bytes, ctx.len_bytes);
+            }
         }
+        _ => {}
     }
     let status = status_of(result);
     let used_len = if result.is_ok() { ctx.used_len_ok } else { 1 };
