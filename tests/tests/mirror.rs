@@ -303,3 +303,33 @@ fn shutdown_cancels_a_running_job_last() {
         "close-all steps out of order:\n{log}"
     );
 }
+
+#[test]
+fn completed_mirror_is_byte_for_byte_the_source() {
+    const BYTES: u64 = 32 * MIB;
+    let s = setup(BYTES);
+    let mut daemon = serve(&s);
+    // Some writes before the job, so the source is not just the original.
+    let mut client = Client::connect(&s.sock, 1, 8).expect("connect");
+    for i in 0..64u64 {
+        let off = i * 7 * 65536 % BYTES;
+        assert_eq!(client.write(off, &pattern(off, BLOCK, 0xB0 + i)), 0);
+    }
+    rpc(
+        &daemon.control,
+        "job_mirror",
+        json!({"node": "src", "target": "dst", "id": "m"}),
+    )
+    .expect("job_mirror");
+    wait_ready(&daemon.control, "m", Duration::from_secs(60));
+    rpc(&daemon.control, "job_complete", json!({"id": "m"})).expect("job_complete");
+    drop(client);
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+    let src = std::fs::read(&s.source).unwrap();
+    let dst = std::fs::read(&s.target).unwrap();
+    assert_eq!(src.len(), dst.len());
+    if let Some(at) = src.iter().zip(&dst).position(|(a, b)| a != b) {
+        panic!("target differs from the source at byte {at}");
+    }
+}
