@@ -269,6 +269,20 @@ cat /tmp/qd1.out
 report mixed.client "$(tail -1 /tmp/qd1.out)"
 if kill -0 $fpid 2>/dev/null; then report mixed.fio_running_after_client yes; else report mixed.fio_running_after_client no; fi
 if wait $fpid; then report mixed.fio ok; else report mixed.fio "failed:$?"; cat /tmp/fio-mixed.log; fi
+# A ublk export added and removed at runtime through the control socket.
+"$S" ctl node-add rt null:64M >/tmp/rt.out 2>&1
+report runtime.node_add $?
+"$S" ctl export-add rtx --node rt --ublk 9 >>/tmp/rt.out 2>&1
+report runtime.add $?
+if [ -b /dev/ublkb9 ]; then report runtime.device yes; else report runtime.device no; fi
+dd if=/dev/zero of=/dev/ublkb9 bs=4k count=16 oflag=direct status=none
+report runtime.io $?
+"$S" ctl export-remove rtx >>/tmp/rt.out 2>&1
+report runtime.remove $?
+if [ -e /dev/ublkb9 ]; then report runtime.gone no; else report runtime.gone yes; fi
+"$S" ctl node-remove rt >>/tmp/rt.out 2>&1
+report runtime.node_remove $?
+cat /tmp/rt.out
 stop mixed $p
 gone mixed ublkb1
 if [ -e /tmp/vm.sock ]; then report mixed.socket_gone no; else report mixed.socket_gone yes; fi
@@ -706,6 +720,18 @@ fn ublk_over_nvme_and_sata() {
     ensure_eq(&run, "mixed.exit", "0");
     ensure_eq(&run, "mixed.gone", "yes");
     ensure_eq(&run, "mixed.socket_gone", "yes");
+    // Runtime add and removal of a ublk export through the monitor.
+    for (key, want) in [
+        ("runtime.node_add", "0"),
+        ("runtime.add", "0"),
+        ("runtime.device", "yes"),
+        ("runtime.io", "0"),
+        ("runtime.remove", "0"),
+        ("runtime.gone", "yes"),
+        ("runtime.node_remove", "0"),
+    ] {
+        ensure_eq(&run, key, want);
+    }
 }
 
 #[test]
