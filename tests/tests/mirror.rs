@@ -231,19 +231,24 @@ fn mirror_while_writing_then_pivot_onto_the_target() {
     eprintln!("client wrote {} batches during the test", counts.len());
 }
 
+/// Starts a mirror of 128 MiB that is slow on purpose (small chunks, one at
+/// a time), so that it is still running when the test acts.
+fn start_slow_mirror(daemon: &Daemon, id: &str) {
+    rpc(
+        &daemon.control,
+        "job_mirror",
+        json!({"node": "src", "target": "dst", "id": id, "chunk_bytes": 65536, "max_in_flight": 1}),
+    )
+    .expect("job_mirror");
+    std::thread::sleep(Duration::from_millis(100));
+}
+
 #[test]
 fn cancel_midway_leaves_source_and_export_untouched() {
     const BYTES: u64 = 128 * MIB;
     let s = setup(BYTES);
     let mut daemon = serve(&s);
-    // Slow on purpose: small chunks, one at a time.
-    rpc(
-        &daemon.control,
-        "job_mirror",
-        json!({"node": "src", "target": "dst", "id": "slow", "chunk_bytes": 65536, "max_in_flight": 1}),
-    )
-    .expect("job_mirror");
-    std::thread::sleep(Duration::from_millis(100));
+    start_slow_mirror(&daemon, "slow");
     let st = rpc(&daemon.control, "job_status", json!({"id": "slow"})).unwrap();
     assert_eq!(st["phase"], "running", "{st}");
     let err = rpc(&daemon.control, "job_complete", json!({"id": "slow"})).unwrap_err();
@@ -278,13 +283,7 @@ fn shutdown_cancels_a_running_job_last() {
     const BYTES: u64 = 128 * MIB;
     let s = setup(BYTES);
     let mut daemon = serve(&s);
-    rpc(
-        &daemon.control,
-        "job_mirror",
-        json!({"node": "src", "target": "dst", "id": "late", "chunk_bytes": 65536, "max_in_flight": 1}),
-    )
-    .expect("job_mirror");
-    std::thread::sleep(Duration::from_millis(100));
+    start_slow_mirror(&daemon, "late");
     let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
     daemon.assert_exit_ok(status);
     let log = daemon.stderr();
