@@ -12,6 +12,7 @@
 //! - [`daemon`]: `sluice serve`: configuration, start-up, readiness and the
 //!   shutdown that drains, detaches and flushes.
 
+pub mod alloc;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

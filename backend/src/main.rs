@@ -200,6 +200,11 @@ struct ServeArgs {
     control: Option<PathBuf>,
 }
 
+/// Counts heap allocations, so the monitor can show the request path makes
+/// none (see `sluice::alloc`).
+#[global_allocator]
+static ALLOCATOR: sluice::alloc::CountingAllocator = sluice::alloc::CountingAllocator;
+
 fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .map_err(|e| format!("not an octal mode: {e}"))

@@ -24,6 +24,7 @@ pub const METHODS: &[(&str, &str)] = &[
     ("job_status", "one job's phase and progress: {id}"),
     ("job_cancel", "stop a job and flush its target: {id}"),
     ("job_complete", "pivot a ready mirror: its exports switch to the target: {id}"),
+    ("daemon_stats", "process-wide counters: heap allocations so far"),
     ("rpc_methods", "this list"),
     ("shutdown", "close everything in order and exit"),
 ];
@@ -130,6 +131,10 @@ pub fn call(
         "job_complete" => {
             let JobId { id } = params(p)?;
             Ok(json!(daemon.complete_job(&id)?))
+        }
+        "daemon_stats" => {
+            params::<NoParams>(p)?;
+            Ok(json!({"heap_allocations": crate::alloc::allocations()}))
         }
         "rpc_methods" => Ok(json!(METHODS
             .iter()

@@ -1,0 +1,100 @@
+//! The request path allocates nothing: the daemon counts its heap
+//! allocations (monitor method `daemon_stats`), and thousands of requests
+//! through a vhost-user export must not add to the count beyond what the
+//! monitor calls themselves cost.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sluice_tests::{make_file, pattern, Client, Daemon, Op, EXIT_TIMEOUT, MIB};
+
+fn allocations(control: &Path) -> u64 {
+    let mut s = UnixStream::connect(control).expect("control socket");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let req = json!({"jsonrpc": "2.0", "id": 1, "method": "daemon_stats"});
+    writeln!(s, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("reply");
+    let reply: Value = serde_json::from_str(&line).expect("JSON");
+    reply["result"]["heap_allocations"]
+        .as_u64()
+        .expect("heap_allocations")
+}
+
+fn run_requests(client: &mut Client, q: usize, disk_bytes: u64, seed: u64) {
+    // Reads and writes (aligned), a flush per batch: the common path.
+    let mut ops = Vec::new();
+    for i in 0..256u64 {
+        let off = (i * 4096 * 7 + seed * 4096) % disk_bytes;
+        if i % 2 == 0 {
+            ops.push(Op::Read {
+                offset: off,
+                len: 4096,
+            });
+        } else {
+            ops.push(Op::Write {
+                offset: off,
+                data: pattern(off, 4096, seed),
+                fua: false,
+            });
+        }
+    }
+    ops.push(Op::Flush);
+    let outs = client.run(q, &ops).expect("requests");
+    assert!(outs.iter().all(|o| o.ret == 0), "a request failed");
+}
+
+#[test]
+fn the_request_path_allocates_nothing() {
+    const DISK: u64 = 64 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, DISK);
+    let sock = dir.path().join("vm.sock");
+    let mut daemon = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            img.to_str().unwrap(),
+            "--vhost-user",
+            sock.to_str().unwrap(),
+            "--queues",
+            "2",
+        ],
+        1,
+    );
+    let mut client = Client::connect(&sock, 2, 16).expect("connect");
+    // Warm up: first requests on each queue may set up per-thread state.
+    for q in 0..2 {
+        run_requests(&mut client, q, DISK, 1);
+    }
+    // What two monitor calls cost on their own.
+    let a = allocations(&daemon.control);
+    let b = allocations(&daemon.control);
+    let per_call = b - a;
+    // The same two calls around 20 batches (5140 requests) on both queues.
+    let c = allocations(&daemon.control);
+    for round in 0..10u64 {
+        for q in 0..2 {
+            run_requests(&mut client, q, DISK, round + 2);
+        }
+    }
+    let d = allocations(&daemon.control);
+    eprintln!(
+        "monitor call: {per_call} allocations; around 5140 requests: {}",
+        d - c
+    );
+    // A few allocations of slack for the calls' own variation (longer
+    // numbers in the replies); one per request would be thousands.
+    assert!(
+        d - c <= per_call + 4,
+        "5140 requests made {} heap allocations beyond the monitor's own {per_call}",
+        (d - c).saturating_sub(per_call)
+    );
+    drop(client);
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+}
