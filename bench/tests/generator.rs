@@ -1,0 +1,321 @@
+//! The load generator against real components: the `sluice` daemon serving a null disk over
+//! vhost-user (through the built `sluice-bench` binary and through the library), libblkio's
+//! io_uring driver on a temporary file, and a backend that dies mid-run.
+//!
+//! The daemon is `<target>/debug/sluice` (or `$SLUICE_BIN`); build it first with
+//! `cargo build -p sluice`. Every wait here is bounded.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sluice_bench::{run, Config, Driver, Report, Rw};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// A 1 s run plus connect and set-up takes well under this.
+const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn sluice_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_BIN") {
+        return PathBuf::from(p);
+    }
+    // <target>/debug/deps/<test> → <target>/debug/sluice
+    let exe = std::env::current_exe().expect("current_exe");
+    for dir in exe.ancestors().skip(1).take(3) {
+        let candidate = dir.join("sluice");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!(
+        "sluice binary not found next to {}: run `cargo build -p sluice` first",
+        exe.display()
+    );
+}
+
+/// `sluice serve` on a null disk; SIGKILLed and reaped on drop.
+struct Sluice {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+    stderr: PathBuf,
+}
+
+impl Sluice {
+    fn start(disk: &str, queues: usize) -> Sluice {
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-bench-")
+            .tempdir()
+            .expect("tempdir");
+        let socket = dir.path().join("blk.sock");
+        let control = dir.path().join("control.sock");
+        let stderr = dir.path().join("stderr");
+        let bin = sluice_bin();
+        let mut child = Command::new(&bin)
+            .arg("serve")
+            .args(["--disk", disk, "--queues", &queues.to_string()])
+            .arg("--vhost-user")
+            .arg(&socket)
+            .arg("--control")
+            .arg(&control)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut s = Sluice {
+            child,
+            socket,
+            _dir: dir,
+            stderr,
+        };
+        // Wait for the export's ready line: {"event":"ready","export":…}.
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    let v: serde_json::Value = serde_json::from_str(&line)
+                        .unwrap_or_else(|e| s.fail(&format!("non-JSON stdout line {line:?}: {e}")));
+                    if v["event"] == "ready" && v.get("export").is_some() {
+                        break;
+                    }
+                }
+                Err(e) => s.fail(&format!("no ready line within {READY_TIMEOUT:?}: {e}")),
+            }
+        }
+        s
+    }
+
+    fn fail(&mut self, what: &str) -> ! {
+        self.kill();
+        panic!(
+            "sluice: {what}\n--- stderr ---\n{}",
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        );
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `f` on a helper thread and fails the test if it takes longer than `limit`.
+fn bounded<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|e| panic!("still running after {limit:?}: {e}"))
+}
+
+fn check_json(v: &serde_json::Value, driver: &str) {
+    for key in [
+        "driver",
+        "path",
+        "rw",
+        "bs",
+        "iodepth",
+        "queues",
+        "runtime_s",
+        "ramp_s",
+        "cpus",
+        "elapsed_s",
+        "ios",
+        "read_ios",
+        "write_ios",
+        "iops",
+        "bw_bytes_per_s",
+        "bw_mib_per_s",
+        "lat_ns",
+        "cpu",
+    ] {
+        assert!(v.get(key).is_some(), "no {key:?} in {v}");
+    }
+    for key in ["mean", "min", "max", "p50", "p99", "p99_9"] {
+        assert!(v["lat_ns"].get(key).is_some(), "no lat_ns.{key} in {v}");
+    }
+    for key in ["user_s", "sys_s", "total_s", "percent"] {
+        assert!(v["cpu"].get(key).is_some(), "no cpu.{key} in {v}");
+    }
+    assert_eq!(v["driver"], driver);
+    let iops = v["iops"].as_f64().expect("iops is a number");
+    assert!(iops > 0.0, "no IOPS: {v}");
+    assert!(v["bw_bytes_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    let lat = |k: &str| {
+        v["lat_ns"][k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("lat_ns.{k}: {v}"))
+    };
+    let (min, p50, p99, p999, max) = (lat("min"), lat("p50"), lat("p99"), lat("p99_9"), lat("max"));
+    assert!(
+        0 < min && min <= p50 && p50 <= p99 && p99 <= p999 && p999 <= max,
+        "latencies out of order: {v}"
+    );
+    let elapsed = v["elapsed_s"].as_f64().unwrap();
+    assert!(
+        (0.9..3.0).contains(&elapsed),
+        "measured {elapsed} s of a 1 s run: {v}"
+    );
+    assert!(
+        v["cpu"]["total_s"].as_f64().unwrap() > 0.0,
+        "no client CPU time: {v}"
+    );
+}
+
+fn check_report(r: &Report, driver: &str) {
+    check_json(&r.to_json(), driver);
+    assert!(r.ios() > 0);
+    assert!(!r.human().is_empty());
+}
+
+#[test]
+fn binary_randread_against_sluice_json() {
+    let sluice = Sluice::start("null:64M", 2);
+    let socket = sluice.socket.clone();
+    let out = bounded(RUN_TIMEOUT, move || {
+        Command::new(env!("CARGO_BIN_EXE_sluice-bench"))
+            .args(["--driver", "vhost-user", "--path"])
+            .arg(&socket)
+            .args([
+                "--rw",
+                "randread",
+                "--bs",
+                "4k",
+                "--iodepth",
+                "8",
+                "--queues",
+                "2",
+                "--runtime",
+                "1s",
+                "--ramp",
+                "200ms",
+                "--cpus",
+                "0",
+                "--io-timeout",
+                "5s",
+                "--json",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running sluice-bench")
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sluice-bench failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON object on stdout: {stdout}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).expect("stdout is JSON");
+    check_json(&v, "vhost-user");
+    assert_eq!(v["rw"], "randread");
+    assert_eq!(
+        (v["iodepth"].as_u64(), v["queues"].as_u64()),
+        (Some(8), Some(2))
+    );
+    assert_eq!(v["bs"], 4096);
+    assert_eq!(v["cpus"], serde_json::json!([0]));
+    assert_eq!(v["write_ios"], 0);
+    assert_eq!(v["capacity_bytes"], 64 << 20);
+}
+
+#[test]
+fn library_mixed_sequential_against_sluice() {
+    let sluice = Sluice::start("null:64M", 2);
+    let mut cfg = Config::new(Driver::VhostUser, &sluice.socket);
+    cfg.rw = Rw::ReadWrite;
+    cfg.rwmixread = 70;
+    cfg.bs = 16 << 10;
+    cfg.iodepth = 8;
+    cfg.queues = 2;
+    cfg.runtime = Duration::from_secs(1);
+    cfg.io_timeout = Duration::from_secs(5);
+    let r = bounded(RUN_TIMEOUT, move || run(&cfg)).expect("run");
+    check_report(&r, "vhost-user");
+    // About 70 % reads.
+    let share = r.read_ios as f64 / r.ios() as f64;
+    assert!((0.6..0.8).contains(&share), "read share {share}: {r:?}");
+}
+
+#[test]
+fn io_uring_randread_on_a_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    std::fs::File::create(&file)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("creating the image");
+    let mut cfg = Config::new(Driver::IoUring, &file);
+    cfg.iodepth = 8;
+    cfg.queues = 2;
+    cfg.runtime = Duration::from_secs(1);
+    cfg.ramp = Duration::from_millis(200);
+    cfg.io_timeout = Duration::from_secs(5);
+    let r = bounded(RUN_TIMEOUT, move || run(&cfg)).expect("run");
+    check_report(&r, "io-uring");
+    assert_eq!(r.capacity, 64 << 20);
+    assert_eq!(r.write_ios, 0);
+}
+
+#[test]
+fn io_uring_reports_a_missing_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = Config::new(Driver::IoUring, dir.path().join("missing.img"));
+    cfg.runtime = Duration::from_millis(100);
+    let e = run(&cfg).unwrap_err();
+    assert!(e.contains("connect"), "{e}");
+}
+
+/// A backend that dies mid-run makes the run fail within about the I/O timeout, with a
+/// message, instead of hanging.
+#[test]
+fn dead_backend_fails_within_the_timeout() {
+    let mut sluice = Sluice::start("null:64M", 1);
+    let mut cfg = Config::new(Driver::VhostUser, &sluice.socket);
+    cfg.iodepth = 4;
+    cfg.runtime = Duration::from_secs(20);
+    cfg.io_timeout = Duration::from_secs(1);
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let t = Instant::now();
+        let _ = tx.send((run(&cfg), t.elapsed()));
+    });
+    thread::sleep(Duration::from_millis(500));
+    sluice.kill();
+    let (result, took) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("run still going 10 s after its backend died");
+    let e = result.expect_err("a run whose backend died must fail");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(e.contains("queue 0"), "{e}");
+    eprintln!("dead backend reported as: {e}");
+}
