@@ -2,46 +2,29 @@
 //! vhost-user (through the built `sluice-bench` binary and through the library), libblkio's
 //! io_uring driver on a temporary file, and a backend that dies mid-run.
 //!
-//! The daemon is `<target>/debug/sluice` (or `$SLUICE_BIN`); build it first with
+//! The daemon is started by the tests' harness (`sluice_tests::Daemon`: the
+//! built `<target>/debug/sluice` or `$SLUICE_BIN`); build it first with
 //! `cargo build -p sluice`. Every wait here is bounded.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use sluice_bench::{run, Config, Driver, Report, Rw};
+use sluice_tests::Daemon;
 
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// A 1 s run plus connect and set-up takes well under this.
 const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn sluice_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("SLUICE_BIN") {
-        return PathBuf::from(p);
-    }
-    // <target>/debug/deps/<test> → <target>/debug/sluice
-    let exe = std::env::current_exe().expect("current_exe");
-    for dir in exe.ancestors().skip(1).take(3) {
-        let candidate = dir.join("sluice");
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!(
-        "sluice binary not found next to {}: run `cargo build -p sluice` first",
-        exe.display()
-    );
-}
-
-/// `sluice serve` on a null disk; SIGKILLed and reaped on drop.
+/// `sluice serve` on a disk over vhost-user (the tests' harness: it waits
+/// for the ready line, gives the daemon its own control socket, and kills
+/// it on drop).
 struct Sluice {
-    child: Child,
+    daemon: Daemon,
     socket: PathBuf,
     _dir: tempfile::TempDir,
-    stderr: PathBuf,
 }
 
 impl Sluice {
@@ -51,78 +34,25 @@ impl Sluice {
             .tempdir()
             .expect("tempdir");
         let socket = dir.path().join("blk.sock");
-        let control = dir.path().join("control.sock");
-        let stderr = dir.path().join("stderr");
-        let bin = sluice_bin();
-        let mut child = Command::new(&bin)
-            .arg("serve")
-            .args(["--disk", disk, "--queues", &queues.to_string()])
-            .arg("--vhost-user")
-            .arg(&socket)
-            .arg("--control")
-            .arg(&control)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", bin.display()));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut s = Sluice {
-            child,
+        let queues = queues.to_string();
+        let args = [
+            "serve",
+            "--disk",
+            disk,
+            "--queues",
+            &queues,
+            "--vhost-user",
+            socket.to_str().expect("utf-8 path"),
+        ];
+        Sluice {
+            daemon: Daemon::spawn(&args, 1),
             socket,
             _dir: dir,
-            stderr,
-        };
-        // Wait for the export's ready line: {"event":"ready","export":…}.
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    let v: serde_json::Value = serde_json::from_str(&line)
-                        .unwrap_or_else(|e| s.fail(&format!("non-JSON stdout line {line:?}: {e}")));
-                    if v["event"] == "ready" && v.get("export").is_some() {
-                        break;
-                    }
-                }
-                Err(e) => s.fail(&format!("no ready line within {READY_TIMEOUT:?}: {e}")),
-            }
         }
-        s
-    }
-
-    fn fail(&mut self, what: &str) -> ! {
-        self.kill();
-        panic!(
-            "sluice: {what}\n--- stderr ---\n{}",
-            std::fs::read_to_string(&self.stderr).unwrap_or_default()
-        );
     }
 
     fn kill(&mut self) {
-        let _ = self.child.kill();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Sluice {
-    fn drop(&mut self) {
-        self.kill();
+        self.daemon.kill();
     }
 }
 
