@@ -363,7 +363,11 @@ impl QueueWorker {
                     len_bytes,
                     segments: &self.iovecs[..segments],
                 };
-                let tap = self.shared.mirror.load_full();
+                // Only writes look at the mirror (and take a reference to it).
+                let tap = match op {
+                    BlockOp::Write { .. } => self.shared.mirror.load_full(),
+                    _ => None,
+                };
                 let target_fd = tap.as_ref().and_then(|t| t.target().raw_fd());
                 let submitted = match (tap, target_fd, op) {
                     // Mirror job (write-blocking): the write goes to both nodes.
