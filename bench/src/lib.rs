@@ -22,6 +22,7 @@
 //! indirect descriptors, so the vring (`queue-size`) is sized to the next power of two
 //! ≥ 3 × depth; a smaller ring would silently cap the depth.
 
+pub mod compare;
 pub mod hist;
 pub mod parse;
 

@@ -1,0 +1,168 @@
+//! `sluice-compare`: sluice against qemu-storage-daemon and the drive itself, side by side
+//! in one run. See `sluice_bench::compare`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use sluice_bench::compare::{self, Options, Placement, Point, Target};
+use sluice_bench::parse::{parse_duration, parse_size};
+
+/// Runs every point (4 KiB random read/write at depth 1/32/128 on 1 and 2 queues; 128 KiB
+/// sequential read/write at depth 8) on every target (fio io_uring and libblkio io_uring on
+/// the backing file; qemu-storage-daemon and sluice exporting that file and a null node over
+/// vhost-user-blk) in both placements, repeated and interleaved, and writes compare.json,
+/// compare.md and compare.svg.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-compare", version)]
+struct Args {
+    /// Work directory: sockets, server logs, and the backing file unless --file is given.
+    #[arg(long, default_value = "/var/tmp/sluice-compare")]
+    dir: PathBuf,
+    /// Backing file or block device instead of DIR/backing.img. Its data is overwritten
+    /// by the write points.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Size of DIR/backing.img (written in full once, then reused).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    file_size: u64,
+    /// Size of the null nodes.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    null_size: u64,
+    /// Where compare.json, compare.md and compare.svg go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Measured time per run.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    runtime: Duration,
+    /// Unmeasured warm-up per run.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    ramp: Duration,
+    /// Runs per cell (median and range reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Targets, comma-separated (default: all): fio-io_uring, blkio-io_uring, qsd-file,
+    /// sluice-file, qsd-null, sluice-null.
+    #[arg(long, value_delimiter = ',', value_parser = Target::parse)]
+    targets: Option<Vec<Target>>,
+    /// Points, comma-separated ids such as randread-4k-qd32-q2 (default: all 14).
+    #[arg(long, value_delimiter = ',')]
+    points: Option<Vec<String>>,
+    /// Placements, comma-separated: split (own cores), shared (one core). Default: both.
+    #[arg(long, value_delimiter = ',', value_parser = Placement::parse)]
+    placements: Option<Vec<Placement>>,
+    /// CPU of the client (the load generator or fio).
+    #[arg(long, default_value_t = 0)]
+    client_cpu: usize,
+    /// CPU of the server in the split placement.
+    #[arg(long, default_value_t = 1)]
+    server_cpu: usize,
+    /// sluice's --poll-us with its own core (it gets 0 on a shared core).
+    #[arg(long, default_value_t = 50)]
+    sluice_poll_us: u32,
+    /// sluice's --queue-depth.
+    #[arg(long, default_value_t = 128)]
+    sluice_queue_depth: usize,
+    /// The sluice binary (default: `sluice` next to this program).
+    #[arg(long)]
+    sluice: Option<PathBuf>,
+    /// qemu-storage-daemon binary.
+    #[arg(long, default_value = "qemu-storage-daemon")]
+    qsd: PathBuf,
+    /// fio binary.
+    #[arg(long, default_value = "fio")]
+    fio: PathBuf,
+    /// Bound on each wait for a server or a request.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    io_timeout: Duration,
+    /// Run nothing: rewrite compare.md and compare.svg in --out from an earlier run's JSON.
+    #[arg(long)]
+    from_json: Option<PathBuf>,
+}
+
+fn options(a: Args) -> Result<Options, String> {
+    let all = Point::standard();
+    let points = match a.points {
+        None => all,
+        Some(ids) => ids
+            .iter()
+            .map(|id| {
+                all.iter().find(|p| &p.id() == id).copied().ok_or_else(|| {
+                    let known: Vec<_> = all.iter().map(|p| p.id()).collect();
+                    format!("unknown point {id:?} (one of {})", known.join(", "))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let sluice = match a.sluice {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .map_err(|e| format!("locating this program: {e}"))?
+            .with_file_name("sluice"),
+    };
+    Ok(Options {
+        work_dir: a.dir,
+        file: a.file,
+        file_size_bytes: a.file_size,
+        null_size_bytes: a.null_size,
+        out_dir: a.out,
+        runtime: a.runtime,
+        ramp: a.ramp,
+        repeats: a.repeats,
+        targets: a.targets.unwrap_or_else(|| Target::ALL.to_vec()),
+        points,
+        placements: a.placements.unwrap_or_else(|| Placement::ALL.to_vec()),
+        client_cpu: a.client_cpu,
+        server_cpu: a.server_cpu,
+        sluice_poll_us: a.sluice_poll_us,
+        sluice_queue_depth: a.sluice_queue_depth,
+        sluice,
+        qsd: a.qsd,
+        fio: a.fio,
+        io_timeout: a.io_timeout,
+    })
+}
+
+fn load(path: &PathBuf) -> Result<compare::Results, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let from_json = args.from_json.clone();
+    let opts = match options(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("sluice-compare: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let results = match from_json.as_ref().map_or_else(|| compare::run(&opts), load) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice-compare: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match compare::write_results(&results, &opts.out_dir) {
+        Ok(paths) => {
+            for p in paths {
+                eprintln!("sluice-compare: wrote {}", p.display());
+            }
+        }
+        Err(e) => {
+            eprintln!("sluice-compare: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    print!("{}", compare::report::markdown(&results, "compare.svg"));
+    let failures = results.failures();
+    if failures > 0 {
+        eprintln!("sluice-compare: {failures} run(s) failed (see compare.json)");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

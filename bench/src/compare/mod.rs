@@ -1,0 +1,738 @@
+//! The comparison runner behind `sluice-compare`: sluice against qemu-storage-daemon and
+//! against the drive itself, side by side in one run.
+//!
+//! Every *target* is one way onto the same backing file (or onto nothing, for the null
+//! targets), and every *point* is one workload. The runner interleaves them: for each
+//! placement and queue count it starts the servers once, then repeats
+//! `for point { for target { run } }` `repeats` times, so slow drifts of this noisy machine
+//! spread over all targets instead of landing on one. Each cell reports the median and the
+//! spread of its repeats.
+//!
+//! Placement (which CPU each side runs on) matters a lot on a 2-core machine: a cross-core
+//! eventfd wake-up costs tens of microseconds. The client (our load generator, or fio)
+//! always runs on `client_cpu`; a server runs on `server_cpu` in the *split* placement and
+//! on `client_cpu` as well in the *shared* one. Both servers are configured alike per
+//! placement: they poll when they have their own core and do not when they share it (sluice
+//! `--poll-us`, qemu-storage-daemon's iothread `poll-max-ns`).
+
+pub mod fio;
+pub mod plot;
+pub mod report;
+pub mod server;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Config, Driver, Rw};
+use server::{Server, ServerKind};
+
+/// Where the two sides of a run are placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// Client on `client_cpu`, server on `server_cpu`: each side has its own core.
+    Split,
+    /// Client and server both on `client_cpu`.
+    Shared,
+}
+
+impl Placement {
+    pub const ALL: [Placement; 2] = [Placement::Split, Placement::Shared];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::Split => "split",
+            Placement::Shared => "shared",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Placement, String> {
+        Placement::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown placement {s:?} (split, shared)"))
+    }
+}
+
+/// What the backing of a target is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backing {
+    File,
+    Null,
+}
+
+/// One way onto the storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Target {
+    /// fio's io_uring engine, `direct=1`, on the backing file: the physical limit.
+    Fio,
+    /// libblkio's io_uring driver on the backing file, through our generator: the
+    /// harness's own reference (what the generator costs compared to fio).
+    BlkioUring,
+    /// qemu-storage-daemon's vhost-user-blk export of the backing file.
+    QsdFile,
+    /// sluice's vhost-user-blk export of the backing file.
+    SluiceFile,
+    /// qemu-storage-daemon's vhost-user-blk export of a `null-co` node.
+    QsdNull,
+    /// sluice's vhost-user-blk export of a null node.
+    SluiceNull,
+}
+
+impl Target {
+    pub const ALL: [Target; 6] = [
+        Target::Fio,
+        Target::BlkioUring,
+        Target::QsdFile,
+        Target::SluiceFile,
+        Target::QsdNull,
+        Target::SluiceNull,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Fio => "fio-io_uring",
+            Target::BlkioUring => "blkio-io_uring",
+            Target::QsdFile => "qsd-file",
+            Target::SluiceFile => "sluice-file",
+            Target::QsdNull => "qsd-null",
+            Target::SluiceNull => "sluice-null",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Target, String> {
+        Target::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Target::ALL.iter().map(|t| t.name()).collect();
+                format!("unknown target {s:?} ({})", names.join(", "))
+            })
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Target::Fio => "fio ioengine=io_uring direct=1 on the backing file (physical limit)",
+            Target::BlkioUring => "sluice-bench, libblkio io_uring driver, direct, on the backing file",
+            Target::QsdFile => {
+                "qemu-storage-daemon vhost-user-blk export, file driver cache.direct=on aio=io_uring, one iothread"
+            }
+            Target::SluiceFile => "sluice vhost-user-blk export of the backing file",
+            Target::QsdNull => "qemu-storage-daemon vhost-user-blk export of null-co (read-zeroes=on), one iothread",
+            Target::SluiceNull => "sluice vhost-user-blk export of a null node (reads zeroes)",
+        }
+    }
+
+    pub fn backing(self) -> Backing {
+        match self {
+            Target::QsdNull | Target::SluiceNull => Backing::Null,
+            _ => Backing::File,
+        }
+    }
+
+    /// The server this target runs behind, if any.
+    pub fn server(self) -> Option<ServerKind> {
+        match self {
+            Target::Fio | Target::BlkioUring => None,
+            Target::QsdFile | Target::QsdNull => Some(ServerKind::Qsd),
+            Target::SluiceFile | Target::SluiceNull => Some(ServerKind::Sluice),
+        }
+    }
+}
+
+/// One workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Point {
+    #[serde(serialize_with = "ser_rw", deserialize_with = "de_rw")]
+    pub rw: Rw,
+    pub bs: usize,
+    pub iodepth: usize,
+    pub queues: usize,
+}
+
+fn ser_rw<S: serde::Serializer>(rw: &Rw, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(rw.name())
+}
+
+fn de_rw<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Rw, D::Error> {
+    let s = String::deserialize(d)?;
+    Rw::parse(&s).map_err(serde::de::Error::custom)
+}
+
+impl Point {
+    /// `randread-4k-qd32-q2`.
+    pub fn id(&self) -> String {
+        let bs = if self.bs % 1024 == 0 {
+            format!("{}k", self.bs / 1024)
+        } else {
+            self.bs.to_string()
+        };
+        format!(
+            "{}-{bs}-qd{}-q{}",
+            self.rw.name(),
+            self.iodepth,
+            self.queues
+        )
+    }
+
+    /// A short label for plots: `rr 4k qd32 q2` (rr/rw: random read/write; sr/sw:
+    /// sequential read/write).
+    pub fn short_label(&self) -> String {
+        let rw = match self.rw {
+            Rw::RandRead => "rr",
+            Rw::RandWrite => "rw",
+            Rw::Read => "sr",
+            Rw::Write => "sw",
+            Rw::ReadWrite => "srw",
+            Rw::RandRw => "rrw",
+        };
+        let id = self.id();
+        let rest = id.split_once('-').map_or("", |(_, r)| r);
+        format!("{rw} {}", rest.replace('-', " "))
+    }
+
+    /// The issue's points: 4 KiB random read and write at depth 1, 32 and 128 with 1 and
+    /// 2 queues; 128 KiB sequential read and write at depth 8 on one queue.
+    pub fn standard() -> Vec<Point> {
+        let mut points = Vec::new();
+        for rw in [Rw::RandRead, Rw::RandWrite] {
+            for queues in [1, 2] {
+                for iodepth in [1, 32, 128] {
+                    points.push(Point {
+                        rw,
+                        bs: 4096,
+                        iodepth,
+                        queues,
+                    });
+                }
+            }
+        }
+        for rw in [Rw::Read, Rw::Write] {
+            points.push(Point {
+                rw,
+                bs: 128 << 10,
+                iodepth: 8,
+                queues: 1,
+            });
+        }
+        points
+    }
+}
+
+/// The runner's settings.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Sockets, logs and (unless `file` is set) the backing file go here.
+    pub work_dir: PathBuf,
+    /// Backing file or block device; `None`: `work_dir/backing.img` of `file_size` bytes.
+    pub file: Option<PathBuf>,
+    pub file_size_bytes: u64,
+    /// Size of the null nodes.
+    pub null_size_bytes: u64,
+    pub out_dir: PathBuf,
+    pub runtime: Duration,
+    pub ramp: Duration,
+    pub repeats: usize,
+    pub targets: Vec<Target>,
+    pub points: Vec<Point>,
+    pub placements: Vec<Placement>,
+    pub client_cpu: usize,
+    pub server_cpu: usize,
+    /// sluice's `--poll-us` when it has its own core (split placement); 0 when shared.
+    pub sluice_poll_us: u32,
+    /// sluice's `--queue-depth` (the RSS figure is for this depth).
+    pub sluice_queue_depth: usize,
+    pub sluice: PathBuf,
+    pub qsd: PathBuf,
+    pub fio: PathBuf,
+    /// Bound on every wait for a server or a request.
+    pub io_timeout: Duration,
+}
+
+/// One measured run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Sample {
+    pub iops: f64,
+    pub bw_bytes_per_s: f64,
+    pub lat_mean_ns: f64,
+    pub lat_p50_ns: f64,
+    pub lat_p99_ns: f64,
+    pub lat_p99_9_ns: f64,
+    /// Client CPU in percent of one CPU.
+    pub client_cpu_percent: f64,
+}
+
+/// All repeats of one (placement, point, target).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Cell {
+    pub placement: Placement,
+    pub point: Point,
+    pub target: Target,
+    pub samples: Vec<Sample>,
+    pub errors: Vec<String>,
+}
+
+/// Memory of one server process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RssRecord {
+    pub placement: Placement,
+    pub target: Target,
+    pub queues: usize,
+    pub queue_depth: Option<usize>,
+    /// VmRSS right after the export was ready (before any client).
+    pub rss_ready_kib: u64,
+    /// VmRSS after the last run of the group.
+    pub rss_after_kib: u64,
+    /// VmHWM: the peak.
+    pub rss_peak_kib: u64,
+}
+
+/// Everything one run of the runner produced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Results {
+    pub machine: report::Machine,
+    pub settings: report::Settings,
+    pub cells: Vec<Cell>,
+    pub rss: Vec<RssRecord>,
+}
+
+impl Results {
+    pub fn cell(&self, placement: Placement, point: &Point, target: Target) -> Option<&Cell> {
+        self.cells
+            .iter()
+            .find(|c| c.placement == placement && &c.point == point && c.target == target)
+    }
+
+    pub fn failures(&self) -> usize {
+        self.cells.iter().map(|c| c.errors.len()).sum()
+    }
+}
+
+/// Creates (or reuses) the backing file: `size` bytes of real, written data, so reads hit
+/// the drive instead of a filesystem's unwritten extents.
+pub fn prepare_backing_file(path: &Path, size: u64) -> Result<(), String> {
+    if let Ok(m) = fs::metadata(path) {
+        if m.len() == size && m.blocks() * 512 >= size {
+            return Ok(());
+        }
+    }
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    eprintln!(
+        "sluice-compare: writing the {} MiB backing file {}",
+        size >> 20,
+        path.display()
+    );
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| {
+            format!(
+                "creating {} with O_DIRECT: {e} (the directory's filesystem must support \
+                 direct I/O; tmpfs does not before Linux 6.6: pick another --dir)",
+                path.display()
+            )
+        })?;
+    const CHUNK: usize = 1 << 20;
+    let mut buf = AlignedBuf::new(CHUNK);
+    let mut written = 0u64;
+    while written < size {
+        let n = CHUNK.min((size - written) as usize);
+        // Varied, non-zero content: nothing below can turn it into holes.
+        for (i, b) in buf.as_mut()[..n].iter_mut().enumerate() {
+            *b = ((written as usize + i) as u64).wrapping_mul(0x9e37_79b9) as u8 | 1;
+        }
+        f.write_all(&buf.as_mut()[..n])
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+        written += n as u64;
+    }
+    f.sync_all()
+        .map_err(|e| format!("syncing {}: {e}", path.display()))?;
+    Ok(())
+}
+
+use std::os::unix::fs::MetadataExt;
+
+/// A page-aligned heap buffer for O_DIRECT writes.
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> AlignedBuf {
+        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid layout");
+        // SAFETY: the layout has a non-zero size (callers pass CHUNK).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "out of memory for a {len}-byte buffer");
+        AlignedBuf { ptr, layout }
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: ptr points to layout.size() initialised (zeroed) bytes that only this
+        // value owns; the borrow of self keeps it unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated with this layout in new() and is freed once.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// Runs the whole comparison; per-run failures are recorded in their cell, not fatal.
+pub fn run(opts: &Options) -> Result<Results, String> {
+    check_tools(opts)?;
+    fs::create_dir_all(&opts.work_dir)
+        .map_err(|e| format!("creating {}: {e}", opts.work_dir.display()))?;
+    let file = match &opts.file {
+        Some(f) => f.clone(),
+        None => {
+            let f = opts.work_dir.join("backing.img");
+            if opts.targets.iter().any(|t| t.backing() == Backing::File) {
+                prepare_backing_file(&f, opts.file_size_bytes)?;
+            }
+            f
+        }
+    };
+    let file_size = if opts.targets.iter().any(|t| t.backing() == Backing::File) {
+        server::device_size(&file)?
+    } else {
+        0
+    };
+    let machine = report::Machine::probe(opts);
+    let settings = report::Settings::new(opts, &file, file_size);
+    let mut results = Results {
+        machine,
+        settings,
+        cells: Vec::new(),
+        rss: Vec::new(),
+    };
+    let mut queue_counts: Vec<usize> = opts.points.iter().map(|p| p.queues).collect();
+    queue_counts.sort_unstable();
+    queue_counts.dedup();
+    let total = opts.placements.len() * opts.points.len() * opts.targets.len() * opts.repeats;
+    let started = Instant::now();
+    let mut done = 0usize;
+    for &placement in &opts.placements {
+        let server_cpu = match placement {
+            Placement::Split => opts.server_cpu,
+            Placement::Shared => opts.client_cpu,
+        };
+        for &queues in &queue_counts {
+            let points: Vec<Point> = opts
+                .points
+                .iter()
+                .copied()
+                .filter(|p| p.queues == queues)
+                .collect();
+            let mut servers: Vec<(Target, Server)> = Vec::new();
+            for &target in &opts.targets {
+                let Some(kind) = target.server() else {
+                    continue;
+                };
+                let spec = server::Spec {
+                    kind,
+                    name: format!("{}-{}-q{queues}", target.name(), placement.name()),
+                    backing: match target.backing() {
+                        Backing::File => server::BackingSpec::File(file.clone()),
+                        Backing::Null => server::BackingSpec::Null(opts.null_size_bytes),
+                    },
+                    queues,
+                    cpu: server_cpu,
+                    poll: placement == Placement::Split,
+                    sluice_poll_us: opts.sluice_poll_us,
+                    sluice_queue_depth: opts.sluice_queue_depth,
+                    program: match kind {
+                        ServerKind::Sluice => opts.sluice.clone(),
+                        ServerKind::Qsd => opts.qsd.clone(),
+                    },
+                    work_dir: opts.work_dir.clone(),
+                    ready_timeout: opts.io_timeout,
+                };
+                servers.push((target, Server::start(&spec)?));
+            }
+            let rss_ready: Vec<u64> = servers
+                .iter()
+                .map(|(_, s)| s.memory().map(|m| m.rss_kib).unwrap_or(0))
+                .collect();
+            for repeat in 0..opts.repeats {
+                for point in &points {
+                    for &target in &opts.targets {
+                        let socket = servers
+                            .iter()
+                            .find(|(t, _)| *t == target)
+                            .map(|(_, s)| s.socket().to_path_buf());
+                        let outcome = run_one(opts, target, point, &file, socket.as_deref());
+                        done += 1;
+                        progress(
+                            done, total, started, placement, point, target, repeat, &outcome,
+                        );
+                        let cell = cell_mut(&mut results.cells, placement, point, target);
+                        match outcome {
+                            Ok(s) => cell.samples.push(s),
+                            Err(e) => cell.errors.push(e),
+                        }
+                    }
+                }
+            }
+            for ((target, server), ready) in servers.iter().zip(rss_ready) {
+                if let Ok(m) = server.memory() {
+                    results.rss.push(RssRecord {
+                        placement,
+                        target: *target,
+                        queues,
+                        queue_depth: (target.server() == Some(ServerKind::Sluice))
+                            .then_some(opts.sluice_queue_depth),
+                        rss_ready_kib: ready,
+                        rss_after_kib: m.rss_kib,
+                        rss_peak_kib: m.hwm_kib,
+                    });
+                }
+            }
+            for (target, server) in servers {
+                server
+                    .stop()
+                    .map_err(|e| format!("{}: {e}", target.name()))?;
+            }
+        }
+    }
+    Ok(results)
+}
+
+fn check_tools(opts: &Options) -> Result<(), String> {
+    let need = |t: ServerKind| opts.targets.iter().any(|x| x.server() == Some(t));
+    if need(ServerKind::Sluice) && !opts.sluice.is_file() {
+        return Err(format!(
+            "sluice binary {} not found: build it (cargo build --release -p sluice) or pass --sluice",
+            opts.sluice.display()
+        ));
+    }
+    if need(ServerKind::Qsd) {
+        server::find_program(&opts.qsd).map_err(|e| {
+            format!("{e}: install qemu-utils (apt-get install -t bookworm-backports qemu-utils) or pass --qsd, or leave out the qsd targets")
+        })?;
+    }
+    if opts.targets.contains(&Target::Fio) {
+        server::find_program(&opts.fio)
+            .map_err(|e| format!("{e}: install fio or leave out the fio target"))?;
+    }
+    if opts.repeats == 0 {
+        return Err("repeats must be at least 1".into());
+    }
+    Ok(())
+}
+
+fn cell_mut<'a>(
+    cells: &'a mut Vec<Cell>,
+    placement: Placement,
+    point: &Point,
+    target: Target,
+) -> &'a mut Cell {
+    let i = match cells
+        .iter()
+        .position(|c| c.placement == placement && &c.point == point && c.target == target)
+    {
+        Some(i) => i,
+        None => {
+            cells.push(Cell {
+                placement,
+                point: *point,
+                target,
+                samples: Vec::new(),
+                errors: Vec::new(),
+            });
+            cells.len() - 1
+        }
+    };
+    &mut cells[i]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn progress(
+    done: usize,
+    total: usize,
+    started: Instant,
+    placement: Placement,
+    point: &Point,
+    target: Target,
+    repeat: usize,
+    outcome: &Result<Sample, String>,
+) {
+    let elapsed = started.elapsed().as_secs_f64();
+    let left = elapsed / done as f64 * (total - done) as f64;
+    let what = match outcome {
+        Ok(s) => format!(
+            "{:.1}k IOPS, mean {:.1} µs",
+            s.iops / 1000.0,
+            s.lat_mean_ns / 1000.0
+        ),
+        Err(e) => format!("FAILED: {e}"),
+    };
+    eprintln!(
+        "[{done}/{total}, ~{:.0} min left] {} {} #{} {}: {what}",
+        left / 60.0,
+        placement.name(),
+        point.id(),
+        repeat + 1,
+        target.name()
+    );
+}
+
+/// One measured run of `point` on `target`.
+fn run_one(
+    opts: &Options,
+    target: Target,
+    point: &Point,
+    file: &Path,
+    socket: Option<&Path>,
+) -> Result<Sample, String> {
+    match target {
+        Target::Fio => fio::run(opts, point, file),
+        Target::BlkioUring => generator(opts, Driver::IoUring, file, point),
+        _ => {
+            let socket = socket.ok_or("no server for this target")?;
+            generator(opts, Driver::VhostUser, socket, point)
+        }
+    }
+}
+
+fn generator(opts: &Options, driver: Driver, path: &Path, point: &Point) -> Result<Sample, String> {
+    let mut cfg = Config::new(driver, path);
+    cfg.rw = point.rw;
+    cfg.bs = point.bs;
+    cfg.iodepth = point.iodepth;
+    cfg.queues = point.queues;
+    cfg.runtime = opts.runtime;
+    cfg.ramp = opts.ramp;
+    cfg.cpus = vec![opts.client_cpu];
+    cfg.io_timeout = opts.io_timeout;
+    let r = crate::run(&cfg)?;
+    Ok(Sample {
+        iops: r.iops,
+        bw_bytes_per_s: r.bw,
+        lat_mean_ns: r.lat.mean,
+        lat_p50_ns: r.lat.p50 as f64,
+        lat_p99_ns: r.lat.p99 as f64,
+        lat_p99_9_ns: r.lat.p99_9 as f64,
+        client_cpu_percent: r.cpu_percent(),
+    })
+}
+
+/// Median, minimum and maximum of some values.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Spread> {
+        let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+
+    /// Half the range relative to the median, in percent (`±x%`).
+    pub fn plus_minus_percent(&self) -> f64 {
+        if self.median == 0.0 {
+            0.0
+        } else {
+            50.0 * (self.max - self.min) / self.median
+        }
+    }
+}
+
+impl Cell {
+    pub fn iops(&self) -> Option<Spread> {
+        Spread::of(self.samples.iter().map(|s| s.iops))
+    }
+
+    pub fn lat_mean_ns(&self) -> Option<Spread> {
+        Spread::of(self.samples.iter().map(|s| s.lat_mean_ns))
+    }
+}
+
+/// Writes `compare.json`, `compare.md` and `compare.svg` into `dir`; returns their paths.
+pub fn write_results(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, String> {
+    fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let json = dir.join("compare.json");
+    let md = dir.join("compare.md");
+    let svg = dir.join("compare.svg");
+    let text = serde_json::to_string_pretty(results).map_err(|e| format!("to JSON: {e}"))?;
+    write_file(&json, text.as_bytes())?;
+    write_file(&md, report::markdown(results, "compare.svg").as_bytes())?;
+    plot::svg(results, &svg)?;
+    Ok(vec![json, md, svg])
+}
+
+fn write_file(path: &Path, data: &[u8]) -> Result<(), String> {
+    let mut f = File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    f.write_all(data)
+        .map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_points_are_the_issues() {
+        let p = Point::standard();
+        assert_eq!(p.len(), 14);
+        assert_eq!(p[0].id(), "randread-4k-qd1-q1");
+        assert_eq!(p[5].id(), "randread-4k-qd128-q2");
+        assert_eq!(p[12].id(), "read-128k-qd8-q1");
+        assert_eq!(p[13].id(), "write-128k-qd8-q1");
+        assert_eq!(p[5].short_label(), "rr 4k qd128 q2");
+        assert_eq!(p[13].short_label(), "sw 128k qd8 q1");
+    }
+
+    #[test]
+    fn names_parse_back() {
+        for t in Target::ALL {
+            assert_eq!(Target::parse(t.name()), Ok(t));
+        }
+        for p in Placement::ALL {
+            assert_eq!(Placement::parse(p.name()), Ok(p));
+        }
+        assert!(Target::parse("spdk").is_err());
+    }
+
+    #[test]
+    fn spread_median_and_range() {
+        let s = Spread::of([3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(s.plus_minus_percent(), 50.0);
+        let s = Spread::of([4.0, 1.0, 2.0, 3.0]).unwrap();
+        assert_eq!(s.median, 2.5);
+        assert!(Spread::of([]).is_none());
+        assert!(Spread::of([f64::NAN]).is_none());
+    }
+}

@@ -1,0 +1,154 @@
+//! The plot: per placement, two panels of grouped bars (the file targets, the null
+//! targets), median kIOPS per point on a log axis, with the repeats' range as a whisker.
+//! Points are labelled short (`rr 4k qd32 q2`: rr/rw random read/write, sr/sw sequential).
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::{Backing, Placement, Point, Results, Target};
+
+const PANEL_W: u32 = 1400;
+const PANEL_H: u32 = 400;
+
+fn color(t: Target) -> RGBColor {
+    match t {
+        Target::Fio => RGBColor(90, 90, 90),
+        Target::BlkioUring => RGBColor(170, 170, 170),
+        Target::QsdFile | Target::QsdNull => RGBColor(214, 120, 40),
+        Target::SluiceFile | Target::SluiceNull => RGBColor(40, 110, 200),
+    }
+}
+
+/// Writes the SVG plot of `r` to `path`.
+pub fn svg(r: &Results, path: &Path) -> Result<(), String> {
+    let placements: Vec<Placement> = Placement::ALL
+        .into_iter()
+        .filter(|p| r.cells.iter().any(|c| c.placement == *p))
+        .collect();
+    let mut points: Vec<Point> = Vec::new();
+    for c in &r.cells {
+        if !points.contains(&c.point) {
+            points.push(c.point);
+        }
+    }
+    let rows = 2 * placements.len().max(1);
+    let root = SVGBackend::new(path, (PANEL_W, rows as u32 * PANEL_H)).into_drawing_area();
+    let err = |e: &dyn std::fmt::Display| format!("plotting {}: {e}", path.display());
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let panels = root.split_evenly((rows, 1));
+    for (row, placement) in placements.iter().enumerate() {
+        for (col, backing) in [Backing::File, Backing::Null].into_iter().enumerate() {
+            let targets: Vec<Target> = Target::ALL
+                .into_iter()
+                .filter(|t| t.backing() == backing && r.cells.iter().any(|c| c.target == *t))
+                .collect();
+            let area = &panels[row * 2 + col];
+            panel(r, area, *placement, backing, &targets, &points).map_err(|e| err(&e))?;
+        }
+    }
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+fn panel(
+    r: &Results,
+    area: &Area,
+    placement: Placement,
+    backing: Backing,
+    targets: &[Target],
+    points: &[Point],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let kiops = |p: &Point, t: Target| {
+        r.cell(placement, p, t)
+            .and_then(|c| c.iops())
+            .map(|s| (s.median / 1e3, s.min / 1e3, s.max / 1e3))
+    };
+    let mut hi: f64 = 1.0;
+    let mut lo: f64 = f64::MAX;
+    for p in points {
+        for &t in targets {
+            if let Some((_, min, max)) = kiops(p, t) {
+                hi = hi.max(max);
+                lo = lo.min(min);
+            }
+        }
+    }
+    let lo = if lo == f64::MAX {
+        0.1
+    } else {
+        (lo / 2.0).max(0.01)
+    };
+    let title = format!(
+        "{} placement, {} backing: median kIOPS (log scale), whiskers: range of the runs",
+        placement.name(),
+        match backing {
+            Backing::File => "file",
+            Backing::Null => "null",
+        }
+    );
+    let n = points.len().max(1);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 18))
+        .margin(8)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        // Category i is centred on x = i, so the mesh's integer ticks label the points;
+        // the headroom above the tallest bar keeps the legend clear of the bars.
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, (lo..hi * 6.0).log_scale())?;
+    let labels: Vec<String> = points.iter().map(|p| p.short_label()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(TRANSPARENT)
+        .x_labels(n + 1)
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (*x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
+                labels[i as usize].clone()
+            } else {
+                String::new()
+            }
+        })
+        .x_label_style(("sans-serif", 12))
+        .y_desc("kIOPS")
+        .draw()?;
+    let width = 0.8 / targets.len().max(1) as f64;
+    for (ti, &t) in targets.iter().enumerate() {
+        let c = color(t);
+        let bars: Vec<_> = points
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                kiops(p, t).map(|(med, _, _)| {
+                    let x0 = i as f64 - 0.4 + ti as f64 * width;
+                    Rectangle::new([(x0, lo), (x0 + width, med)], c.filled())
+                })
+            })
+            .collect();
+        chart
+            .draw_series(bars)?
+            .label(t.name())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled()));
+        let whiskers: Vec<_> = points
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                kiops(p, t).map(|(_, min, max)| {
+                    let x = i as f64 - 0.4 + (ti as f64 + 0.5) * width;
+                    PathElement::new(vec![(x, min), (x, max)], BLACK.stroke_width(1))
+                })
+            })
+            .collect();
+        chart.draw_series(whiskers)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()?;
+    Ok(())
+}
