@@ -2,8 +2,9 @@
 # Prepares this machine for sluice's VM tests (tests/tests/vm_*.rs, harness tests/src/vm.rs).
 # Run as root; idempotent, and a fast no-op once everything is in place.
 #
-#  * host packages: qemu-system-x86 from bookworm-backports (QEMU 10; the bookworm-backports
-#    apt source is added when missing), and the tools the guest runs from the host's root
+#  * host packages: qemu-system-x86 and qemu-utils (qemu-storage-daemon, for bench/'s
+#    comparison runner) from bookworm-backports (QEMU 10; the bookworm-backports apt source is
+#    added when missing), and the tools the guest runs from the host's root
 #    over 9p: fio, e2fsprogs, util-linux, kmod, plus busybox-static and cpio for the initramfs;
 #  * the guest kernel: linux-image-<release>-unsigned at the version pinned in
 #    tests/vm/kernel-version, downloaded with `apt-get download` and extracted with
@@ -51,11 +52,16 @@ missing=()
 for p in "${TOOLS[@]}"; do
 	[ -n "$(installed_version "$p")" ] || missing+=("$p")
 done
-qemu_version=$(installed_version qemu-system-x86)
-case "$qemu_version" in
-*bpo*) ;;
-*) missing+=(qemu-system-x86) ;;
-esac
+# QEMU packages come from bookworm-backports: qemu-system-x86 for the guest, qemu-utils for
+# qemu-storage-daemon (the peer in bench/'s comparison runner).
+QEMU_PKGS=(qemu-system-x86 qemu-utils)
+missing_qemu=()
+for p in "${QEMU_PKGS[@]}"; do
+	case "$(installed_version "$p")" in
+	*bpo*) ;;
+	*) missing_qemu+=("$p") ;;
+	esac
+done
 
 apt_updated=
 apt_update() {
@@ -78,27 +84,26 @@ EOF
 	apt_update
 fi
 
-if [ ${#missing[@]} -gt 0 ]; then
-	say "installing: ${missing[*]}"
+if [ $((${#missing[@]} + ${#missing_qemu[@]})) -gt 0 ]; then
+	say "installing: ${missing[*]} ${missing_qemu[*]}"
 	# Lists older than the backports source, or never fetched: update once before installing.
 	if ! apt-cache policy qemu-system-x86 2>/dev/null | grep -q bpo; then apt_update; fi
-	tools=()
-	for p in "${missing[@]}"; do [ "$p" = qemu-system-x86 ] || tools+=("$p"); done
 	export DEBIAN_FRONTEND=noninteractive
-	if [ ${#tools[@]} -gt 0 ]; then
-		apt-get install -y -q --no-install-recommends "${tools[@]}" ||
-			{ apt_update && apt-get install -y -q --no-install-recommends "${tools[@]}"; } ||
-			die "apt-get install ${tools[*]} failed"
+	if [ ${#missing[@]} -gt 0 ]; then
+		apt-get install -y -q --no-install-recommends "${missing[@]}" ||
+			{ apt_update && apt-get install -y -q --no-install-recommends "${missing[@]}"; } ||
+			die "apt-get install ${missing[*]} failed"
 	fi
-	if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]]; then
+	if [ ${#missing_qemu[@]} -gt 0 ]; then
 		# -t only for QEMU: its own packages (qemu-system-common/-data, seabios) must come
 		# from backports too, while the tools above stay at bookworm's versions.
-		apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 ||
-			{ apt_update && apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86; } ||
-			die "apt-get install -t bookworm-backports qemu-system-x86 failed"
+		apt-get install -y -q --no-install-recommends -t bookworm-backports "${missing_qemu[@]}" ||
+			{ apt_update && apt-get install -y -q --no-install-recommends -t bookworm-backports "${missing_qemu[@]}"; } ||
+			die "apt-get install -t bookworm-backports ${missing_qemu[*]} failed"
 	fi
 fi
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is not on PATH after installing qemu-system-x86"
+command -v qemu-storage-daemon >/dev/null || die "qemu-storage-daemon is not on PATH after installing qemu-utils"
 BUSYBOX=$(command -v busybox) || die "busybox not found after installing busybox-static"
 # A dynamically linked busybox (package busybox) would not run in the initramfs.
 if ldd "$BUSYBOX" >/dev/null 2>&1; then
