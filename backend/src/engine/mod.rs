@@ -92,8 +92,14 @@ impl<C> Engine<C> {
         // so the SQ cannot overflow; the CQ is twice that by default.
         // A mirrored write is two SQEs: room for every slot to be one.
         let entries = 2 * u32::from(queue_depth);
+        // COOP_TASKRUN: completions are not pushed at us with an IPI while the
+        // queue polls in userspace; TASKRUN_FLAG: the kernel raises
+        // IORING_SQ_TASKRUN instead, and `reap` enters the kernel to post them.
+        // Without the flag a polling queue would see its completions only at
+        // its next system call or interrupt.
         let ring = IoUring::builder()
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(entries)
             .or_else(|_| IoUring::new(entries))?;
         if let Some(fd) = node.raw_fd() {
@@ -245,6 +251,11 @@ impl<C> Engine<C> {
         &mut self,
         mut on_complete: impl FnMut(C, RequestResult, Option<bool>),
     ) -> u32 {
+        // Completion work the kernel deferred to us (COOP_TASKRUN): run it
+        // so its CQEs are posted. One atomic load when there is none.
+        if self.ring.submission().taskrun() {
+            let _ = self.ring.submit();
+        }
         let mut count = 0;
         while let Some((index, res)) = self.ready.pop() {
             let (ctx, result) = self.table.finish(index, res);
