@@ -24,7 +24,11 @@ struct Args {
     /// by the write points.
     #[arg(long)]
     file: Option<PathBuf>,
-    /// Size of DIR/backing.img (written in full once, then reused).
+    /// Serve the file targets from a loop device over a FILE_SIZE file in /dev/shm (root):
+    /// a steady, memory-speed drive, where a cloud VM's disk is throttled and noisy.
+    #[arg(long, conflicts_with = "file")]
+    ram_loop: bool,
+    /// Size of DIR/backing.img (written in full once, then reused) or of the --ram-loop file.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     file_size: u64,
     /// Size of the null nodes.
@@ -104,6 +108,7 @@ fn options(a: Args) -> Result<Options, String> {
     Ok(Options {
         work_dir: a.dir,
         file: a.file,
+        ram_loop: a.ram_loop,
         file_size_bytes: a.file_size,
         null_size_bytes: a.null_size,
         out_dir: a.out,

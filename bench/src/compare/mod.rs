@@ -232,6 +232,9 @@ pub struct Options {
     pub work_dir: PathBuf,
     /// Backing file or block device; `None`: `work_dir/backing.img` of `file_size` bytes.
     pub file: Option<PathBuf>,
+    /// Back the file targets with a loop device over a `file_size` file in /dev/shm
+    /// instead: a steady, memory-speed stand-in for a drive (needs root).
+    pub ram_loop: bool,
     pub file_size_bytes: u64,
     /// Size of the null nodes.
     pub null_size_bytes: u64,
@@ -316,7 +319,7 @@ impl Results {
 
 /// Creates (or reuses) the backing file: `size` bytes of real, written data, so reads hit
 /// the drive instead of a filesystem's unwritten extents.
-pub fn prepare_backing_file(path: &Path, size: u64) -> Result<(), String> {
+pub fn prepare_backing_file(path: &Path, size: u64, direct: bool) -> Result<(), String> {
     if let Ok(m) = fs::metadata(path) {
         if m.len() == size && m.blocks() * 512 >= size {
             return Ok(());
@@ -334,7 +337,7 @@ pub fn prepare_backing_file(path: &Path, size: u64) -> Result<(), String> {
         .write(true)
         .create(true)
         .truncate(true)
-        .custom_flags(libc::O_DIRECT)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
         .open(path)
         .map_err(|e| {
             format!(
@@ -392,17 +395,72 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// A loop device over a file in /dev/shm, detached and removed on drop.
+pub struct RamLoop {
+    pub device: PathBuf,
+    image: PathBuf,
+}
+
+impl RamLoop {
+    /// Fills a `size`-byte file in /dev/shm with data and attaches a loop device to it.
+    pub fn attach(size: u64) -> Result<RamLoop, String> {
+        let image = PathBuf::from(format!(
+            "/dev/shm/sluice-compare-{}.img",
+            std::process::id()
+        ));
+        prepare_backing_file(&image, size, false)?;
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image)
+            .output()
+            .map_err(|e| format!("running losetup (util-linux): {e}"))?;
+        if !out.status.success() {
+            let _ = fs::remove_file(&image);
+            return Err(format!(
+                "losetup --find --show {}: {} (--ram-loop needs root and loop devices)",
+                image.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        eprintln!(
+            "sluice-compare: {} is a loop device over {}",
+            device.display(),
+            image.display()
+        );
+        Ok(RamLoop { device, image })
+    }
+}
+
+impl Drop for RamLoop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.device)
+            .status();
+        let _ = fs::remove_file(&self.image);
+    }
+}
+
 /// Runs the whole comparison; per-run failures are recorded in their cell, not fatal.
 pub fn run(opts: &Options) -> Result<Results, String> {
     check_tools(opts)?;
     fs::create_dir_all(&opts.work_dir)
         .map_err(|e| format!("creating {}: {e}", opts.work_dir.display()))?;
-    let file = match &opts.file {
-        Some(f) => f.clone(),
-        None => {
+    let needs_file = opts.targets.iter().any(|t| t.backing() == Backing::File);
+    let ram_loop = if opts.ram_loop && needs_file {
+        Some(RamLoop::attach(opts.file_size_bytes)?)
+    } else {
+        None
+    };
+    let file = match (&opts.file, &ram_loop) {
+        (Some(_), Some(_)) => return Err("--file and --ram-loop exclude each other".into()),
+        (Some(f), None) => f.clone(),
+        (None, Some(l)) => l.device.clone(),
+        (None, None) => {
             let f = opts.work_dir.join("backing.img");
             if opts.targets.iter().any(|t| t.backing() == Backing::File) {
-                prepare_backing_file(&f, opts.file_size_bytes)?;
+                prepare_backing_file(&f, opts.file_size_bytes, true)?;
             }
             f
         }

@@ -72,6 +72,9 @@ pub struct Settings {
     pub sluice_queue_depth: usize,
     pub backing_file: String,
     pub backing_file_bytes: u64,
+    /// The backing file is a loop device over a file in /dev/shm.
+    #[serde(default)]
+    pub ram_loop: bool,
     pub null_bytes: u64,
     pub targets: Vec<(String, String)>,
     pub placements: Vec<String>,
@@ -89,6 +92,7 @@ impl Settings {
             sluice_queue_depth: opts.sluice_queue_depth,
             backing_file: file.display().to_string(),
             backing_file_bytes: file_bytes,
+            ram_loop: opts.ram_loop,
             null_bytes: opts.null_size_bytes,
             targets: opts
                 .targets
@@ -149,12 +153,17 @@ pub fn markdown(r: &Results, plot_file: &str) -> String {
     let _ = writeln!(
         out,
         "Each cell: {} runs of {} s after {} s of ramp, interleaved with the other targets; \
-         median kIOPS ± half the range. Backing file {} ({} MiB); null nodes {} MiB.\n",
+         median kIOPS ± half the range. Backing file {} ({} MiB{}); null nodes {} MiB.\n",
         s.repeats,
         s.runtime_s,
         s.ramp_s,
         s.backing_file,
         s.backing_file_bytes >> 20,
+        if s.ram_loop {
+            ", a loop device over a file in /dev/shm: memory-speed, but its work runs on the same CPUs"
+        } else {
+            ""
+        },
         s.null_bytes >> 20
     );
     let targets: Vec<Target> = Target::ALL
