@@ -62,7 +62,7 @@ struct Args {
     /// CPU of the server in the split placement.
     #[arg(long, default_value_t = 1)]
     server_cpu: usize,
-    /// sluice's --poll-us with its own core (it gets 0 on a shared core).
+    /// sluice's --poll-us (both placements).
     #[arg(long, default_value_t = 50)]
     sluice_poll_us: u32,
     /// sluice's --queue-depth.

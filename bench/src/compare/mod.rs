@@ -11,9 +11,9 @@
 //! Placement (which CPU each side runs on) matters a lot on a 2-core machine: a cross-core
 //! eventfd wake-up costs tens of microseconds. The client (our load generator, or fio)
 //! always runs on `client_cpu`; a server runs on `server_cpu` in the *split* placement and
-//! on `client_cpu` as well in the *shared* one. Both servers are configured alike per
-//! placement: they poll when they have their own core and do not when they share it (sluice
-//! `--poll-us`, qemu-storage-daemon's iothread `poll-max-ns`).
+//! on `client_cpu` as well in the *shared* one. Both servers run with their default
+//! polling in both placements: sluice `--poll-us 50` (it yields its core while it polls),
+//! qemu-storage-daemon's iothread adaptive polling (`poll-max-ns=0` measured the same).
 
 pub mod fio;
 pub mod plot;
@@ -247,7 +247,7 @@ pub struct Options {
     pub placements: Vec<Placement>,
     pub client_cpu: usize,
     pub server_cpu: usize,
-    /// sluice's `--poll-us` when it has its own core (split placement); 0 when shared.
+    /// sluice's `--poll-us`.
     pub sluice_poll_us: u32,
     /// sluice's `--queue-depth` (the RSS figure is for this depth).
     pub sluice_queue_depth: usize,
@@ -510,7 +510,6 @@ pub fn run(opts: &Options) -> Result<Results, String> {
                     },
                     queues,
                     cpu: server_cpu,
-                    poll: placement == Placement::Split,
                     sluice_poll_us: opts.sluice_poll_us,
                     sluice_queue_depth: opts.sluice_queue_depth,
                     program: match kind {

@@ -68,7 +68,8 @@ pub struct Settings {
     pub repeats: usize,
     pub client_cpu: usize,
     pub server_cpu: usize,
-    pub sluice_poll_us_split: u32,
+    #[serde(alias = "sluice_poll_us_split")]
+    pub sluice_poll_us: u32,
     pub sluice_queue_depth: usize,
     pub backing_file: String,
     pub backing_file_bytes: u64,
@@ -88,7 +89,7 @@ impl Settings {
             repeats: opts.repeats,
             client_cpu: opts.client_cpu,
             server_cpu: opts.server_cpu,
-            sluice_poll_us_split: opts.sluice_poll_us,
+            sluice_poll_us: opts.sluice_poll_us,
             sluice_queue_depth: opts.sluice_queue_depth,
             backing_file: file.display().to_string(),
             backing_file_bytes: file_bytes,
@@ -112,15 +113,10 @@ fn placement_title(r: &Results, p: Placement) -> String {
     let s = &r.settings;
     match p {
         Placement::Split => format!(
-            "split: client on CPU {}, server on CPU {} (both servers poll: sluice --poll-us {}, \
-             qemu-storage-daemon's iothread adaptive polling)",
-            s.client_cpu, s.server_cpu, s.sluice_poll_us_split
+            "split: client on CPU {}, server on CPU {}",
+            s.client_cpu, s.server_cpu
         ),
-        Placement::Shared => format!(
-            "shared: client and server both on CPU {} (neither polls: sluice --poll-us 0, \
-             iothread poll-max-ns=0)",
-            s.client_cpu
-        ),
+        Placement::Shared => format!("shared: client and server both on CPU {}", s.client_cpu),
     }
 }
 
@@ -153,7 +149,9 @@ pub fn markdown(r: &Results, plot_file: &str) -> String {
     let _ = writeln!(
         out,
         "Each cell: {} runs of {} s after {} s of ramp, interleaved with the other targets; \
-         median kIOPS ± half the range. Backing file {} ({} MiB{}); null nodes {} MiB.\n",
+         median kIOPS ± half the range. Backing file {} ({} MiB{}); null nodes {} MiB. \
+         Servers: sluice --poll-us {} --queue-depth {}; qemu-storage-daemon with one iothread \
+         (default adaptive polling); both pinned with taskset.\n",
         s.repeats,
         s.runtime_s,
         s.ramp_s,
@@ -164,7 +162,9 @@ pub fn markdown(r: &Results, plot_file: &str) -> String {
         } else {
             ""
         },
-        s.null_bytes >> 20
+        s.null_bytes >> 20,
+        s.sluice_poll_us,
+        s.sluice_queue_depth
     );
     let targets: Vec<Target> = Target::ALL
         .into_iter()
