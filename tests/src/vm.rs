@@ -14,7 +14,8 @@
 //! * The job runs as root in the work directory with `SLUICE_VM=1`, `SLUICE_VM_WORK` and
 //!   `SLUICE_VM_MODROOT` (for `modprobe -d "$SLUICE_VM_MODROOT" …`) set, after the modules
 //!   of the attached devices (and those asked for with [`Vm::module`]) are loaded. Its
-//!   `report KEY VALUE` lines land in [`VmRun::results`]; its output is on the console.
+//!   `report KEY VALUE` lines land in [`VmRun::results`] (`lap NAME` reports
+//!   `NAME.seconds` since the previous lap); its output is on the console.
 //! * Every boot is bounded by [`Vm::timeout`]: QEMU is killed and the error quotes the
 //!   console's tail. QEMU also dies with the thread that started it (`PR_SET_PDEATHSIG`).
 //!   Boots are serialised by a lock file: two guests on two cores would only slow each
@@ -383,6 +384,10 @@ impl Vm {
         let script = format!(
             "# Written by tests/src/vm.rs: the job of one boot.\n\
              report() {{ printf '%s=%s\\n' \"$1\" \"$2\" >>'{}'; echo \"report: $1=$2\"; }}\n\
+             # lap NAME: reports NAME.seconds, the time since the previous lap (or the start).\n\
+             lap_t=$(date +%s.%N)\n\
+             lap() {{ local now; now=$(date +%s.%N); \
+             report \"$1.seconds\" \"$(awk \"BEGIN {{ printf \\\"%.1f\\\", $now - $lap_t }}\")\"; lap_t=$now; }}\n\
              {job}\n",
             results.display()
         );

@@ -77,13 +77,6 @@ S=@SLUICE@
 W=$SLUICE_VM_WORK
 T=/sys/kernel/tracing
 [ -e $T/events/block ] || mount -t tracefs nodev $T
-lap_t=$(date +%s.%N)
-# lap NAME: reports NAME.seconds since the previous lap.
-lap() {
-    local now; now=$(date +%s.%N)
-    report "$1.seconds" "$(awk "BEGIN { printf \"%.1f\", $now - $lap_t }")"
-    lap_t=$now
-}
 # start NAME READY_LINES ARGS...: sluice serve ARGS in the background (pid in $pid), waits
 # for READY_LINES ready lines on its stdout.
 start() {

@@ -71,13 +71,6 @@ set -uo pipefail
 S=@SLUICE@
 FIO_DIR=@FIO_DIR@
 W=$SLUICE_VM_WORK
-lap_t=$(date +%s.%N)
-# lap NAME: reports NAME.seconds since the previous lap.
-lap() {
-    local now; now=$(date +%s.%N)
-    report "$1.seconds" "$(awk "BEGIN { printf \"%.1f\", $now - $lap_t }")"
-    lap_t=$now
-}
 # ios: reads and writes completed on ublkb0 so far.
 ios() { awk '{ print $1, $5 }' /sys/block/ublkb0/stat; }
 # fio_run NAME FILE QD JOBS: one job file on ublkb0, JSON into the work directory.
