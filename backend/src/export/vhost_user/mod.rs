@@ -374,8 +374,10 @@ impl VhostUserExport {
     /// the detach would sit in a ring nobody reads (QEMU keeps the rings for
     /// a reconnect) and hang the guest.
     fn wait_until_guest_quiet(&self) {
-        if self.shared.in_flight_exact().is_none() {
-            return; // no frontend
+        // No frontend connected (none ever, or it left): nobody can queue
+        // a request, so there is nothing to wait for.
+        if self.connection.lock().unwrap().is_none() || self.shared.in_flight_exact().is_none() {
+            return;
         }
         let quiet = Duration::from_millis(DETACH_QUIET_MS);
         let limit = Instant::now() + Duration::from_millis(DETACH_QUIET_LIMIT_MS);
