@@ -146,6 +146,9 @@ pub struct Config {
     pub size: Option<u64>,
     /// Bound on the connect handshake and on each wait for completions.
     pub io_timeout: Duration,
+    /// Use libblkio poll queues (vhost-user only): the client busy-polls its used rings
+    /// instead of sleeping on a completion eventfd, so no wake-up of the client is measured.
+    pub poll: bool,
 }
 
 impl Config {
@@ -164,6 +167,7 @@ impl Config {
             cpus: Vec::new(),
             size: None,
             io_timeout: Duration::from_secs(10),
+            poll: false,
         }
     }
 
@@ -185,6 +189,9 @@ impl Config {
         }
         if self.rwmixread > 100 {
             return Err(format!("rwmixread {} is above 100", self.rwmixread));
+        }
+        if self.poll && self.driver != Driver::VhostUser {
+            return Err("polling (libblkio poll queues) is for the vhost-user driver only".into());
         }
         if self.driver == Driver::VhostUser && 3 * self.iodepth > MAX_VRING {
             return Err(format!(
@@ -260,6 +267,7 @@ impl Report {
             "bs": c.bs,
             "iodepth": c.iodepth,
             "queues": c.queues,
+            "client_poll": c.poll,
             "runtime_s": c.runtime.as_secs_f64(),
             "ramp_s": c.ramp.as_secs_f64(),
             "cpus": c.cpus,
@@ -298,7 +306,7 @@ impl Report {
             _ => String::new(),
         };
         format!(
-            "{} {}{mix} bs={} iodepth={} queues={}: {:.1}k IOPS, {:.1} MiB/s, \
+            "{} {}{mix} bs={} iodepth={} queues={}{}: {:.1}k IOPS, {:.1} MiB/s, \
              lat us mean {:.1} p50 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}, \
              client cpu {:.0}% (user {:.2}s sys {:.2}s) over {:.2}s",
             c.driver.name(),
@@ -306,6 +314,7 @@ impl Report {
             c.bs,
             c.iodepth,
             c.queues,
+            if c.poll { " (polling)" } else { "" },
             self.iops / 1000.0,
             self.bw / f64::from(1 << 20),
             us(self.lat.mean),
@@ -363,8 +372,18 @@ fn open(cfg: &Config) -> Result<Session, String> {
     b.connect()
         .map_err(|e| blkio_err(&format!("connect to {path}"), &e))?;
     let queues = i32::try_from(cfg.queues).map_err(|_| "too many queues".to_owned())?;
-    b.set_i32("num-queues", queues)
-        .map_err(|e| blkio_err(&format!("set num-queues {queues}"), &e))?;
+    // Poll queues have no completion eventfd: do_io spins on the used ring.
+    let (kind, other) = if cfg.poll {
+        ("num-poll-queues", "num-queues")
+    } else {
+        ("num-queues", "num-poll-queues")
+    };
+    b.set_i32(kind, queues)
+        .map_err(|e| blkio_err(&format!("set {kind} {queues}"), &e))?;
+    if cfg.poll {
+        b.set_i32(other, 0)
+            .map_err(|e| blkio_err(&format!("set {other} 0"), &e))?;
+    }
     match cfg.driver {
         Driver::VhostUser => {
             let size = (3 * cfg.iodepth).next_power_of_two();
@@ -378,7 +397,10 @@ fn open(cfg: &Config) -> Result<Session, String> {
                 .map_err(|e| blkio_err(&format!("set num-entries {entries}"), &e))?;
         }
     }
-    let started = b.start().map_err(|e| blkio_err("start", &e))?;
+    let mut started = b.start().map_err(|e| blkio_err("start", &e))?;
+    if cfg.poll {
+        started.queues = std::mem::take(&mut started.poll_queues);
+    }
     if started.queues.len() != cfg.queues {
         return Err(format!(
             "asked for {} queues, libblkio started {}",

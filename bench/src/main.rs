@@ -62,6 +62,10 @@ struct Args {
     /// Give up when the backend answers no request (or the handshake) for this long.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     io_timeout: Duration,
+    /// Busy-poll for completions (libblkio poll queues; vhost-user only) instead of
+    /// sleeping on the completion eventfd.
+    #[arg(long)]
+    poll: bool,
     /// Print one JSON object instead of the human line.
     #[arg(long)]
     json: bool,
@@ -87,6 +91,7 @@ fn config(args: Args) -> Result<Config, String> {
         cpus: args.cpus.map(|c| c.0).unwrap_or_default(),
         size: args.size,
         io_timeout: args.io_timeout,
+        poll: args.poll,
     })
 }
 

@@ -198,6 +198,28 @@ fn library_mixed_sequential_against_sluice() {
 }
 
 #[test]
+fn polling_client_on_poll_queues() {
+    let sluice = Sluice::start("null:64M", 2);
+    let mut cfg = Config::new(Driver::VhostUser, &sluice.socket);
+    cfg.rw = Rw::RandWrite;
+    cfg.iodepth = 4;
+    cfg.queues = 2;
+    cfg.poll = true;
+    cfg.runtime = Duration::from_secs(1);
+    cfg.io_timeout = Duration::from_secs(5);
+    let r = bounded(RUN_TIMEOUT, move || run(&cfg)).expect("run");
+    check_report(&r, "vhost-user");
+    assert_eq!(r.to_json()["client_poll"], true);
+    assert!(r.human().contains("(polling)"), "{}", r.human());
+    assert_eq!(r.read_ios, 0);
+    // Polling is for the vhost-user driver only.
+    let mut cfg = Config::new(Driver::IoUring, "/nonexistent");
+    cfg.poll = true;
+    let e = run(&cfg).unwrap_err();
+    assert!(e.contains("vhost-user driver only"), "{e}");
+}
+
+#[test]
 fn io_uring_randread_on_a_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("disk.img");

@@ -80,6 +80,11 @@ struct Args {
     /// Bound on each wait for a server or a request.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     io_timeout: Duration,
+    /// The vhost-user client busy-polls (libblkio poll queues) instead of sleeping on its
+    /// completion eventfd: the servers without the client's wake-ups. Use with
+    /// --placements split (a polling client would starve a server on its own core).
+    #[arg(long)]
+    client_poll: bool,
     /// Run nothing: rewrite compare.md and compare.svg in --out from an earlier run's JSON.
     #[arg(long)]
     from_json: Option<PathBuf>,
@@ -126,6 +131,7 @@ fn options(a: Args) -> Result<Options, String> {
         qsd: a.qsd,
         fio: a.fio,
         io_timeout: a.io_timeout,
+        client_poll: a.client_poll,
     })
 }
 

@@ -256,6 +256,10 @@ pub struct Options {
     pub fio: PathBuf,
     /// Bound on every wait for a server or a request.
     pub io_timeout: Duration,
+    /// The vhost-user client busy-polls (libblkio poll queues) instead of sleeping on its
+    /// completion eventfd: measures the servers without the client's wake-ups. Meant for
+    /// the split placement (a polling client would starve a server on its core).
+    pub client_poll: bool,
 }
 
 /// One measured run.
@@ -676,6 +680,7 @@ fn generator(opts: &Options, driver: Driver, path: &Path, point: &Point) -> Resu
     cfg.ramp = opts.ramp;
     cfg.cpus = vec![opts.client_cpu];
     cfg.io_timeout = opts.io_timeout;
+    cfg.poll = opts.client_poll && driver == Driver::VhostUser;
     let r = crate::run(&cfg)?;
     Ok(Sample {
         iops: r.iops,

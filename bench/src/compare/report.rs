@@ -77,6 +77,9 @@ pub struct Settings {
     #[serde(default)]
     pub ram_loop: bool,
     pub null_bytes: u64,
+    /// The vhost-user client busy-polled (libblkio poll queues).
+    #[serde(default)]
+    pub client_poll: bool,
     pub targets: Vec<(String, String)>,
     pub placements: Vec<String>,
 }
@@ -94,6 +97,7 @@ impl Settings {
             backing_file: file.display().to_string(),
             backing_file_bytes: file_bytes,
             ram_loop: opts.ram_loop,
+            client_poll: opts.client_poll,
             null_bytes: opts.null_size_bytes,
             targets: opts
                 .targets
@@ -151,7 +155,7 @@ pub fn markdown(r: &Results, plot_file: &str) -> String {
         "Each cell: {} runs of {} s after {} s of ramp, interleaved with the other targets; \
          median kIOPS ± half the range. Backing file {} ({} MiB{}); null nodes {} MiB. \
          Servers: sluice --poll-us {} --queue-depth {}; qemu-storage-daemon with one iothread \
-         (default adaptive polling); both pinned with taskset.\n",
+         (default adaptive polling); both pinned with taskset.{}\n",
         s.repeats,
         s.runtime_s,
         s.ramp_s,
@@ -164,7 +168,12 @@ pub fn markdown(r: &Results, plot_file: &str) -> String {
         },
         s.null_bytes >> 20,
         s.sluice_poll_us,
-        s.sluice_queue_depth
+        s.sluice_queue_depth,
+        if s.client_poll {
+            " The vhost-user client busy-polls (libblkio poll queues) instead of sleeping."
+        } else {
+            ""
+        }
     );
     let targets: Vec<Target> = Target::ALL
         .into_iter()
