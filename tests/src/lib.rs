@@ -19,6 +19,8 @@
 //!   [`needs_root_and_loop`] says why a test has to skip when that is impossible.
 //! * [`pattern`] makes data whose every 8-byte word names its absolute offset and a seed,
 //!   so misplaced, stale or torn blocks are told apart from correct ones.
+//! * [`WriteStorm`] keeps a queue busy with writes while a test takes the export away, and
+//!   checks afterwards that every acknowledged write is in the file.
 //!
 //! The binary is looked up next to the test executable (`<target>/debug/sluice`) or taken
 //! from the `SLUICE_BIN` environment variable; build it first with `cargo build -p sluice`.
@@ -30,8 +32,9 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -953,6 +956,208 @@ impl<'c> QueueHandle<'c> {
                 self.q.write_zeroes(*offset, *len, idx, flags);
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Write storm
+// ---------------------------------------------------------------------------------------
+
+/// A stream of 4 KiB writes that keeps one queue busy while a test takes its export away
+/// (removal, SIGTERM, …), and records which writes were acknowledged, so that the test can
+/// check afterwards that every one of them is in the backing file.
+///
+/// Write number `w` goes to block `first_block + w % blocks` with the data
+/// [`WriteStorm::data_of`]`(w)`. Writes are submitted in chunks; a chunk drains before the
+/// next starts, so two writes of one block are never in flight together. Share it by
+/// reference: [`WriteStorm::run`] on a thread of its own, the rest from the test.
+pub struct WriteStorm {
+    first_block: u64,
+    blocks: u64,
+    chunk: u64,
+    budget: u64,
+    seed: u64,
+    /// Per block of the storm's region: the newest write acknowledged with success.
+    acked: Mutex<Vec<Option<u64>>>,
+    acked_count: AtomicUsize,
+    /// Writes numbered below this were submitted.
+    submitted: AtomicU64,
+    /// Set by [`WriteStorm::mark_gone`].
+    gone: AtomicBool,
+    /// Writes that succeeded although their chunk started after `gone` was set.
+    succeeded_after_gone: AtomicUsize,
+    stop: AtomicBool,
+    done: AtomicBool,
+    end: Mutex<String>,
+}
+
+impl WriteStorm {
+    /// The size of every write and block.
+    pub const BLOCK: usize = 4096;
+
+    /// A storm over `blocks` blocks starting at block `first_block`, submitting `chunk`
+    /// writes at a time, at most `budget` writes in all (a bound for when the export never
+    /// goes away), with data seeded by `seed`.
+    pub fn new(first_block: u64, blocks: u64, chunk: u64, budget: u64, seed: u64) -> WriteStorm {
+        assert!(
+            blocks > 0 && chunk > 0,
+            "a write storm needs blocks and chunks"
+        );
+        WriteStorm {
+            first_block,
+            blocks,
+            chunk,
+            budget,
+            seed,
+            acked: Mutex::new(vec![None; blocks as usize]),
+            acked_count: AtomicUsize::new(0),
+            submitted: AtomicU64::new(0),
+            gone: AtomicBool::new(false),
+            succeeded_after_gone: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+            end: Mutex::new(String::new()),
+        }
+    }
+
+    /// The byte offset of write number `w`.
+    pub fn offset_of(&self, w: u64) -> u64 {
+        (self.first_block + w % self.blocks) * Self::BLOCK as u64
+    }
+
+    /// The data of write number `w`: a [`pattern`] for its offset, distinct per write.
+    pub fn data_of(&self, w: u64) -> Vec<u8> {
+        pattern(self.offset_of(w), Self::BLOCK, self.seed ^ (w << 16))
+    }
+
+    /// Writes on `h` (each wait for completions bounded by 5 s) until a request fails or a
+    /// wait runs out (the export went away), [`WriteStorm::stop`] is called, or the budget
+    /// is spent; then records why ([`WriteStorm::end`]) and that it is done.
+    pub fn run(&self, mut h: QueueHandle<'_>) {
+        h.set_timeout(Duration::from_secs(5));
+        let mut k = 0u64;
+        let reason = loop {
+            if k >= self.budget {
+                break "write budget exhausted".to_owned();
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                break "stopped by the test".to_owned();
+            }
+            let after_gone = self.gone.load(Ordering::SeqCst);
+            let ops: Vec<Op> = (k..k + self.chunk)
+                .map(|w| Op::Write {
+                    offset: self.offset_of(w),
+                    data: self.data_of(w),
+                    fua: false,
+                })
+                .collect();
+            self.submitted.store(k + self.chunk, Ordering::SeqCst);
+            let mut failed = None;
+            let r = h.run_with(&ops, |i, out| {
+                let w = k + i as u64;
+                if out.ret == 0 {
+                    if after_gone {
+                        self.succeeded_after_gone.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let mut a = self.acked.lock().expect("lock");
+                    let slot = &mut a[(w % self.blocks) as usize];
+                    *slot = Some(slot.map_or(w, |old| old.max(w)));
+                    self.acked_count.fetch_add(1, Ordering::SeqCst);
+                } else if failed.is_none() {
+                    failed = Some(format!("write {w} failed with {}", out.ret));
+                }
+            });
+            if let Err(e) = r {
+                break e;
+            }
+            if let Some(f) = failed {
+                break f;
+            }
+            k += self.chunk;
+        };
+        *self.end.lock().expect("lock") = reason;
+        self.done.store(true, Ordering::SeqCst);
+    }
+
+    /// Asks [`WriteStorm::run`] to stop before its next chunk.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Records that the export is gone: writes of chunks that start after this and still
+    /// succeed are counted by [`WriteStorm::succeeded_after_gone`].
+    pub fn mark_gone(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+    }
+
+    /// Writes that succeeded although their chunk started after [`WriteStorm::mark_gone`].
+    pub fn succeeded_after_gone(&self) -> usize {
+        self.succeeded_after_gone.load(Ordering::SeqCst)
+    }
+
+    /// Whether [`WriteStorm::run`] has returned.
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Why [`WriteStorm::run`] stopped (empty while it runs).
+    pub fn end(&self) -> String {
+        self.end.lock().expect("lock").clone()
+    }
+
+    /// How many writes were acknowledged with success.
+    pub fn acked_count(&self) -> usize {
+        self.acked_count.load(Ordering::SeqCst)
+    }
+
+    /// How many writes were submitted.
+    pub fn submitted(&self) -> u64 {
+        self.submitted.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` writes are acknowledged while the storm still runs. When it ends
+    /// first or `timeout` passes: stops the storm and says what happened.
+    pub fn wait_acked(&self, n: usize, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while self.acked_count() < n {
+            let failure = if self.is_done() {
+                Some(format!("the writer stopped early: {}", self.end()))
+            } else if Instant::now() >= deadline {
+                Some(format!("fewer than {n} writes acknowledged in {timeout:?}"))
+            } else {
+                None
+            };
+            if let Some(f) = failure {
+                self.stop();
+                return Err(f);
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    }
+
+    /// Panics (naming `what`) unless every acknowledged write is in `file`, the whole
+    /// backing file, or a later submitted write of the same block is; returns how many
+    /// blocks were checked.
+    pub fn check_file(&self, file: &[u8], what: &str) -> usize {
+        let submitted = self.submitted();
+        let acked = self.acked.lock().expect("lock");
+        let mut checked = 0;
+        for (i, a) in acked.iter().enumerate() {
+            let Some(k) = *a else { continue };
+            let off = self.offset_of(i as u64);
+            let got = &file[off as usize..off as usize + Self::BLOCK];
+            let ok = (k..submitted)
+                .step_by(self.blocks as usize)
+                .any(|w| got == self.data_of(w).as_slice());
+            if !ok {
+                let block = format!("block {}", self.first_block + i as u64);
+                let d = first_difference(&block, off, got, &self.data_of(k)).unwrap_or_default();
+                panic!("{what}: acknowledged write {k} is not in the file: {d}");
+            }
+            checked += 1;
+        }
+        checked
     }
 }
 

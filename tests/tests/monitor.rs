@@ -8,14 +8,13 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Barrier, Mutex};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_tests::{
     assert_gone, first_difference, make_file, pattern, run_to_exit, Client, Daemon, Finished, Op,
-    Outcome, QueueHandle, EXIT_TIMEOUT, MIB,
+    Outcome, WriteStorm, EXIT_TIMEOUT, MIB,
 };
 
 const DISK_BYTES: u64 = 64 * MIB;
@@ -431,167 +430,42 @@ fn check_roundtrip_in_file(file: &[u8], seed: u64, what: &str) {
     }
 }
 
-/// What a [`writer`] saw.
-struct WriterLog {
-    /// Per block of the writer's region: the newest write acknowledged with success.
-    acked: Mutex<Vec<Option<u64>>>,
-    acked_count: AtomicUsize,
-    /// Writes numbered below this were submitted.
-    submitted: AtomicU64,
-    /// Set by the test once the export's removal has returned.
-    removed: AtomicBool,
-    /// Writes that succeeded although their batch started after `removed` was set.
-    succeeded_after_removal: AtomicUsize,
-    /// Set by the test to stop the writer.
-    stop: AtomicBool,
-    done: AtomicBool,
-    end: Mutex<String>,
-    blocks: u64,
-    seed: u64,
+/// A [`WriteStorm`] over the disk from block [`WRITER_FIRST_BLOCK`] on, seeded by `seed`.
+fn writer_storm(seed: u64) -> WriteStorm {
+    let blocks = DISK_BYTES / BLOCK as u64 - WRITER_FIRST_BLOCK;
+    WriteStorm::new(WRITER_FIRST_BLOCK, blocks, 64, 400_000, seed)
 }
 
-impl WriterLog {
-    fn new(seed: u64) -> WriterLog {
-        let blocks = DISK_BYTES / BLOCK as u64 - WRITER_FIRST_BLOCK;
-        WriterLog {
-            acked: Mutex::new(vec![None; blocks as usize]),
-            acked_count: AtomicUsize::new(0),
-            submitted: AtomicU64::new(0),
-            removed: AtomicBool::new(false),
-            succeeded_after_removal: AtomicUsize::new(0),
-            stop: AtomicBool::new(false),
-            done: AtomicBool::new(false),
-            end: Mutex::new(String::new()),
-            blocks,
-            seed,
-        }
-    }
-
-    fn offset_of(&self, w: u64) -> u64 {
-        (WRITER_FIRST_BLOCK + w % self.blocks) * BLOCK as u64
-    }
-
-    fn data_of(&self, w: u64) -> Vec<u8> {
-        pattern(self.offset_of(w), BLOCK, self.seed ^ (w << 16))
-    }
-
-    fn end(&self) -> String {
-        self.end.lock().expect("lock").clone()
-    }
-
-    /// Waits until `n` writes are acknowledged (and the writer still runs).
-    fn wait_acked(&self, n: usize, daemon: &Daemon) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.acked_count.load(Ordering::SeqCst) < n {
-            let failure = if self.done.load(Ordering::SeqCst) {
-                Some(format!("the writer stopped early: {}", self.end()))
-            } else if Instant::now() >= deadline {
-                Some(format!("fewer than {n} writes acknowledged in 30 s"))
-            } else {
-                None
-            };
-            if let Some(f) = failure {
-                self.stop.store(true, Ordering::SeqCst);
-                panic!("{f}\n--- stderr ---\n{}", daemon.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// After the removal: the writer must stop by itself (its requests fail or time out)
-    /// within `timeout`; no write started after the removal may have succeeded.
-    fn wait_stopped_by_removal(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while !self.done.load(Ordering::SeqCst) {
-            if Instant::now() >= deadline {
-                self.stop.store(true, Ordering::SeqCst);
-                panic!(
-                    "the writer kept going {timeout:?} after its export was removed \
-                     ({} acknowledged)",
-                    self.acked_count.load(Ordering::SeqCst)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let after = self.succeeded_after_removal.load(Ordering::SeqCst);
-        assert_eq!(
-            after,
-            0,
-            "{after} write(s) submitted after the export's removal succeeded (writer ended: {})",
-            self.end()
-        );
-    }
-
-    /// Every acknowledged write is in `file` (or a later write of the same block).
-    fn check_file(&self, file: &[u8], what: &str) -> usize {
-        let submitted = self.submitted.load(Ordering::SeqCst);
-        let acked = self.acked.lock().expect("lock");
-        let mut checked = 0;
-        for (i, a) in acked.iter().enumerate() {
-            let Some(k) = *a else { continue };
-            let off = self.offset_of(i as u64);
-            let got = &file[off as usize..off as usize + BLOCK];
-            let ok = (k..submitted)
-                .step_by(self.blocks as usize)
-                .any(|w| got == self.data_of(w).as_slice());
-            if !ok {
-                let d = first_difference(what, off, got, &self.data_of(k)).unwrap_or_default();
-                panic!("{what}: acknowledged write {k} is not in the file: {d}");
-            }
-            checked += 1;
-        }
-        checked
+/// Waits until `n` of `log`'s writes are acknowledged (and the writer still runs).
+fn wait_acked(log: &WriteStorm, n: usize, daemon: &Daemon) {
+    if let Err(f) = log.wait_acked(n, Duration::from_secs(30)) {
+        panic!("{f}\n--- stderr ---\n{}", daemon.stderr());
     }
 }
 
-/// Writes 4 KiB blocks at depth 32 on `h` in batches of 64 until a request fails or a wait
-/// runs out (the export went away), `log.stop` is set, or a budget is spent.
-fn writer(mut h: QueueHandle<'_>, log: &WriterLog) {
-    const CHUNK: u64 = 64;
-    const BUDGET: u64 = 400_000;
-    h.set_timeout(Duration::from_secs(5));
-    let mut k = 0u64;
-    let reason = loop {
-        if k >= BUDGET {
-            break "write budget exhausted".to_owned();
+/// After the removal (marked with [`WriteStorm::mark_gone`]): the writer must stop by
+/// itself (its requests fail or time out) within `timeout`; no write started after the
+/// removal may have succeeded.
+fn wait_stopped_by_removal(log: &WriteStorm, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !log.is_done() {
+        if Instant::now() >= deadline {
+            log.stop();
+            panic!(
+                "the writer kept going {timeout:?} after its export was removed \
+                 ({} acknowledged)",
+                log.acked_count()
+            );
         }
-        if log.stop.load(Ordering::SeqCst) {
-            break "stopped by the test".to_owned();
-        }
-        let after_removal = log.removed.load(Ordering::SeqCst);
-        let ops: Vec<Op> = (k..k + CHUNK)
-            .map(|w| Op::Write {
-                offset: log.offset_of(w),
-                data: log.data_of(w),
-                fua: false,
-            })
-            .collect();
-        log.submitted.store(k + CHUNK, Ordering::SeqCst);
-        let mut failed = None;
-        let r = h.run_with(&ops, |i, out| {
-            let w = k + i as u64;
-            if out.ret == 0 {
-                if after_removal {
-                    log.succeeded_after_removal.fetch_add(1, Ordering::SeqCst);
-                }
-                let mut a = log.acked.lock().expect("lock");
-                let slot = &mut a[(w % log.blocks) as usize];
-                *slot = Some(slot.map_or(w, |old| old.max(w)));
-                log.acked_count.fetch_add(1, Ordering::SeqCst);
-            } else if failed.is_none() {
-                failed = Some(format!("write {w} failed with {}", out.ret));
-            }
-        });
-        if let Err(e) = r {
-            break e;
-        }
-        if let Some(f) = failed {
-            break f;
-        }
-        k += CHUNK;
-    };
-    *log.end.lock().expect("lock") = reason;
-    log.done.store(true, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let after = log.succeeded_after_gone();
+    assert_eq!(
+        after,
+        0,
+        "{after} write(s) submitted after the export's removal succeeded (writer ended: {})",
+        log.end()
+    );
 }
 
 /// One more write on `q` after the export's removal: must fail or time out.
@@ -618,22 +492,22 @@ fn remove_while_writing(
     mode: &str,
     sock: &Path,
     seed: u64,
-) -> (Value, WriterLog) {
-    let log = WriterLog::new(seed);
+) -> (Value, WriteStorm) {
+    let log = writer_storm(seed);
     let mut rpc = env.rpc();
     let result = std::thread::scope(|s| {
         let h = client.queue(0);
         let log = &log;
-        s.spawn(move || writer(h, log));
-        log.wait_acked(200, &env.daemon);
+        s.spawn(move || log.run(h));
+        wait_acked(log, 200, &env.daemon);
         let t0 = Instant::now();
         let result = rpc.call("export_remove", json!({"name": name, "mode": mode}));
         let took = t0.elapsed();
-        log.removed.store(true, Ordering::SeqCst);
+        log.mark_gone();
         let result = match result {
             Ok(v) => v,
             Err(e) => {
-                log.stop.store(true, Ordering::SeqCst);
+                log.stop();
                 panic!(
                     "export_remove {name} ({mode}) with I/O in flight: {} ({})\n--- stderr ---\n{}",
                     e.message,
@@ -644,17 +518,17 @@ fn remove_while_writing(
         };
         eprintln!(
             "export_remove {name} ({mode}) with I/O in flight took {took:?}; writer had {} acked",
-            log.acked_count.load(Ordering::SeqCst)
+            log.acked_count()
         );
         // The socket is gone when the removal returns.
         if sock.exists() {
-            log.stop.store(true, Ordering::SeqCst);
+            log.stop();
             panic!(
                 "{} still exists after export_remove {name} returned",
                 sock.display()
             );
         }
-        log.wait_stopped_by_removal(SETTLE_TIMEOUT);
+        wait_stopped_by_removal(log, SETTLE_TIMEOUT);
         result
     });
     eprintln!("writer on {name} ended with: {}", log.end());
@@ -1256,12 +1130,12 @@ fn many_clients_and_clients_that_hang_up() {
     );
 
     // export_remove from a client that hangs up at once, with I/O in flight.
-    let log = WriterLog::new(0x4A46);
+    let log = writer_storm(0x4A46);
     std::thread::scope(|s| {
         let h = client.queue(0);
         let log = &log;
-        s.spawn(move || writer(h, log));
-        log.wait_acked(200, &env.daemon);
+        s.spawn(move || log.run(h));
+        wait_acked(log, 200, &env.daemon);
         {
             let mut gone = env.rpc();
             gone.send("export_remove", json!({"name": "hx", "mode": "safe"}));
@@ -1276,7 +1150,7 @@ fn many_clients_and_clients_that_hang_up() {
                 break;
             }
             if Instant::now() >= deadline {
-                log.stop.store(true, Ordering::SeqCst);
+                log.stop();
                 panic!(
                     "the abandoned export_remove did not complete within {SETTLE_TIMEOUT:?}: \
                      listed {listed}, holders of hn {holders:?}"
@@ -1284,15 +1158,15 @@ fn many_clients_and_clients_that_hang_up() {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        log.removed.store(true, Ordering::SeqCst);
+        log.mark_gone();
         if sock.exists() {
-            log.stop.store(true, Ordering::SeqCst);
+            log.stop();
             panic!(
                 "{} still exists after the export's removal completed",
                 sock.display()
             );
         }
-        log.wait_stopped_by_removal(SETTLE_TIMEOUT);
+        wait_stopped_by_removal(log, SETTLE_TIMEOUT);
     });
     assert_request_fails(&mut client, 1, "hx");
     drop(client);

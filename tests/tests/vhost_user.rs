@@ -4,13 +4,13 @@
 //! requests in flight.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_tests::{
     assert_gone, first_difference, make_file, needs_root_and_loop, pattern, Client, ClientOpts,
-    Daemon, LoopDevice, Op, RawClient, EXIT_TIMEOUT, MIB, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK,
+    Daemon, LoopDevice, Op, RawClient, WriteStorm, EXIT_TIMEOUT, MIB, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_OK,
 };
 
 const DISK_BYTES: u64 = 64 * MIB;
@@ -597,84 +597,21 @@ fn sigterm_with_writes_in_flight_keeps_acknowledged_writes() {
     );
     let mut client = connect(&s.sock, 2, 32);
 
-    // Write number k goes to block k % BLOCKS with seed k. Chunks drain before the next
-    // starts, so two writes of one block are never in flight together.
-    let acked: Mutex<Vec<Option<u64>>> = Mutex::new(vec![None; BLOCKS as usize]);
-    let acked_count = AtomicUsize::new(0);
-    let submitted = AtomicUsize::new(0);
-    let worker_done = AtomicBool::new(false);
-    let stop = AtomicBool::new(false);
-    let end: Mutex<String> = Mutex::new(String::new());
+    let storm = WriteStorm::new(0, BLOCKS, CHUNK, MAX_WRITES, 0);
 
     let status = std::thread::scope(|sc| {
-        let mut h = client.queue(0);
-        h.set_timeout(Duration::from_secs(5));
-        let (acked, acked_count, submitted, worker_done, end, stop) =
-            (&acked, &acked_count, &submitted, &worker_done, &end, &stop);
-        let worker = sc.spawn(move || {
-            let mut k = 0u64;
-            let reason = loop {
-                if k >= MAX_WRITES {
-                    break "write budget exhausted".to_owned();
-                }
-                if stop.load(Ordering::SeqCst) {
-                    break "stopped by the test".to_owned();
-                }
-                let ops: Vec<Op> = (k..k + CHUNK)
-                    .map(|w| {
-                        let off = (w % BLOCKS) * BLOCK as u64;
-                        Op::Write {
-                            offset: off,
-                            data: pattern(off, BLOCK, w),
-                            fua: false,
-                        }
-                    })
-                    .collect();
-                submitted.store((k + CHUNK) as usize, Ordering::SeqCst);
-                let mut failed = None;
-                let r = h.run_with(&ops, |i, out| {
-                    let w = k + i as u64;
-                    if out.ret == 0 {
-                        let mut a = acked.lock().expect("lock");
-                        let slot = &mut a[(w % BLOCKS) as usize];
-                        *slot = Some(slot.map_or(w, |old| old.max(w)));
-                        acked_count.fetch_add(1, Ordering::SeqCst);
-                    } else if failed.is_none() {
-                        failed = Some(format!("write {w} failed with {}", out.ret));
-                    }
-                });
-                if let Err(e) = r {
-                    break e;
-                }
-                if let Some(f) = failed {
-                    break f;
-                }
-                k += CHUNK;
-            };
-            *end.lock().expect("lock") = reason;
-            worker_done.store(true, Ordering::SeqCst);
-        });
+        let h = client.queue(0);
+        let storm = &storm;
+        let worker = sc.spawn(move || storm.run(h));
 
         // Let some writes complete, then signal while the worker is mid-stream.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while acked_count.load(Ordering::SeqCst) < 300 {
-            let failure = if worker_done.load(Ordering::SeqCst) {
-                Some(format!(
-                    "worker stopped before SIGTERM: {}",
-                    end.lock().expect("lock")
-                ))
-            } else if Instant::now() >= deadline {
-                Some("fewer than 300 writes completed in 30 s".to_owned())
-            } else {
-                None
-            };
-            if let Some(failure) = failure {
-                // Unblock the worker before the scope joins it.
-                stop.store(true, Ordering::SeqCst);
-                daemon.kill();
-                panic!("{failure}\n--- stderr ---\n{}", daemon.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        if let Err(failure) = storm.wait_acked(300, Duration::from_secs(30)) {
+            // wait_acked stopped the worker; the kill unblocks it before the scope joins it.
+            daemon.kill();
+            panic!(
+                "before SIGTERM: {failure}\n--- stderr ---\n{}",
+                daemon.stderr()
+            );
         }
         let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
         worker.join().expect("worker thread");
@@ -684,31 +621,14 @@ fn sigterm_with_writes_in_flight_keeps_acknowledged_writes() {
     assert_gone(&s.sock);
     eprintln!(
         "worker: {} acknowledged, {} submitted, ended with: {}",
-        acked_count.load(Ordering::SeqCst),
-        submitted.load(Ordering::SeqCst),
-        end.lock().expect("lock")
+        storm.acked_count(),
+        storm.submitted(),
+        storm.end()
     );
     drop(client);
 
-    let file = read_file(&s.file);
-    let submitted = submitted.load(Ordering::SeqCst) as u64;
-    let acked = acked.into_inner().expect("lock");
-    let mut checked = 0;
-    for (b, a) in acked.iter().enumerate() {
-        let Some(k) = *a else { continue };
-        let off = b as u64 * BLOCK as u64;
-        let got = &file[off as usize..off as usize + BLOCK];
-        // The acknowledged write k, or a later write of the same block.
-        let ok = (k..submitted)
-            .step_by(BLOCKS as usize)
-            .any(|w| got == pattern(off, BLOCK, w).as_slice());
-        if !ok {
-            let d = first_difference("acknowledged write", off, got, &pattern(off, BLOCK, k))
-                .unwrap_or_default();
-            panic!("block {b}: acknowledged write {k} is not in the file: {d}");
-        }
-        checked += 1;
-    }
+    // Each acknowledged write, or a later write of the same block, is in the file.
+    let checked = storm.check_file(&read_file(&s.file), "disk.img");
     assert!(checked >= 300, "only {checked} blocks checked");
 }
 
