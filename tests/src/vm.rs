@@ -15,7 +15,10 @@
 //!   `SLUICE_VM_MODROOT` (for `modprobe -d "$SLUICE_VM_MODROOT" …`) set, after the modules
 //!   of the attached devices (and those asked for with [`Vm::module`]) are loaded. Its
 //!   `report KEY VALUE` lines land in [`VmRun::results`] (`lap NAME` reports
-//!   `NAME.seconds` since the previous lap); its output is on the console.
+//!   `NAME.seconds` since the previous lap); its output is on the console. More shell
+//!   helpers shared by the jobs (`since`, `hung_task_watch`, `hung_tasks`, `fio_verify`,
+//!   `ext4_check`) are in [`JOB_PRELUDE`]. [`VmRun::ensure`] and its kin check what a job
+//!   reported and quote the console when it is wrong.
 //! * Every boot is bounded by [`Vm::timeout`]: QEMU is killed and the error quotes the
 //!   console's tail. QEMU also dies with the thread that started it (`PR_SET_PDEATHSIG`).
 //!   Boots are serialised by a lock file: two guests on two cores would only slow each
@@ -47,6 +50,70 @@ pub const QEMU: &str = "qemu-system-x86_64";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(180);
 /// How much of the console an error quotes.
 const CONSOLE_TAIL_LINES: usize = 40;
+
+/// Shell functions every job can use, defined before it runs (`$vm_results` is the
+/// `vm-results` file). Functions that check something report what they saw and return
+/// non-zero when it is wrong, so a job under `set -e` stops there.
+pub const JOB_PRELUDE: &str = r#"
+# report KEY VALUE: one result for VmRun::results, also echoed on the console.
+report() { printf '%s=%s\n' "$1" "$2" >>"$vm_results"; echo "report: $1=$2"; }
+# since T: the seconds from T (a `date +%s.%N` value) to now, to a tenth.
+since() { awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $1 }"; }
+# lap NAME: reports NAME.seconds, the time since the previous lap (or the start).
+lap_t=$(date +%s.%N)
+lap() { local t=$lap_t; lap_t=$(date +%s.%N); report "$1.seconds" "$(since "$t")"; }
+# hung_task_watch: has the kernel report a task blocked for 3 s (the default is 120 s);
+# reports hung_task_timeout (none: the kernel has no hung-task detector).
+hung_task_watch() {
+    if [ -w /proc/sys/kernel/hung_task_timeout_secs ]; then
+        echo 3 >/proc/sys/kernel/hung_task_timeout_secs
+        report hung_task_timeout "$(cat /proc/sys/kernel/hung_task_timeout_secs)"
+    else
+        report hung_task_timeout none
+    fi
+}
+# hung_tasks KEY T: once two hung-task periods (7 s) have passed since T (a `date +%s.%N`
+# value), reports KEY: how many hung-task reports dmesg holds.
+hung_tasks() {
+    sleep "$(awk "BEGIN { r = 7 - ($(date +%s.%N) - $2); print (r > 0 ? r : 0) }")"
+    report "$1" "$(dmesg | grep -c 'blocked for more than')"
+}
+# fio_verify NAME DEV SIZE: random 4 KiB O_DIRECT writes through io_uring at depth 16 on
+# the first SIZE of DEV, verified with crc32c; reports NAME.fio (ok or failed:STATUS).
+fio_verify() {
+    if fio --name=$1 --filename=$2 --ioengine=io_uring --direct=1 --eta=never --rw=randwrite --bs=4k \
+        --size=$3 --iodepth=16 --verify=crc32c --output=/tmp/fio-$1.log; then
+        report "$1.fio" ok
+    else
+        report "$1.fio" "failed:$?"; cat /tmp/fio-$1.log
+        return 1
+    fi
+}
+# ext4_check DEV: mkfs.ext4 on DEV, 16 files written, sync, umount, `fsck.ext4 -fn`, then
+# mounted read-only and the files checked; reports ext4.fsck (clean or failed:STATUS) and
+# ext4.files (intact or damaged).
+ext4_check() {
+    local ok=0
+    mkfs.ext4 -q -F $1
+    mkdir -p /mnt/t
+    mount -t ext4 $1 /mnt/t
+    for i in $(seq 1 16); do
+        dd if=/dev/urandom of=/mnt/t/f$i bs=64k count=$((i * 4)) status=none
+    done
+    (cd /mnt/t && sha256sum f*) >/tmp/sums
+    sync
+    umount /mnt/t
+    if fsck.ext4 -fn $1; then report ext4.fsck clean; else report ext4.fsck "failed:$?"; ok=1; fi
+    mount -t ext4 -o ro $1 /mnt/t
+    if (cd /mnt/t && sha256sum --quiet -c /tmp/sums); then
+        report ext4.files intact
+    else
+        report ext4.files damaged; ok=1
+    fi
+    umount /mnt/t
+    return $ok
+}
+"#;
 
 /// The guest kernel release (`uname -r` in the guest), from `tests/vm/kernel-version`.
 pub fn kernel_release() -> &'static str {
@@ -383,11 +450,8 @@ impl Vm {
         let results = work.join("vm-results");
         let script = format!(
             "# Written by tests/src/vm.rs: the job of one boot.\n\
-             report() {{ printf '%s=%s\\n' \"$1\" \"$2\" >>'{}'; echo \"report: $1=$2\"; }}\n\
-             # lap NAME: reports NAME.seconds, the time since the previous lap (or the start).\n\
-             lap_t=$(date +%s.%N)\n\
-             lap() {{ local now; now=$(date +%s.%N); \
-             report \"$1.seconds\" \"$(awk \"BEGIN {{ printf \\\"%.1f\\\", $now - $lap_t }}\")\"; lap_t=$now; }}\n\
+             vm_results='{}'\n\
+             {JOB_PRELUDE}\n\
              {job}\n",
             results.display()
         );
@@ -582,6 +646,79 @@ impl VmRun {
         v.trim()
             .parse()
             .unwrap_or_else(|e| panic!("the guest reported {key}={v:?}, not a number: {e}"))
+    }
+
+    /// Panics with `msg` and the console unless `ok`.
+    #[track_caller]
+    pub fn ensure(&self, ok: bool, msg: impl fmt::Display) {
+        self.ensure_with(ok, msg, "");
+    }
+
+    /// [`VmRun::ensure`] that also quotes `evidence` (what the host saw: a daemon's log, …)
+    /// after the console.
+    #[track_caller]
+    pub fn ensure_with(&self, ok: bool, msg: impl fmt::Display, evidence: &str) {
+        if !ok {
+            let sep = if evidence.is_empty() { "" } else { "\n" };
+            panic!("{msg}\n--- console ---\n{}{sep}{evidence}", self.console);
+        }
+    }
+
+    /// Panics, quoting the console, unless the job reported `want` for `key`.
+    #[track_caller]
+    pub fn ensure_eq(&self, key: &str, want: &str) {
+        self.ensure_eq_with(key, want, "");
+    }
+
+    /// [`VmRun::ensure_eq`] that also quotes `evidence` (see [`VmRun::ensure_with`]).
+    #[track_caller]
+    pub fn ensure_eq_with(&self, key: &str, want: &str, evidence: &str) {
+        let got = self.result(key);
+        self.ensure_with(
+            got == want,
+            format!("{key}: the guest reported {got:?}, expected {want:?}"),
+            evidence,
+        );
+    }
+
+    /// Panics, quoting the console, unless the job ran to its end: it exited 0 after it
+    /// reported `done=yes` (its last line, so a job that stops early is told apart).
+    #[track_caller]
+    pub fn ensure_complete(&self) {
+        self.ensure(
+            self.exit_code == 0 && self.results.get("done").is_some_and(|v| v == "yes"),
+            format!(
+                "the guest job ended with status {} before its end (reported: {:?})",
+                self.exit_code, self.results
+            ),
+        );
+    }
+
+    /// Prints how long the boot took and the job's laps (`lap NAME`), for `test`.
+    pub fn print_timings(&self, test: &str) {
+        let laps: Vec<String> = self
+            .results
+            .iter()
+            .filter_map(|(k, v)| Some(format!("{} {v} s", k.strip_suffix(".seconds")?)))
+            .collect();
+        eprintln!(
+            "{test}: boot and job took {:.1?} ({})",
+            self.elapsed,
+            laps.join(", ")
+        );
+    }
+}
+
+/// [`Vm::run`]'s result for a guest whose disk `daemon` serves from the host: the run, or
+/// (when the boot failed) a panic with the error and the daemon's stderr, after the
+/// daemon is killed.
+pub fn expect_boot(run: Result<VmRun, VmError>, daemon: &mut crate::Daemon) -> VmRun {
+    match run {
+        Ok(run) => run,
+        Err(e) => {
+            daemon.kill();
+            panic!("{e}\n--- sluice stderr ---\n{}", daemon.stderr());
+        }
     }
 }
 

@@ -38,7 +38,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sluice_tests::vm::{skip_unless_available, Vm, VmRun};
+use sluice_tests::vm::{expect_boot, skip_unless_available, Vm};
 use sluice_tests::{assert_gone, first_difference, make_file, pattern, Daemon, EXIT_TIMEOUT, MIB};
 
 const DISK_BYTES: u64 = 256 * MIB;
@@ -61,14 +61,7 @@ set -uo pipefail
 dev=/dev/vda
 W=$SLUICE_VM_WORK
 now() { date +%s.%N; }
-since() { awk "BEGIN { printf \"%.1f\", $(now) - $1 }"; }
-# Report a task blocked for 3 s (the default is 120 s).
-if [ -w /proc/sys/kernel/hung_task_timeout_secs ]; then
-    echo 3 >/proc/sys/kernel/hung_task_timeout_secs
-    report hung_task_timeout "$(cat /proc/sys/kernel/hung_task_timeout_secs)"
-else
-    report hung_task_timeout none
-fi
+hung_task_watch
 report write_cache "$(cat /sys/block/vda/queue/write_cache)"
 # The block layer's request timeout (absent when the driver has no timeout handler: then a
 # request the device never completes is never failed by the kernel either).
@@ -141,8 +134,7 @@ for p in $(ps -eLo lwp=,stat= | awk '$2 ~ /^D/ { print $1 }'); do
 done
 
 # --- the hung-task detector, two periods past the signal ---
-sleep "$(awk "BEGIN { r = 7 - ($(now) - $t0); print (r > 0 ? r : 0) }")"
-report hung_tasks "$(dmesg | grep -c 'blocked for more than')"
+hung_tasks hung_tasks $t0
 report dmesg_io_errors "$(dmesg | grep -cE 'I/O error|critical target error|end of device')"
 echo "--- dmesg since vda ---"; dmesg | sed -n '/\[vda\]/,$p'
 report done yes
@@ -150,26 +142,6 @@ report done yes
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-/// Asserts with the console (and sluice's log) quoted.
-fn ensure(run: &VmRun, log: &str, ok: bool, msg: impl std::fmt::Display) {
-    if !ok {
-        panic!(
-            "{msg}\nguest reported: {:?}\n--- console ---\n{}\n--- sluice stderr ---\n{log}",
-            run.results, run.console
-        );
-    }
-}
-
-fn ensure_eq(run: &VmRun, log: &str, key: &str, want: &str) {
-    let got = run.result(key);
-    ensure(
-        run,
-        log,
-        got == want,
-        format!("{key}: the guest reported {got:?}, expected {want:?}"),
-    );
 }
 
 #[test]
@@ -238,13 +210,7 @@ fn guest_fio_fsync_while_host_sigterms_sluice() {
         let run = guest.join().expect("VM thread");
         (run, watcher.join().expect("watcher thread"))
     });
-    let run = match run {
-        Ok(run) => run,
-        Err(e) => {
-            daemon.kill();
-            panic!("{e}\n--- sluice stderr ---\n{}", daemon.stderr());
-        }
-    };
+    let run = expect_boot(run, &mut daemon);
     let log = daemon.stderr();
     let Some((signal_at, status, exit_took)) = signalled else {
         daemon.kill();
@@ -275,22 +241,24 @@ fn guest_fio_fsync_while_host_sigterms_sluice() {
     assert_gone(&sock);
 
     // --- the guest: the pattern was synced, and SIGTERM came while fio was writing ---
-    ensure_eq(&run, &log, "done", "yes");
-    ensure_eq(&run, &log, "pattern_fsync", "0");
-    ensure_eq(&run, &log, "pattern_readback", "0");
-    ensure_eq(&run, &log, "fio_running_at_signal", "yes");
-    ensure_eq(&run, &log, "signal_seen", "yes");
-    ensure(
-        &run,
-        &log,
+    let evidence = format!(
+        "guest reported: {:?}\n--- sluice stderr ---\n{log}",
+        run.results
+    );
+    run.ensure_eq_with("done", "yes", &evidence);
+    run.ensure_eq_with("pattern_fsync", "0", &evidence);
+    run.ensure_eq_with("pattern_readback", "0", &evidence);
+    run.ensure_eq_with("fio_running_at_signal", "yes", &evidence);
+    run.ensure_eq_with("signal_seen", "yes", &evidence);
+    run.ensure_with(
         run.result_u64("writes_before_signal") >= WRITES_BEFORE_SIGNAL,
         "fio had not written enough before the signal",
+        &evidence,
     );
-    ensure(
-        &run,
-        &log,
+    run.ensure_with(
         run.result("hung_task_timeout") != "none",
         "the guest kernel has no hung-task detector",
+        &evidence,
     );
 
     // --- the host file: the synced pattern, and nothing written outside fio's range ---

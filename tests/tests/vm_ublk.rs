@@ -119,15 +119,6 @@ params() {
     done
     report "$1.hw_queues" "$(ls /sys/block/$2/mq | wc -l)"
 }
-# fio_verify NAME DEV SIZE: random O_DIRECT writes through io_uring, verified; NAME.fio.
-fio_verify() {
-    if fio --name=$1 --filename=$2 --ioengine=io_uring --direct=1 --eta=never --rw=randwrite --bs=4k \
-        --size=$3 --iodepth=16 --verify=crc32c --output=/tmp/fio-$1.log; then
-        report "$1.fio" ok
-    else
-        report "$1.fio" "failed:$?"; cat /tmp/fio-$1.log
-    fi
-}
 # same NAME FILE DD_ARGS...: reports NAME same|differs for FILE and what dd DD_ARGS reads.
 same() {
     local name=$1 file=$2; shift 2
@@ -200,19 +191,7 @@ if kill -0 $p 2>/dev/null; then report dup.first_alive yes; else report dup.firs
 fio_verify sata /dev/ublkb5 64M
 lap sata_fio
 
-mkfs.ext4 -q -F /dev/ublkb5
-mkdir -p /mnt/t
-mount -t ext4 /dev/ublkb5 /mnt/t
-for i in $(seq 1 16); do
-    dd if=/dev/urandom of=/mnt/t/f$i bs=64k count=$((i * 4)) status=none
-done
-(cd /mnt/t && sha256sum f*) >/tmp/sums
-sync
-umount /mnt/t
-if fsck.ext4 -fn /dev/ublkb5; then report ext4.fsck clean; else report ext4.fsck "failed:$?"; fi
-mount -t ext4 -o ro /dev/ublkb5 /mnt/t
-if (cd /mnt/t && sha256sum --quiet -c /tmp/sums); then report ext4.files intact; else report ext4.files damaged; fi
-umount /mnt/t
+ext4_check /dev/ublkb5
 stop sata $p
 gone sata ublkb5
 lap sata_rest
@@ -283,13 +262,7 @@ lap mixed
 "#;
 
 const JOB_STORM: &str = r#"
-# Report a task blocked for 3 s (the default is 120 s).
-if [ -w /proc/sys/kernel/hung_task_timeout_secs ]; then
-    echo 3 >/proc/sys/kernel/hung_task_timeout_secs
-    report hung_task_timeout "$(cat /proc/sys/kernel/hung_task_timeout_secs)"
-else
-    report hung_task_timeout none
-fi
+hung_task_watch
 start storm 1 --disk /dev/nvme0n1 --ublk 0 --queues 2
 p=$pid
 dd if=$W/pattern.bin of=/dev/ublkb0 bs=1M seek=STORM_PATTERN_MIB oflag=direct conv=fsync status=none
@@ -312,18 +285,16 @@ report storm.writes_before_sigterm "$w"
 report storm.inflight_at_sigterm "$f"
 t0=$(date +%s.%N)
 stop storm $p
-report storm.stop_seconds "$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $t0 }")"
+report storm.stop_seconds "$(since $t0)"
 timeout 30 tail --pid=$fpid -f /dev/null
 wait $fpid
 report storm.fio_exit $?
-report storm.fio_seconds_after_sigterm "$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $t0 }")"
+report storm.fio_seconds_after_sigterm "$(since $t0)"
 report storm.fio_error "$(grep -m1 -i 'error' /tmp/fio-storm.log | cut -c1-160)"
 report storm.sluice_drain "$(grep -o 'drain export.*' /tmp/storm.err | head -1)"
 gone storm ublkb0
 report storm.d_state "$(ps -eo stat=,comm= | awk '$1 ~ /^D/ { print $2 }' | tr '\n' ' ')"
-# Give the hung-task detector two periods past the signal.
-sleep "$(awk "BEGIN { r = 7 - ($(date +%s.%N) - $t0); print (r > 0 ? r : 0) }")"
-report storm.hung_tasks "$(dmesg | grep -c 'blocked for more than')"
+hung_tasks storm.hung_tasks $t0
 lap storm_sigterm_and_watch
 dmesg | grep -iE 'ublk|blocked|hung|I/O error' | tail -20
 same storm.raw $W/pattern.bin if=/dev/nvme0n1 bs=1M skip=STORM_PATTERN_MIB count=1 iflag=direct
@@ -371,35 +342,6 @@ fn job(body: &str) -> String {
     text
 }
 
-/// Panics with `msg` and the guest's console unless `ok`.
-fn ensure(run: &VmRun, ok: bool, msg: impl std::fmt::Display) {
-    if !ok {
-        panic!("{msg}\n--- console ---\n{}", run.console);
-    }
-}
-
-/// Asserts that the job reported `want` for `key`.
-fn ensure_eq(run: &VmRun, key: &str, want: &str) {
-    let got = run.result(key);
-    ensure(
-        run,
-        got == want,
-        format!("{key}: the guest reported {got:?}, expected {want:?}"),
-    );
-}
-
-/// The job ran to its end (a failed start exits early).
-fn ensure_complete(run: &VmRun) {
-    ensure(
-        run,
-        run.exit_code == 0 && run.results.get("done").is_some_and(|v| v == "yes"),
-        format!(
-            "the guest job ended with status {} before its end (reported: {:?})",
-            run.exit_code, run.results
-        ),
-    );
-}
-
 /// The pci_nvme_* events of a QEMU trace, in order: (name, arguments).
 fn nvme_events(run: &VmRun) -> Vec<(&str, &str)> {
     run.trace
@@ -417,13 +359,12 @@ fn ensure_params_match(run: &VmRun, name: &str, ublk: &str, backing: &str) {
         let u = run.result(&format!("{name}.ublk.{p}"));
         let b = run.result(&format!("{name}.backing.{p}"));
         eprintln!("  {p:24} {ublk}={u:14} {backing}={b}");
-        ensure(
-            run,
+        run.ensure(
             u == b,
             format!("/sys/block/{ublk}/queue/{p} is {u:?} but {backing}'s is {b:?}"),
         );
     }
-    ensure_eq(run, &format!("{name}.hw_queues"), "2");
+    run.ensure_eq(&format!("{name}.hw_queues"), "2");
 }
 
 fn ready_json(run: &VmRun, key: &str) -> serde_json::Value {
@@ -437,19 +378,6 @@ fn read_image(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     f.read_exact_at(&mut got, offset)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     got
-}
-
-fn print_timings(test: &str, run: &VmRun) {
-    let laps: Vec<String> = run
-        .results
-        .iter()
-        .filter_map(|(k, v)| Some(format!("{} {v} s", k.strip_suffix(".seconds")?)))
-        .collect();
-    eprintln!(
-        "{test}: boot and job took {:.1?} ({})",
-        run.elapsed,
-        laps.join(", ")
-    );
 }
 
 #[test]
@@ -477,26 +405,25 @@ fn ublk_over_nvme_and_sata() {
         .timeout(Duration::from_secs(300))
         .run(&job(JOB_NVME_SATA).replace("@QD1@", path_str(&qd1)))
         .expect("boot");
-    print_timings("vm_ublk nvme+sata", &run);
-    ensure_complete(&run);
+    run.print_timings("vm_ublk nvme+sata");
+    run.ensure_complete();
 
     // ---- 1. nvme0n1 as ublkb0 ----
     let ready = ready_json(&run, "nvme.ready");
     eprintln!("nvme ready line: {ready}");
-    ensure(
-        &run,
+    run.ensure(
         ready["device"] == "/dev/ublkb0" && ready["queues"] == 2 && ready["type"] == "ublk",
         format!("nvme ready line: {ready}"),
     );
     eprintln!("ublkb0 over nvme0n1:");
     ensure_params_match(&run, "nvme", "ublkb0", "nvme0n1");
-    ensure_eq(&run, "nvme.ublk.fua", "1");
-    ensure_eq(&run, "nvme.ublk.write_cache", "write back");
-    ensure_eq(&run, "nvme.fio", "ok");
-    ensure_eq(&run, "nvme.readback", "same");
-    ensure_eq(&run, "nvme.exit", "0");
-    ensure_eq(&run, "nvme.gone", "yes");
-    ensure_eq(&run, "nvme.raw", "same");
+    run.ensure_eq("nvme.ublk.fua", "1");
+    run.ensure_eq("nvme.ublk.write_cache", "write back");
+    run.ensure_eq("nvme.fio", "ok");
+    run.ensure_eq("nvme.readback", "same");
+    run.ensure_eq("nvme.exit", "0");
+    run.ensure_eq("nvme.gone", "yes");
+    run.ensure_eq("nvme.raw", "same");
     let got = read_image(&nvme, PATTERN_OFFSET, PATTERN_BYTES);
     if let Some(diff) = first_difference("pattern in nvme.img", PATTERN_OFFSET, &got, &want) {
         panic!("{diff}");
@@ -527,8 +454,7 @@ fn ublk_over_nvme_and_sata() {
                 .filter(|(_, e)| at(e, "pci_nvme_read", m))
                 .map(|(i, _)| i)
                 .collect();
-            ensure(
-                &run,
+            run.ensure(
                 hits.len() == 1,
                 format!(
                     "marker read of block {m} ({}) seen {} times in the QEMU trace, not once",
@@ -539,8 +465,7 @@ fn ublk_over_nvme_and_sata() {
             hits[0]
         })
         .collect();
-    ensure(
-        &run,
+    run.ensure(
         mark_pos.windows(2).all(|w| w[0] < w[1]),
         format!("marker reads out of order in the QEMU trace: {mark_pos:?}"),
     );
@@ -572,8 +497,7 @@ fn ublk_over_nvme_and_sata() {
             show(k)
         );
     }
-    ensure(
-        &run,
+    run.ensure(
         window(0)
             .iter()
             .any(|e| at(e, "pci_nvme_write", PLAIN_BLOCK)),
@@ -582,26 +506,23 @@ fn ublk_over_nvme_and_sata() {
             lba_arg(PLAIN_BLOCK)
         ),
     );
-    ensure(
-        &run,
+    run.ensure(
         flushes(0) == 0,
         format!(
             "a plain write through ublkb0 caused {} NVMe flushes",
             flushes(0)
         ),
     );
-    ensure(
-        &run,
+    run.ensure(
         flushes(1) >= 1,
         format!(
             "the guest's fsync of ublkb0 reached the NVMe drive as no flush:\n  {}",
             show(1)
         ),
     );
-    ensure_eq(&run, "nvme.fsync", "0");
-    ensure_eq(&run, "nvme.dsync_write", "0");
-    ensure(
-        &run,
+    run.ensure_eq("nvme.fsync", "0");
+    run.ensure_eq("nvme.dsync_write", "0");
+    run.ensure(
         window(2).iter().any(|e| at(e, "pci_nvme_write", FUA_BLOCK)),
         format!(
             "no pci_nvme_write at{} after the dsync write",
@@ -613,8 +534,7 @@ fn ublk_over_nvme_and_sata() {
          after it, FUA or not); QEMU's trace has no FUA bit",
         flushes(2)
     );
-    ensure(
-        &run,
+    run.ensure(
         flushes(4) >= 1,
         format!(
             "sluice's SIGTERM close-all reached the NVMe drive as no flush:\n  {}",
@@ -630,13 +550,11 @@ fn ublk_over_nvme_and_sata() {
         let plain = run.result(&format!("rwbs.plain.{side}"));
         let fua = run.result(&format!("rwbs.fua.{side}"));
         eprintln!("block_rq_issue rwbs on {side}: plain write {plain:?}, dsync write {fua:?}");
-        ensure(
-            &run,
+        run.ensure(
             is_write(plain) && !has_fua(plain),
             format!("plain write on {side}: rwbs {plain:?}, expected a write without FUA"),
         );
-        ensure(
-            &run,
+        run.ensure(
             has_fua(fua),
             format!("dsync write on {side}: rwbs {fua:?}, expected a FUA write (WF…)"),
         );
@@ -651,68 +569,58 @@ fn ublk_over_nvme_and_sata() {
         run.result("dup.error")
     );
     let dup_exit: i32 = run.result("dup.exit").parse().expect("dup.exit");
-    ensure(
-        &run,
+    run.ensure(
         dup_exit != 0 && dup_exit != 124,
         format!("a second server for ublk id 5 exited with {dup_exit}, expected a refusal"),
     );
     let dup_error = run.result("dup.error");
-    ensure(
-        &run,
+    run.ensure(
         dup_error.contains("ublk device 5 already exists"),
         format!("the refusal does not name the taken id: {dup_error:?}"),
     );
-    ensure_eq(&run, "dup.ready_lines", "0");
-    ensure_eq(
-        &run,
+    run.ensure_eq("dup.ready_lines", "0");
+    run.ensure_eq(
         "dup.ublk_devices_after",
         run.result("dup.ublk_devices_before"),
     );
-    ensure_eq(&run, "dup.first_alive", "yes");
-    ensure_eq(&run, "sata.fio", "ok");
-    ensure_eq(&run, "ext4.fsck", "clean");
-    ensure_eq(&run, "ext4.files", "intact");
-    ensure_eq(&run, "sata.exit", "0");
-    ensure_eq(&run, "sata.gone", "yes");
+    run.ensure_eq("dup.first_alive", "yes");
+    run.ensure_eq("sata.fio", "ok");
+    run.ensure_eq("ext4.fsck", "clean");
+    run.ensure_eq("ext4.files", "intact");
+    run.ensure_eq("sata.exit", "0");
+    run.ensure_eq("sata.gone", "yes");
 
     // ---- 3. ublk and vhost-user in one daemon ----
-    ensure_eq(&run, "mixed.ready_lines", "2");
+    run.ensure_eq("mixed.ready_lines", "2");
     let local = ready_json(&run, "mixed.ready.local");
     let vm = ready_json(&run, "mixed.ready.vm");
-    ensure(
-        &run,
+    run.ensure(
         local["type"] == "ublk" && local["device"] == "/dev/ublkb1",
         format!("ready line of the ublk export: {local}"),
     );
-    ensure(
-        &run,
+    run.ensure(
         vm["type"] == "vhost-user" && vm["socket"] == "/tmp/vm.sock",
         format!("ready line of the vhost-user export: {vm}"),
     );
-    ensure_eq(&run, "mixed.socket", "yes");
-    ensure_eq(&run, "mixed.hw_queues", "2");
-    ensure_eq(&run, "mixed.client_exit", "0");
+    run.ensure_eq("mixed.socket", "yes");
+    run.ensure_eq("mixed.hw_queues", "2");
+    run.ensure_eq("mixed.client_exit", "0");
     let client = ready_json(&run, "mixed.client");
     eprintln!(
         "qd1_latency over vhost-user while fio ran on ublkb1: {client} (ublkb1 had {} writes \
          when it started)",
         run.result("mixed.ublk_writes_before_client")
     );
-    ensure(
-        &run,
-        client["reads"] == 300,
-        format!("qd1_latency: {client}"),
-    );
-    ensure(
-        &run,
+    run.ensure(client["reads"] == 300, format!("qd1_latency: {client}"));
+    run.ensure(
         run.result_u64("mixed.ublk_writes_before_client") >= 256,
         "fio had not started writing to ublkb1 when the vhost-user client started",
     );
-    ensure_eq(&run, "mixed.fio_running_after_client", "yes");
-    ensure_eq(&run, "mixed.fio", "ok");
-    ensure_eq(&run, "mixed.exit", "0");
-    ensure_eq(&run, "mixed.gone", "yes");
-    ensure_eq(&run, "mixed.socket_gone", "yes");
+    run.ensure_eq("mixed.fio_running_after_client", "yes");
+    run.ensure_eq("mixed.fio", "ok");
+    run.ensure_eq("mixed.exit", "0");
+    run.ensure_eq("mixed.gone", "yes");
+    run.ensure_eq("mixed.socket_gone", "yes");
     // Runtime add and removal of a ublk export through the monitor.
     for (key, want) in [
         ("runtime.node_add", "0"),
@@ -723,7 +631,7 @@ fn ublk_over_nvme_and_sata() {
         ("runtime.gone", "yes"),
         ("runtime.node_remove", "0"),
     ] {
-        ensure_eq(&run, key, want);
+        run.ensure_eq(key, want);
     }
 }
 
@@ -744,8 +652,8 @@ fn ublk_sigterm_with_io_in_flight() {
         .timeout(Duration::from_secs(180))
         .run(&job(JOB_STORM))
         .expect("boot");
-    print_timings("vm_ublk storm", &run);
-    ensure_complete(&run);
+    run.print_timings("vm_ublk storm");
+    run.ensure_complete();
     eprintln!(
         "SIGTERM after {} writes with {} in flight: sluice exit {} after {} s; fio exit {} \
          after {} s; hung-task timeout {}",
@@ -762,14 +670,13 @@ fn ublk_sigterm_with_io_in_flight() {
         run.result("storm.fio_error"),
         run.result("storm.sluice_drain")
     );
-    ensure_eq(&run, "storm.pattern_fsync", "0");
-    ensure(
-        &run,
+    run.ensure_eq("storm.pattern_fsync", "0");
+    run.ensure(
         run.result_u64("storm.inflight_at_sigterm") > 0,
         "no write was in flight on ublkb0 when sluice got SIGTERM",
     );
-    ensure_eq(&run, "storm.exit", "0");
-    ensure_eq(&run, "storm.gone", "yes");
+    run.ensure_eq("storm.exit", "0");
+    run.ensure_eq("storm.gone", "yes");
     // fio was under `timeout -k 5 60` with a 45 s runtime: 124/137 would mean it hung and was
     // killed, 0 that sluice's exit went unnoticed for 45 s.
     let fio_exit: i32 = run.result("storm.fio_exit").parse().expect("fio exit");
@@ -777,19 +684,17 @@ fn ublk_sigterm_with_io_in_flight() {
         .result("storm.fio_seconds_after_sigterm")
         .parse()
         .expect("seconds");
-    ensure(
-        &run,
+    run.ensure(
         ![124, 137].contains(&fio_exit) && fio_after < 30.0,
         format!("fio exited with {fio_exit} {fio_after} s after SIGTERM to sluice"),
     );
-    ensure_eq(&run, "storm.d_state", "");
-    ensure(
-        &run,
+    run.ensure_eq("storm.d_state", "");
+    run.ensure(
         run.result("hung_task_timeout") != "none",
         "the guest kernel has no hung-task detector",
     );
-    ensure_eq(&run, "storm.hung_tasks", "0");
-    ensure_eq(&run, "storm.raw", "same");
+    run.ensure_eq("storm.hung_tasks", "0");
+    run.ensure_eq("storm.raw", "same");
     let got = read_image(&nvme, STORM_PATTERN_OFFSET, PATTERN_BYTES);
     if let Some(diff) = first_difference(
         "fsync'ed pattern in nvme.img",

@@ -134,14 +134,6 @@ fn job(fio_dir: &Path) -> String {
         .replace("@RUNS@", &runs.join("\n"))
 }
 
-/// Panics with `msg` and the guest's console unless `ok`.
-#[track_caller]
-fn ensure(run: &VmRun, ok: bool, msg: impl std::fmt::Display) {
-    if !ok {
-        panic!("{msg}\n--- console ---\n{}", run.console);
-    }
-}
-
 /// What fio's JSON says about one direction (`read` or `write`) of the only job (the files
 /// use `group_reporting`).
 struct Direction {
@@ -165,8 +157,7 @@ fn direction(job: &serde_json::Value, dir: &str) -> Direction {
 fn fio_json(run: &VmRun, path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let start = text.find('{');
-    ensure(
-        run,
+    run.ensure(
         start.is_some(),
         format!("{}: no JSON from fio:\n{text}", path.display()),
     );
@@ -194,24 +185,8 @@ fn bench_fio_jobs_on_ublk() {
         .timeout(Duration::from_secs(120))
         .run(&job(&fio_dir))
         .expect("boot");
-    let laps: Vec<String> = run
-        .results
-        .iter()
-        .filter_map(|(k, v)| Some(format!("{} {v} s", k.strip_suffix(".seconds")?)))
-        .collect();
-    eprintln!(
-        "vm_ublk_fio: boot and job took {:.1?} ({})",
-        run.elapsed,
-        laps.join(", ")
-    );
-    ensure(
-        &run,
-        run.exit_code == 0 && run.results.get("done").is_some_and(|v| v == "yes"),
-        format!(
-            "the guest job ended with status {} before its end (reported: {:?})",
-            run.exit_code, run.results
-        ),
-    );
+    run.print_timings("vm_ublk_fio");
+    run.ensure_complete();
     eprintln!("ready: {}", run.result("ready"));
 
     eprintln!(
@@ -221,15 +196,13 @@ fn bench_fio_jobs_on_ublk() {
     for r in &RUNS {
         let name = r.name();
         let exit = run.result(&format!("{name}.exit"));
-        ensure(
-            &run,
+        run.ensure(
             exit == "0",
             format!("fio {name} exited with {exit} (see its stderr on the console)"),
         );
         let json = fio_json(&run, &dir.path().join(format!("{name}.json")));
         let jobs = json["jobs"].as_array().cloned().unwrap_or_default();
-        ensure(
-            &run,
+        run.ensure(
             jobs.len() == 1,
             format!(
                 "{name}: {} job entries in fio's JSON, expected 1 (group_reporting)",
@@ -237,8 +210,7 @@ fn bench_fio_jobs_on_ublk() {
             ),
         );
         let job = &jobs[0];
-        ensure(
-            &run,
+        run.ensure(
             job["error"] == 0,
             format!("{name}: fio reports error {}", job["error"]),
         );
@@ -246,14 +218,12 @@ fn bench_fio_jobs_on_ublk() {
         let opts = &job["job options"];
         let opt = |k: &str| opts[k].as_str().and_then(|v| v.parse::<u32>().ok());
         let (depth, numjobs) = r.expected_depth_and_jobs();
-        ensure(
-            &run,
+        run.ensure(
             opt("iodepth") == Some(depth) && opt("numjobs") == Some(numjobs),
             format!("{name}: job options {opts}, expected iodepth {depth} numjobs {numjobs}"),
         );
         let filename = json["global options"]["filename"].as_str().unwrap_or("");
-        ensure(
-            &run,
+        run.ensure(
             filename == "/dev/ublkb0",
             format!("{name}: fio ran on {filename:?}, not /dev/ublkb0"),
         );
@@ -264,21 +234,18 @@ fn bench_fio_jobs_on_ublk() {
         };
         let d = direction(job, did);
         let other = direction(job, idle);
-        ensure(
-            &run,
+        run.ensure(
             d.iops > 0.0 && d.io_bytes > 0,
             format!("{name}: no {did}s ({} IOPS, {} bytes)", d.iops, d.io_bytes),
         );
-        ensure(
-            &run,
+        run.ensure(
             other.io_bytes == 0,
             format!("{name}: {} bytes of {idle}s in a {did} job", other.io_bytes),
         );
         let ublk_reads = run.result_u64(&format!("{name}.ublk_reads"));
         let ublk_writes = run.result_u64(&format!("{name}.ublk_writes"));
         let ublk_done = if r.writes() { ublk_writes } else { ublk_reads };
-        ensure(
-            &run,
+        run.ensure(
             ublk_done > 0,
             format!("{name}: /sys/block/ublkb0/stat counted no {did}s during the run"),
         );
@@ -290,8 +257,7 @@ fn bench_fio_jobs_on_ublk() {
         );
     }
     let exit = run.result("sluice.exit");
-    ensure(
-        &run,
+    run.ensure(
         exit == "0",
         format!("sluice exited with {exit} after SIGTERM"),
     );

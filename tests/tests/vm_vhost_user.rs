@@ -18,7 +18,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::Duration;
 
-use sluice_tests::vm::{skip_unless_available, Vm};
+use sluice_tests::vm::{expect_boot, skip_unless_available, Vm};
 use sluice_tests::{assert_gone, first_difference, make_file, pattern, Daemon, EXIT_TIMEOUT, MIB};
 
 const DISK_BYTES: u64 = 256 * MIB;
@@ -69,27 +69,11 @@ done
 
 # --- fio: random O_DIRECT writes through io_uring, verified ---
 t0=$(date +%s.%N)
-fio --name=randwrite --filename=$dev --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
-    --size=64M --verify=crc32c --iodepth=16
-report fio ok
-report fio_seconds "$(awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $t0 }")"
+fio_verify vda $dev 64M
+report fio_seconds "$(since $t0)"
 
 # --- ext4 ---
-mkfs.ext4 -q -F $dev
-mkdir -p /mnt/t
-mount -t ext4 $dev /mnt/t
-for i in $(seq 1 16); do
-    dd if=/dev/urandom of=/mnt/t/f$i bs=64k count=$((i * 4)) status=none
-done
-(cd /mnt/t && sha256sum f*) >/tmp/sums
-sync
-umount /mnt/t
-fsck.ext4 -fn $dev
-report fsck "clean"
-mount -t ext4 -o ro $dev /mnt/t
-(cd /mnt/t && sha256sum --quiet -c /tmp/sums)
-umount /mnt/t
-report ext4_files "intact"
+ext4_check $dev
 
 # --- discard and write zeroes on data ---
 M=$((1 << 20))
@@ -156,13 +140,7 @@ fn guest_on_sluice_vhost_user_blk() {
         .module("ext4")
         .timeout(Duration::from_secs(240))
         .run(&job);
-    let run = match run {
-        Ok(run) => run,
-        Err(e) => {
-            daemon.kill();
-            panic!("{e}\n--- sluice stderr ---\n{}", daemon.stderr());
-        }
-    };
+    let run = expect_boot(run, &mut daemon);
     eprintln!(
         "vm_vhost_user: boot and job took {:.1?} (fio {} s); guest saw {:?}",
         run.elapsed,
@@ -234,9 +212,9 @@ fn guest_on_sluice_vhost_user_blk() {
     assert_eq!(run.result_u64("write_zeroes_max"), max_zero_bytes);
 
     // --- the data checks the guest made ---
-    assert_eq!(run.result("fio"), "ok");
-    assert_eq!(run.result("fsck"), "clean");
-    assert_eq!(run.result("ext4_files"), "intact");
+    assert_eq!(run.result("vda.fio"), "ok");
+    assert_eq!(run.result("ext4.fsck"), "clean");
+    assert_eq!(run.result("ext4.files"), "intact");
     for k in ["discard", "zeroout", "punch"] {
         assert_eq!(run.result(k), "zero", "{k} range read back in the guest");
     }
