@@ -481,6 +481,19 @@ pub fn first_difference(what: &str, base_offset: u64, got: &[u8], want: &[u8]) -
     ))
 }
 
+/// Panics unless the file at `path` holds `want` at byte `offset`; the message names
+/// `what` and where they first differ.
+pub fn assert_file_holds(path: &Path, offset: u64, want: &[u8], what: &str) {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut got = vec![0u8; want.len()];
+    f.read_exact_at(&mut got, offset)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    if let Some(diff) = first_difference(what, offset, &got, want) {
+        panic!("{diff}");
+    }
+}
+
 /// Creates a sparse zero-filled file of `len` bytes.
 pub fn make_file(path: &Path, len: u64) {
     let f = File::create(path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
@@ -550,6 +563,22 @@ pub struct Outcome {
     pub ret: i32,
     /// For reads: the buffer after completion (filled with 0xAA before submission).
     pub data: Vec<u8>,
+}
+
+/// Panics, naming `what`, unless every outcome succeeded (it lists the first 8 failures:
+/// index and return value).
+pub fn assert_all_ok(what: &str, outs: &[Outcome]) {
+    let bad: Vec<(usize, i32)> = outs
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.ret != 0)
+        .map(|(i, o)| (i, o.ret))
+        .take(8)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: failed requests (index, ret): {bad:?}"
+    );
 }
 
 /// How [`Client::connect_with`] sets libblkio up.

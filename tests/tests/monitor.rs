@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_tests::{
-    assert_gone, first_difference, make_file, pattern, run_to_exit, Client, Daemon, Finished, Op,
-    Outcome, WriteStorm, EXIT_TIMEOUT, MIB,
+    assert_all_ok, assert_gone, first_difference, make_file, pattern, run_to_exit, Client, Daemon,
+    Finished, Op, WriteStorm, EXIT_TIMEOUT, MIB,
 };
 
 const DISK_BYTES: u64 = 64 * MIB;
@@ -350,20 +350,6 @@ fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 
 fn connect(sock: &Path) -> Client {
     Client::connect(sock, 2, 32).unwrap_or_else(|e| panic!("connect {}: {e}", sock.display()))
-}
-
-fn assert_all_ok(what: &str, outs: &[Outcome]) {
-    let bad: Vec<(usize, i32)> = outs
-        .iter()
-        .enumerate()
-        .filter(|(_, o)| o.ret != 0)
-        .map(|(i, o)| (i, o.ret))
-        .take(8)
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "{what}: failed requests (index, ret): {bad:?}"
-    );
 }
 
 /// Blocks 0..128 of the round trip; queue q writes the blocks ≡ q mod 2.

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_tests::{
-    assert_gone, first_difference, make_file, needs_root_and_loop, pattern, Client, ClientOpts,
-    Daemon, LoopDevice, Op, RawClient, WriteStorm, EXIT_TIMEOUT, MIB, VIRTIO_BLK_ID_BYTES,
-    VIRTIO_BLK_S_OK,
+    assert_all_ok, assert_gone, first_difference, make_file, needs_root_and_loop, pattern, Client,
+    ClientOpts, Daemon, LoopDevice, Op, RawClient, WriteStorm, EXIT_TIMEOUT, MIB,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK,
 };
 
 const DISK_BYTES: u64 = 64 * MIB;
@@ -53,20 +53,6 @@ fn path_str(p: &Path) -> &str {
 
 fn connect(sock: &Path, queues: usize, depth: usize) -> Client {
     Client::connect(sock, queues, depth).unwrap_or_else(|e| panic!("connect: {e}"))
-}
-
-fn assert_all_ok(what: &str, outs: &[sluice_tests::Outcome]) {
-    let bad: Vec<(usize, i32)> = outs
-        .iter()
-        .enumerate()
-        .filter(|(_, o)| o.ret != 0)
-        .map(|(i, o)| (i, o.ret))
-        .take(8)
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "{what}: failed requests (index, ret): {bad:?}"
-    );
 }
 
 /// Reads the backing file with std::fs (buffered: coherent with the daemon's O_DIRECT

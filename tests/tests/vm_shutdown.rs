@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_tests::vm::{expect_boot, skip_unless_available, Vm};
-use sluice_tests::{assert_gone, first_difference, make_file, pattern, Daemon, EXIT_TIMEOUT, MIB};
+use sluice_tests::{assert_file_holds, assert_gone, make_file, pattern, Daemon, EXIT_TIMEOUT, MIB};
 
 const DISK_BYTES: u64 = 256 * MIB;
 /// fio writes in `[0, FIO_MIB)` MiB.
@@ -262,13 +262,8 @@ fn guest_fio_fsync_while_host_sigterms_sluice() {
     );
 
     // --- the host file: the synced pattern, and nothing written outside fio's range ---
+    assert_file_holds(&disk, PATTERN_OFFSET, &want, "pattern in the host file");
     let f = File::open(&disk).expect("open disk");
-    let mut got = vec![0u8; PATTERN_BYTES];
-    f.read_exact_at(&mut got, PATTERN_OFFSET)
-        .expect("read pattern");
-    if let Some(diff) = first_difference("pattern in the host file", PATTERN_OFFSET, &got, &want) {
-        panic!("{diff}");
-    }
     let mut buf = vec![0u8; MIB as usize];
     for off in (FIO_MIB * MIB..PATTERN_OFFSET).step_by(MIB as usize) {
         f.read_exact_at(&mut buf, off).expect("read gap");

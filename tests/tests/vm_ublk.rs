@@ -29,13 +29,11 @@
 //! Skips with "skipped: …" when the machine is not prepared (tests/vm/prepare.sh). Needs
 //! `cargo build -p sluice` first (or `SLUICE_BIN`); `cargo test` builds `qd1_latency`.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice_tests::vm::{skip_unless_available, Vm, VmRun};
-use sluice_tests::{first_difference, make_file, pattern, sluice_bin, MIB};
+use sluice_tests::{assert_file_holds, make_file, pattern, sluice_bin, MIB};
 
 const NVME_BYTES: u64 = 256 * MIB;
 const SATA_BYTES: u64 = 256 * MIB;
@@ -372,14 +370,6 @@ fn ready_json(run: &VmRun, key: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{key}: not JSON ({e}): {line}"))
 }
 
-fn read_image(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut got = vec![0u8; len];
-    f.read_exact_at(&mut got, offset)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    got
-}
-
 #[test]
 fn ublk_over_nvme_and_sata() {
     if skip_unless_available() {
@@ -424,10 +414,7 @@ fn ublk_over_nvme_and_sata() {
     run.ensure_eq("nvme.exit", "0");
     run.ensure_eq("nvme.gone", "yes");
     run.ensure_eq("nvme.raw", "same");
-    let got = read_image(&nvme, PATTERN_OFFSET, PATTERN_BYTES);
-    if let Some(diff) = first_difference("pattern in nvme.img", PATTERN_OFFSET, &got, &want) {
-        panic!("{diff}");
-    }
+    assert_file_holds(&nvme, PATTERN_OFFSET, &want, "pattern in nvme.img");
 
     // ---- what reached the NVMe drive (QEMU trace), between the marker reads ----
     let events = nvme_events(&run);
@@ -695,13 +682,10 @@ fn ublk_sigterm_with_io_in_flight() {
     );
     run.ensure_eq("storm.hung_tasks", "0");
     run.ensure_eq("storm.raw", "same");
-    let got = read_image(&nvme, STORM_PATTERN_OFFSET, PATTERN_BYTES);
-    if let Some(diff) = first_difference(
-        "fsync'ed pattern in nvme.img",
+    assert_file_holds(
+        &nvme,
         STORM_PATTERN_OFFSET,
-        &got,
         &want,
-    ) {
-        panic!("{diff}");
-    }
+        "fsync'ed pattern in nvme.img",
+    );
 }

@@ -19,7 +19,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::Duration;
 
 use sluice_tests::vm::{expect_boot, skip_unless_available, Vm};
-use sluice_tests::{assert_gone, first_difference, make_file, pattern, Daemon, EXIT_TIMEOUT, MIB};
+use sluice_tests::{assert_file_holds, assert_gone, make_file, pattern, Daemon, EXIT_TIMEOUT, MIB};
 
 const DISK_BYTES: u64 = 256 * MIB;
 /// Where the guest writes [`pattern`] (1 MiB, seed [`SEED`]) at the end of the job.
@@ -221,13 +221,8 @@ fn guest_on_sluice_vhost_user_blk() {
     assert_eq!(run.result("pattern"), "written");
 
     // --- the host file after sluice exited ---
+    assert_file_holds(&disk, PATTERN_OFFSET, &want, "pattern in the host file");
     let f = File::open(&disk).expect("open disk");
-    let mut got = vec![0u8; PATTERN_BYTES];
-    f.read_exact_at(&mut got, PATTERN_OFFSET)
-        .expect("read pattern");
-    if let Some(diff) = first_difference("pattern in the host file", PATTERN_OFFSET, &got, &want) {
-        panic!("{diff}");
-    }
     let mut range = vec![0u8; (RANGE_MIB * MIB) as usize];
     for (what, mib) in [
         ("discarded", DISCARD_MIB),
