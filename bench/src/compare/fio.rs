@@ -42,10 +42,9 @@ pub fn args(opts: &Options, point: &Point, file: &Path, file_size: u64) -> Vec<S
 }
 
 /// Runs fio once and reads its JSON report.
-pub fn run(opts: &Options, point: &Point, file: &Path) -> Result<Sample, String> {
-    let size = super::server::device_size(file)?;
+pub fn run(opts: &Options, point: &Point, file: &Path, file_size: u64) -> Result<Sample, String> {
     let out = Command::new(&opts.fio)
-        .args(args(opts, point, file, size))
+        .args(args(opts, point, file, file_size))
         .output()
         .map_err(|e| format!("running {}: {e}", opts.fio.display()))?;
     if !out.status.success() {

@@ -22,7 +22,7 @@ pub mod server;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -322,13 +322,30 @@ impl Results {
 }
 
 /// Creates (or reuses) the backing file: `size` bytes of real, written data, so reads hit
-/// the drive instead of a filesystem's unwritten extents.
-pub fn prepare_backing_file(path: &Path, size: u64, direct: bool) -> Result<(), String> {
-    if let Ok(m) = fs::metadata(path) {
-        if m.len() == size && m.blocks() * 512 >= size {
-            return Ok(());
-        }
+/// the drive instead of a filesystem's unwritten extents. With `check_direct` it also
+/// checks that the file can be opened `O_DIRECT`, as every target will.
+pub fn prepare_backing_file(path: &Path, size: u64, check_direct: bool) -> Result<(), String> {
+    let reusable = fs::metadata(path).is_ok_and(|m| m.len() == size && m.blocks() * 512 >= size);
+    if !reusable {
+        write_backing_file(path, size)?;
     }
+    if check_direct {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(|e| {
+                format!(
+                    "opening {} with O_DIRECT: {e} (the directory's filesystem must support \
+                     direct I/O; tmpfs does not before Linux 6.6: pick another --dir)",
+                    path.display()
+                )
+            })?;
+    }
+    Ok(())
+}
+
+fn write_backing_file(path: &Path, size: u64) -> Result<(), String> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
@@ -337,66 +354,22 @@ pub fn prepare_backing_file(path: &Path, size: u64, direct: bool) -> Result<(), 
         size >> 20,
         path.display()
     );
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
-        .open(path)
-        .map_err(|e| {
-            format!(
-                "creating {} with O_DIRECT: {e} (the directory's filesystem must support \
-                 direct I/O; tmpfs does not before Linux 6.6: pick another --dir)",
-                path.display()
-            )
-        })?;
+    let mut f = File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
     const CHUNK: usize = 1 << 20;
-    let mut buf = AlignedBuf::new(CHUNK);
+    let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
     while written < size {
         let n = CHUNK.min((size - written) as usize);
         // Varied, non-zero content: nothing below can turn it into holes.
-        for (i, b) in buf.as_mut()[..n].iter_mut().enumerate() {
+        for (i, b) in buf[..n].iter_mut().enumerate() {
             *b = ((written as usize + i) as u64).wrapping_mul(0x9e37_79b9) as u8 | 1;
         }
-        f.write_all(&buf.as_mut()[..n])
+        f.write_all(&buf[..n])
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
         written += n as u64;
     }
     f.sync_all()
-        .map_err(|e| format!("syncing {}: {e}", path.display()))?;
-    Ok(())
-}
-
-use std::os::unix::fs::MetadataExt;
-
-/// A page-aligned heap buffer for O_DIRECT writes.
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).expect("valid layout");
-        // SAFETY: the layout has a non-zero size (callers pass CHUNK).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null(), "out of memory for a {len}-byte buffer");
-        AlignedBuf { ptr, layout }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: ptr points to layout.size() initialised (zeroed) bytes that only this
-        // value owns; the borrow of self keeps it unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with this layout in new() and is freed once.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
-    }
+        .map_err(|e| format!("syncing {}: {e}", path.display()))
 }
 
 /// A loop device over a file in /dev/shm, detached and removed on drop.
@@ -463,13 +436,13 @@ pub fn run(opts: &Options) -> Result<Results, String> {
         (None, Some(l)) => l.device.clone(),
         (None, None) => {
             let f = opts.work_dir.join("backing.img");
-            if opts.targets.iter().any(|t| t.backing() == Backing::File) {
+            if needs_file {
                 prepare_backing_file(&f, opts.file_size_bytes, true)?;
             }
             f
         }
     };
-    let file_size = if opts.targets.iter().any(|t| t.backing() == Backing::File) {
+    let file_size = if needs_file {
         server::device_size(&file)?
     } else {
         0
@@ -536,7 +509,8 @@ pub fn run(opts: &Options) -> Result<Results, String> {
                             .iter()
                             .find(|(t, _)| *t == target)
                             .map(|(_, s)| s.socket().to_path_buf());
-                        let outcome = run_one(opts, target, point, &file, socket.as_deref());
+                        let outcome =
+                            run_one(opts, target, point, &file, file_size, socket.as_deref());
                         done += 1;
                         progress(
                             done, total, started, placement, point, target, repeat, &outcome,
@@ -658,10 +632,11 @@ fn run_one(
     target: Target,
     point: &Point,
     file: &Path,
+    file_size: u64,
     socket: Option<&Path>,
 ) -> Result<Sample, String> {
     match target {
-        Target::Fio => fio::run(opts, point, file),
+        Target::Fio => fio::run(opts, point, file, file_size),
         Target::BlkioUring => generator(opts, Driver::IoUring, file, point),
         _ => {
             let socket = socket.ok_or("no server for this target")?;

@@ -2,7 +2,7 @@
 //! `taskset`, exporting one node over a vhost-user-blk socket.
 
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -295,15 +295,14 @@ pub fn find_program(program: &Path) -> Result<PathBuf, String> {
 
 /// The first line of `program --version`.
 pub fn version(program: &Path) -> String {
-    let out = Command::new(program).arg("--version").output();
-    match out {
-        Ok(o) => {
-            let mut s = String::new();
-            let _ = o.stdout.as_slice().read_to_string(&mut s);
-            s.lines().next().unwrap_or("").trim().to_owned()
-        }
-        Err(_) => String::new(),
-    }
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout);
+            text.lines().next().unwrap_or("").trim().to_owned()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

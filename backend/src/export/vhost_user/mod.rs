@@ -376,7 +376,7 @@ impl VhostUserExport {
     fn wait_until_guest_quiet(&self) {
         // No frontend connected (none ever, or it left): nobody can queue
         // a request, so there is nothing to wait for.
-        if self.connection.lock().unwrap().is_none() || self.shared.in_flight_exact().is_none() {
+        if self.connection.lock().unwrap().is_none() {
             return;
         }
         let quiet = Duration::from_millis(DETACH_QUIET_MS);
