@@ -326,6 +326,11 @@ impl Daemon {
         self.stdout_rest.try_iter().collect()
     }
 
+    /// What the daemon holds now, read from `/proc`.
+    pub fn resources(&self) -> Resources {
+        Resources::of(self.child.id())
+    }
+
     /// Sends `signal` to the daemon.
     pub fn signal(&self, signal: libc::c_int) {
         assert!(self.exited.is_none(), "daemon already exited");
@@ -373,6 +378,63 @@ impl Daemon {
             status.signal(),
             self.stderr()
         );
+    }
+}
+
+/// A process's resources, from `/proc/PID`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    /// Open file descriptors.
+    pub fds: usize,
+    /// Eventfds among them.
+    pub eventfds: usize,
+    /// Threads.
+    pub threads: usize,
+    /// Resident memory, KiB.
+    pub rss_kib: u64,
+    /// User plus system CPU time so far, clock ticks.
+    pub cpu_ticks: u64,
+}
+
+impl Resources {
+    /// Reads them for process `pid`.
+    ///
+    /// # Panics
+    /// When `/proc/PID` cannot be read (the process is gone).
+    pub fn of(pid: u32) -> Resources {
+        let dir = PathBuf::from(format!("/proc/{pid}"));
+        let mut fds = 0;
+        let mut eventfds = 0;
+        for e in std::fs::read_dir(dir.join("fd"))
+            .expect("read /proc/PID/fd")
+            .flatten()
+        {
+            fds += 1;
+            if std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().contains("eventfd")) {
+                eventfds += 1;
+            }
+        }
+        let status = std::fs::read_to_string(dir.join("status")).expect("read /proc/PID/status");
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        };
+        let stat = std::fs::read_to_string(dir.join("stat")).expect("read /proc/PID/stat");
+        // Fields after the parenthesised command name; utime and stime are fields 14, 15.
+        let after = &stat[stat.rfind(')').expect("comm in stat") + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| f[i - 3].parse::<u64>().expect("tick count");
+        Resources {
+            fds,
+            eventfds,
+            threads: usize::try_from(field("Threads:")).expect("fits"),
+            rss_kib: field("VmRSS:"),
+            cpu_ticks: ticks(14) + ticks(15),
+        }
     }
 }
 
@@ -1287,6 +1349,9 @@ pub struct RawClient {
     vq: virtio_driver::virtqueue::Virtqueue<'static, RawReq>,
     transport: Box<RawTransport>,
     buf: SharedBuffer,
+    /// Address of the `idx` field of queue 0's available ring, in the ring memory the
+    /// transport owns (an address, not a pointer, so the client stays `Send`).
+    avail_idx_addr: usize,
     /// The capacity from the device's config space, in bytes.
     pub capacity: u64,
 }
@@ -1325,6 +1390,12 @@ impl RawClient {
             .alloc_queue_mem(&layout)
             .map_err(|e| format!("alloc_queue_mem: {e}"))?;
         let (ptr, len) = (mem.as_mut_ptr(), mem.len());
+        assert!(
+            layout.driver_area_offset + 4 <= len,
+            "ring memory holds the avail header"
+        );
+        // SAFETY: within the ring memory (checked above); `idx` follows the 2-byte `flags`.
+        let avail_idx_addr = unsafe { ptr.add(layout.driver_area_offset + 2) } as usize;
         // SAFETY: the ring memory is an mmap owned by `transport`, which never moves or
         // unmaps it while alive; `vq` is declared before `transport` in RawClient and so
         // is dropped first, and nothing else accesses the memory from this process.
@@ -1342,6 +1413,7 @@ impl RawClient {
             vq,
             transport,
             buf,
+            avail_idx_addr,
             capacity,
         })
     }
@@ -1435,6 +1507,27 @@ impl RawClient {
             }
             thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    /// Behaves as a buggy or hostile driver: publishes an available index `ahead` entries
+    /// beyond the one it has actually made available (more than a ring's worth when `ahead`
+    /// exceeds the queue size) and kicks the device.
+    pub fn publish_bogus_avail_idx(&mut self, ahead: u16) -> Result<(), String> {
+        use virtio_driver::VirtioTransport;
+        let avail_idx = self.avail_idx_addr as *mut u16;
+        // SAFETY: `avail_idx` points into the ring memory the transport owns for as long as
+        // `self` lives (see connect_now) and is 2-byte aligned (the avail ring is); the
+        // device only reads it.
+        let idx = u16::from_le(unsafe { std::ptr::read_volatile(avail_idx) });
+        // SAFETY: as above; the virtqueue never reads `idx` back, so overwriting it
+        // invalidates nothing on our side.
+        unsafe { std::ptr::write_volatile(avail_idx, idx.wrapping_add(ahead).to_le()) };
+        VirtioTransport::<virtio_driver::VirtioBlkConfig, RawReq>::get_submission_notifier(
+            &*self.transport,
+            0,
+        )
+        .notify()
+        .map_err(|e| format!("notify: {e}"))
     }
 
     /// `VIRTIO_BLK_T_GET_ID`: status and the 20-byte serial buffer.

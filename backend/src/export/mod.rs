@@ -5,7 +5,7 @@
 pub mod ublk;
 pub mod vhost_user;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -203,6 +203,10 @@ pub struct QueueShared {
     pub flushes: AtomicU64,
     /// Completion latency histogram (see [`LATENCY_BUCKETS`]).
     pub latency: [AtomicU64; LATENCY_BUCKETS],
+    /// The frontend stopped this queue's ring (vhost-user GET_VRING_BASE, as
+    /// in a device reset): a queue marked broken serves it again when it is
+    /// restarted. Set by the protocol thread, taken by the queue thread.
+    pub ring_stopped: AtomicBool,
 }
 
 impl Default for QueueShared {
@@ -215,6 +219,7 @@ impl Default for QueueShared {
             bytes_written: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            ring_stopped: AtomicBool::new(false),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -80,7 +80,38 @@ struct BlkBackend {
     workers: Arc<[Mutex<QueueWorker>]>,
     shared: Arc<ExportShared>,
     exit_events: Arc<[(Mutex<Option<EventConsumer>>, EventNotifier)]>,
+    /// Exit-event descriptors handed to vhost-user-backend, closed when the
+    /// last clone of this backend (the library's workers hold clones) goes.
+    handed_out: Arc<HandedOutFds>,
     export: Arc<str>,
+}
+
+/// vhost-user-backend 0.24 registers the exit event's consumer in its
+/// worker's epoll set with `into_raw_fd` and never closes it: one eventfd
+/// per queue per connection (a reconnecting frontend exhausted the daemon's
+/// descriptors). We remember each one and close it once every worker that
+/// could use it is gone. The dependency is pinned to that exact version in
+/// Cargo.toml, because a release that closes the descriptor itself would make
+/// this a double close.
+#[derive(Default)]
+struct HandedOutFds(Mutex<Vec<std::os::fd::RawFd>>);
+
+impl Drop for HandedOutFds {
+    fn drop(&mut self) {
+        for fd in self
+            .0
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            // SAFETY: `fd` was the consumer side of an exit eventfd that we
+            // created and the library took over with `into_raw_fd` and only
+            // registered in its epoll set; that epoll and every worker thread
+            // belong to handlers holding clones of this backend, so once the
+            // last clone is dropped nothing uses `fd`, and nobody else closes it.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 impl VhostUserBackend for BlkBackend {
@@ -152,8 +183,14 @@ impl VhostUserBackend for BlkBackend {
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         let (consumer, notifier) = self.exit_events.get(thread_index)?;
+        let notifier = notifier.try_clone().ok()?;
         let consumer = consumer.lock().unwrap().take()?;
-        Some((consumer, notifier.try_clone().ok()?))
+        self.handed_out
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -164,6 +201,9 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         wait_idle(q, Duration::from_millis(crate::limits::DRAIN_TIMEOUT_MS));
+        // A stopped ring is restarted with a fresh base: a queue that was
+        // broken serves it again.
+        q.ring_stopped.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -228,6 +268,8 @@ impl VhostUserExport {
             queues: (0..config.queues).map(|_| QueueShared::default()).collect(),
             wakers: Mutex::new(Vec::new()),
             workers: Mutex::new(None),
+            control_waiting: AtomicU32::new(0),
+            name: config.name.as_str().into(),
         });
         // Build the first connection's engines now, so a kernel without
         // io_uring is reported at start, not at the first frontend.
@@ -499,6 +541,7 @@ impl Connection {
                 workers,
                 shared: shared.clone(),
                 exit_events: exit_events.into(),
+                handed_out: Arc::default(),
                 export: config.name.as_str().into(),
             },
         })

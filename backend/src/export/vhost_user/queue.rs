@@ -1,8 +1,8 @@
 //! One vhost-user queue: its vring, its engine and its polling loop, all
 //! driven by the queue's own worker thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use std::time::{Duration, Instant};
@@ -60,6 +60,12 @@ pub struct ExportShared {
     /// holding a worker's lock means it is between wake-ups, so what it has
     /// in flight is exact and its next pop sees the pause.
     pub workers: Mutex<Option<Weak<[Mutex<QueueWorker>]>>>,
+    /// Control-plane threads waiting for a worker's lock: a worker that sees
+    /// this non-zero leaves its polling loop at once (and wakes itself to
+    /// come back), so a queue kept busy by its guest cannot starve a drain.
+    pub control_waiting: AtomicU32,
+    /// The export's name, for logs.
+    pub name: Arc<str>,
 }
 
 impl ExportShared {
@@ -70,14 +76,18 @@ impl ExportShared {
         Some(
             workers
                 .iter()
-                .map(|w| {
-                    w.lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .engine
-                        .in_flight()
-                })
+                .map(|w| self.lock_worker(w).engine.in_flight())
                 .sum(),
         )
+    }
+
+    /// Locks a queue worker from the control plane: the worker, if it is
+    /// polling, sees `control_waiting` and lets go within one iteration.
+    fn lock_worker<'a>(&self, w: &'a Mutex<QueueWorker>) -> MutexGuard<'a, QueueWorker> {
+        self.control_waiting.fetch_add(1, Ordering::SeqCst);
+        let guard = w.lock().unwrap_or_else(|p| p.into_inner());
+        self.control_waiting.fetch_sub(1, Ordering::SeqCst);
+        guard
     }
 
     /// Wakes every queue of the current connection.
@@ -109,6 +119,10 @@ pub struct QueueWorker {
     poll_window: Duration,
     last_bad_log: Option<Instant>,
     suppressed_bad: u64,
+    /// Why this queue's ring cannot be served (the frontend corrupted it):
+    /// nothing is popped until the frontend stops and restarts the ring or
+    /// reconnects. Requests already in flight still complete.
+    broken: Option<&'static str>,
 }
 
 // SAFETY: the raw pointers in `iovecs` are scratch space rewritten for every
@@ -145,6 +159,7 @@ impl QueueWorker {
             poll_window,
             last_bad_log: None,
             suppressed_bad: 0,
+            broken: None,
         }
     }
 
@@ -187,10 +202,24 @@ impl QueueWorker {
     /// has been idle for the polling window, then arms notifications.
     pub fn run(&mut self, vring: &VringRwLock, atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
         self.engine.clear_completion_event();
+        if self.shared().ring_stopped.swap(false, Ordering::AcqRel) && self.broken.is_some() {
+            tracing::info!(
+                export = &*self.shared.name,
+                queue = self.index,
+                "the frontend restarted the ring: serving it again"
+            );
+            self.broken = None;
+        }
         self.follow_node();
         let mut idle_since = Instant::now();
         let mut last_yield = idle_since;
         loop {
+            if self.shared.control_waiting.load(Ordering::Relaxed) > 0 {
+                // The control plane wants this worker's lock (drain, pause):
+                // let go now and come back through our own eventfd.
+                let _ = self.completion_event.write(1);
+                break;
+            }
             self.refresh_memory(atomic_mem);
             // A pivot can happen while this loop polls: never pop onto the
             // old node once the export switched.
@@ -198,7 +227,11 @@ impl QueueWorker {
             let progress = {
                 let mut state = vring.get_mut();
                 let reaped = self.reap(&mut state);
-                let popped = self.pop(&mut state, atomic_mem);
+                let popped = if self.broken.is_none() {
+                    self.pop(&mut state, atomic_mem)
+                } else {
+                    0
+                };
                 if let Err(e) = self.engine.submit_pending() {
                     tracing::error!(queue = self.index, "io_uring submit failed: {e}");
                 }
@@ -230,8 +263,10 @@ impl QueueWorker {
                 continue;
             }
             // Paused (pivot): requests stay in the ring; sleep without
-            // looking at it. Completions and the resume wake us.
-            if self.shared.paused.load(Ordering::Acquire) {
+            // looking at it. Completions and the resume wake us. A broken
+            // ring is not looked at either: its bogus index would read as
+            // pending work forever.
+            if self.shared.paused.load(Ordering::Acquire) || self.broken.is_some() {
                 break;
             }
             // Going to sleep: re-enable guest notifications and look once
@@ -270,8 +305,9 @@ impl QueueWorker {
         let mem = &self.mem;
         let shared = &self.shared.queues[self.index];
         let mirror = self.shared.mirror.load();
-        self.engine.reap_mirrored(|ctx, result, target_ok| {
-            complete(
+        let mut used_ring_ok = true;
+        let reaped = self.engine.reap_mirrored(|ctx, result, target_ok| {
+            used_ring_ok &= complete(
                 state,
                 mem,
                 shared,
@@ -280,7 +316,11 @@ impl QueueWorker {
                 result,
                 target_ok,
             );
-        }) as usize
+        }) as usize;
+        if !used_ring_ok {
+            self.mark_broken("the used ring is not in guest memory");
+        }
+        reaped
     }
 
     /// Pops, validates and submits new chains while slots are free.
@@ -294,9 +334,21 @@ impl QueueWorker {
             return 0;
         }
         let _ = state.disable_notification();
-        while self.engine.has_free_slot() {
+        // The frontend owns the available index: check it before every batch
+        // (virtio-queue refuses an index more than a ring ahead, but logs and
+        // reports it as "nothing to pop", so the ring would look busy and
+        // empty at once, forever).
+        let mut pending = match self.pending_chains(state) {
+            Ok(n) => n,
+            Err(reason) => {
+                self.mark_broken(reason);
+                return 0;
+            }
+        };
+        while pending > 0 && self.engine.has_free_slot() {
             let mem = &*self.mem;
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+                self.mark_broken("an available ring entry cannot be read from guest memory");
                 break;
             };
             // A chain may use memory the frontend mapped (and had acked)
@@ -309,12 +361,42 @@ impl QueueWorker {
                 self.refresh_memory(atomic_mem);
                 continue;
             }
+            pending -= 1;
             count += 1;
             let head = chain.head_index();
             let decoded = decode(chain, mem, &self.geometry, &mut self.iovecs);
             self.dispatch(state, head, decoded);
         }
         count
+    }
+
+    /// Chains the frontend has made available and we have not popped, or why
+    /// the ring cannot be served.
+    fn pending_chains(
+        &self,
+        state: &VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+    ) -> Result<u16, &'static str> {
+        let queue = state.get_queue();
+        let avail = queue
+            .avail_idx(&*self.mem, Ordering::Acquire)
+            .map_err(|_| "the available ring is not in guest memory")?;
+        let pending = avail.0.wrapping_sub(queue.next_avail());
+        if pending > queue.size() {
+            return Err("the available index is more than a ring ahead of the device");
+        }
+        Ok(pending)
+    }
+
+    /// Stops serving a ring the frontend corrupted: one log line, no CPU.
+    fn mark_broken(&mut self, reason: &'static str) {
+        if self.broken.is_none() {
+            tracing::error!(
+                export = &*self.shared.name,
+                queue = self.index,
+                "queue broken: {reason}; it is not served until the frontend resets the device or reconnects"
+            );
+        }
+        self.broken = Some(reason);
     }
 
     fn dispatch(
@@ -327,7 +409,9 @@ impl QueueWorker {
             // No status byte to answer through: give the chain back so the
             // guest does not leak it, and say why.
             self.log_bad(decoded.reason.unwrap_or("malformed chain"));
-            let _ = state.add_used(head, 0);
+            if state.add_used(head, 0).is_err() {
+                self.mark_broken("the used ring is not in guest memory");
+            }
             return;
         };
         let mut ctx = VirtioCtx {
@@ -411,7 +495,9 @@ impl QueueWorker {
         if let (Err(_), Some(reason)) = (result, decoded.reason) {
             self.log_bad(reason);
         }
-        complete(state, &self.mem, self.shared(), None, ctx, result, None);
+        if !complete(state, &self.mem, self.shared(), None, ctx, result, None) {
+            self.mark_broken("the used ring is not in guest memory");
+        }
     }
 
     fn log_bad(&mut self, reason: &str) {
@@ -436,6 +522,9 @@ impl QueueWorker {
 }
 
 /// Writes the status byte, returns the chain to the guest and counts it.
+/// Returns false when the used ring cannot be written (the caller marks the
+/// queue broken).
+#[must_use]
 fn complete(
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     mem: &GuestMemoryMmap,
@@ -444,7 +533,7 @@ fn complete(
     ctx: VirtioCtx,
     result: RequestResult,
     target_ok: Option<bool>,
-) {
+) -> bool {
     // A mirror copies what changed: a write that went to both nodes is
     // counted done (its chunks copied again if either half failed); any
     // other modification is logged for the copier once it is on the source.
@@ -465,13 +554,12 @@ fn complete(
     let used_len = if result.is_ok() { ctx.used_len_ok } else { 1 };
     // The address was checked against this memory map when decoded.
     let _ = mem.write_obj(status, ctx.status_addr);
-    if let Err(e) = state.add_used(ctx.head, used_len) {
-        tracing::warn!("cannot return descriptor {} to the guest: {e}", ctx.head);
-    }
+    let used = state.add_used(ctx.head, used_len).is_ok();
     shared.record_latency(
         ctx.op,
         ctx.len_bytes,
         result.is_ok(),
         ctx.started.elapsed().as_nanos() as u64,
     );
+    used
 }
