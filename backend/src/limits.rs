@@ -49,6 +49,14 @@ pub const DETACH_QUIET_LIMIT_MS: u64 = 5_000;
 /// How long the daemon waits for a node's final flush.
 pub const FLUSH_TIMEOUT_MS: u64 = 30_000;
 
+/// Longest pause between attempts to take a frontend after a failure (for
+/// example the process ran out of descriptors); pauses start at 10 ms and
+/// double.
+pub const ACCEPT_RETRY_MAX_MS: u64 = 1_000;
+/// After the first line, failures to take a frontend are summed up in one log
+/// line at most this often.
+pub const ACCEPT_FAILURE_LOG_INTERVAL_MS: u64 = 10_000;
+
 /// How often a rate-limited warning about bad guest input may be logged.
 pub const BAD_REQUEST_LOG_INTERVAL_MS: u64 = 1_000;
 

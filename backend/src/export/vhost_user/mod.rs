@@ -38,8 +38,8 @@ use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShare
 use crate::engine::Engine;
 use crate::jobs::MirrorTap;
 use crate::limits::{
-    DETACH_QUIET_LIMIT_MS, DETACH_QUIET_MS, MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES,
-    SERIAL_MAX_BYTES,
+    ACCEPT_FAILURE_LOG_INTERVAL_MS, ACCEPT_RETRY_MAX_MS, DETACH_QUIET_LIMIT_MS, DETACH_QUIET_MS,
+    MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES,
 };
 use crate::node::Node;
 
@@ -562,6 +562,7 @@ impl ListenerCtx {
     fn serve(self, listener: UnixListener, first: Connection) {
         let mut listener = Listener::from(listener);
         let mut next = Some(first);
+        let mut failures = AcceptFailures::default();
         while !self.stopping.load(Ordering::SeqCst) {
             match wait_readable(listener.as_raw_fd(), self.stop.as_raw_fd()) {
                 Ok(true) => {}
@@ -572,22 +573,26 @@ impl ListenerCtx {
                 }
             }
             let conn = match next.take() {
-                Some(c) => c,
-                None => match Connection::new(&self.config, self.geometry, &self.shared) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!("{e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                },
+                Some(c) => Ok(c),
+                None => Connection::new(&self.config, self.geometry, &self.shared),
             };
-            self.serve_one(&mut listener, conn);
+            let served = conn
+                .map_err(|e| e.to_string())
+                .and_then(|conn| self.serve_one(&mut listener, conn));
+            match served {
+                Ok(()) => failures.reset(&self.config.name),
+                // Out of descriptors, say: the pending frontend stays in the
+                // backlog and the socket stays readable, so without a pause
+                // this loop would spin and log as fast as it can.
+                Err(e) => failures.failed(&self.config.name, &e, &self.stop),
+            }
         }
         tracing::debug!(export = %self.config.name, "listener stopped");
     }
 
-    fn serve_one(&self, listener: &mut Listener, conn: Connection) {
+    /// Accepts one frontend and serves it until it leaves. Errors: the
+    /// frontend could not be accepted or set up.
+    fn serve_one(&self, listener: &mut Listener, conn: Connection) -> Result<(), String> {
         let name = &self.config.name;
         let backend = conn.backend;
         let completion_fds: Vec<_> = backend
@@ -595,25 +600,17 @@ impl ListenerCtx {
             .iter()
             .map(|w| w.lock().unwrap().completion_fd())
             .collect();
-        let mut daemon =
-            match VhostUserDaemon::new(name.clone(), backend.clone(), backend.mem.clone()) {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::error!(export = %name, "cannot create vhost-user daemon: {e}");
-                    return;
-                }
-            };
+        let mut daemon = VhostUserDaemon::new(name.clone(), backend.clone(), backend.mem.clone())
+            .map_err(|e| format!("cannot create vhost-user daemon: {e}"))?;
         let event_id = completion_event_id(usize::from(self.config.queues));
         for (handler, fd) in daemon.get_epoll_handlers().iter().zip(&completion_fds) {
-            if let Err(e) = handler.register_listener(*fd, EventSet::IN, event_id) {
-                tracing::error!(export = %name, "cannot watch engine completions: {e}");
-                return;
-            }
+            handler
+                .register_listener(*fd, EventSet::IN, event_id)
+                .map_err(|e| format!("cannot watch engine completions: {e}"))?;
         }
-        if let Err(e) = daemon.start(listener) {
-            tracing::warn!(export = %name, "accepting a frontend failed: {e}");
-            return;
-        }
+        daemon
+            .start(listener)
+            .map_err(|e| format!("accepting a frontend failed: {e}"))?;
         *self.connection.lock().unwrap() = daemon.shutdown_handle();
         tracing::info!(export = %name, "frontend connected");
         if self.stopping.load(Ordering::SeqCst) {
@@ -628,6 +625,50 @@ impl ListenerCtx {
         // last backend clone drains each engine before its memory goes.
         drop(daemon);
         drop(backend);
+        Ok(())
+    }
+}
+
+/// Consecutive failures to take a frontend: backs off (bounded) and logs the
+/// first failure, then one summary per `ACCEPT_FAILURE_LOG_INTERVAL_MS`.
+#[derive(Default)]
+struct AcceptFailures {
+    count: u64,
+    unlogged: u64,
+    last_log: Option<Instant>,
+}
+
+impl AcceptFailures {
+    fn failed(&mut self, export: &str, error: &str, stop: &EventFd) {
+        self.count += 1;
+        self.unlogged += 1;
+        let interval = Duration::from_millis(ACCEPT_FAILURE_LOG_INTERVAL_MS);
+        if self.last_log.is_none_or(|t| t.elapsed() >= interval) {
+            tracing::error!(
+                export,
+                failures = self.unlogged,
+                "cannot take a frontend: {error} (retrying; if descriptors ran out, raise the open-file limit)"
+            );
+            self.unlogged = 0;
+            self.last_log = Some(Instant::now());
+        }
+        // 10 ms, doubling up to the limit; a stop request ends the pause.
+        let shift = self.count.min(16) as u32;
+        let pause_ms = (10u64 << shift).min(ACCEPT_RETRY_MAX_MS);
+        let mut fd = libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd, count 1; a timeout or EINTR just ends the pause.
+        unsafe { libc::poll(&mut fd, 1, pause_ms as libc::c_int) };
+    }
+
+    fn reset(&mut self, export: &str) {
+        if self.count > 0 {
+            tracing::info!(export, failures = self.count, "took a frontend again");
+        }
+        *self = AcceptFailures::default();
     }
 }
 
