@@ -5,18 +5,20 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::config::{DiskConfig, ExportConfig, ServeConfig};
 use crate::export::vhost_user::VhostUserExport;
-use crate::export::{start_export, Export, ExportTotals};
-use crate::graph::{close_node, Graph, GraphError, Holder};
+use crate::export::{start_export, DrainBounds, Export, ExportTotals};
+use crate::graph::{close_node, flush_bounded, Graph, GraphError, Holder};
 use crate::jobs::{JobStatus, MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT};
-use crate::limits::{DRAIN_TIMEOUT_MS, FLUSH_TIMEOUT_MS};
+use crate::limits::{
+    CLOSE_ALL_TIMEOUT_MS, DRAIN_TIMEOUT_MS, EMERGENCY_FLUSH_TIMEOUT_MS, FLUSH_TIMEOUT_MS,
+};
 use crate::monitor::{default_control_path, Monitor, StopRequest};
 use crate::node::{DiskSpec, Node};
 
@@ -35,6 +37,18 @@ pub struct Daemon {
     closing: AtomicBool,
     /// Log close-all steps at debug level (undoing a failed start).
     quiet: AtomicBool,
+    /// What close-all is waiting for, for a second signal to report.
+    pending: Mutex<Pending>,
+    /// Every node ever opened, so that a second signal can flush what is
+    /// still open without the state lock (close-all may hold it).
+    opened: Mutex<Vec<Weak<Node>>>,
+}
+
+/// The close-all step under way and what it still waits for.
+#[derive(Debug, Default)]
+struct Pending {
+    step: &'static str,
+    items: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug, Default)]
@@ -130,12 +144,14 @@ pub struct ExportInfo {
     pub stats: ExportTotals,
 }
 
-/// Image files this start created, removed again if the start fails.
-#[derive(Default)]
-struct CreatedFiles(Vec<PathBuf>);
+/// Image files a start created, removed again (on drop) unless the start
+/// succeeds to the end and calls [`CreatedFiles::keep`].
+#[derive(Debug, Default)]
+pub struct CreatedFiles(Vec<PathBuf>);
 
 impl CreatedFiles {
-    fn keep(mut self) {
+    /// The start succeeded: the images stay.
+    pub fn keep(mut self) {
         self.0.clear();
     }
 }
@@ -172,12 +188,17 @@ fn create_image_if_missing(disk: &DiskConfig, created: &mut CreatedFiles) -> Res
 impl Daemon {
     /// Opens every node and starts every export. On failure everything
     /// already started is stopped again and images this call created are
-    /// removed: nothing half-created is left behind.
-    pub fn start(config: &ServeConfig) -> Result<Arc<Daemon>, StartError> {
+    /// removed: nothing half-created is left behind. On success the images
+    /// it created come back too: the caller keeps them once the rest of its
+    /// start-up (the control socket) has worked, or drops them after
+    /// close-all if it fails.
+    pub fn start(config: &ServeConfig) -> Result<(Arc<Daemon>, CreatedFiles), StartError> {
         let daemon = Arc::new(Daemon {
             state: Mutex::new(State::default()),
             closing: AtomicBool::new(false),
             quiet: AtomicBool::new(false),
+            pending: Mutex::new(Pending::default()),
+            opened: Mutex::new(Vec::new()),
         });
         let mut created = CreatedFiles::default();
         let result = (|| {
@@ -196,8 +217,7 @@ impl Daemon {
             let _ = daemon.close_all();
             return Err(StartError(e.to_string()));
         }
-        created.keep();
-        Ok(daemon)
+        Ok((daemon, created))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -224,10 +244,17 @@ impl Daemon {
             return Err(GraphError::NameTaken(disk.name.clone()).into());
         }
         create_image_if_missing(disk, created).map_err(OpError::Failed)?;
-        let node = Node::open(&disk.name, &disk.spec, read_only)
-            .map_err(|e| OpError::Failed(e.to_string()))?;
+        let node = Arc::new(
+            Node::open(&disk.name, &disk.spec, read_only)
+                .map_err(|e| OpError::Failed(e.to_string()))?,
+        );
+        {
+            let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+            opened.retain(|n| n.strong_count() > 0);
+            opened.push(Arc::downgrade(&node));
+        }
         let mut state = self.state();
-        state.graph.insert(Arc::new(node), Holder::Monitor)?;
+        state.graph.insert(node, Holder::Monitor)?;
         Ok(node_info(&state.graph, &disk.name))
     }
 
@@ -309,11 +336,17 @@ impl Daemon {
         }
         let _unreserve = Unreserve(self, name);
         let timeout = Duration::from_millis(DRAIN_TIMEOUT_MS);
-        let drained = x.drain(if force { Duration::ZERO } else { timeout });
-        if let (Err(stuck), false) = (&drained, force) {
+        let bounds = if force {
+            DrainBounds::FORCE
+        } else {
+            DrainBounds::SAFE
+        };
+        if let Err(stuck) = x.drain(bounds) {
             tracing::warn!(
                 export = name,
-                "queues {stuck:?} still busy after {DRAIN_TIMEOUT_MS} ms; detaching anyway"
+                "queues {stuck:?} still have requests the device has not completed after {} ms; \
+                 detaching anyway (those requests are never answered)",
+                bounds.in_flight.as_millis()
             );
         }
         let totals = x.totals();
@@ -582,12 +615,14 @@ impl Daemon {
     /// time.
     pub fn close_all(&self) -> bool {
         self.closing.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_millis(CLOSE_ALL_TIMEOUT_MS);
         let mut clean = true;
-        clean &= self.drain_exports();
-        clean &= self.detach_exports();
-        clean &= self.release_monitor_nodes();
-        clean &= self.flush_nodes();
+        clean &= self.drain_exports(deadline);
+        clean &= self.detach_exports(deadline);
+        clean &= self.release_monitor_nodes(deadline);
+        clean &= self.flush_nodes(deadline);
         clean &= self.cancel_jobs();
+        self.set_pending("done", std::iter::empty());
         clean
     }
 
@@ -599,92 +634,184 @@ impl Daemon {
         }
     }
 
-    /// Step 1: every export admits nothing new and waits until nothing is in
-    /// flight.
-    fn drain_exports(&self) -> bool {
-        let timeout = Duration::from_millis(DRAIN_TIMEOUT_MS);
-        let mut clean = true;
+    fn set_pending(&self, step: &'static str, items: impl IntoIterator<Item = String>) {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        p.step = step;
+        p.items = items.into_iter().collect();
+    }
+
+    fn done_pending(&self, item: &str) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .items
+            .remove(item);
+    }
+
+    /// What close-all is doing and still waits for, e.g. "drain: exports vm0, vm1".
+    pub fn pending(&self) -> String {
+        let p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if p.step.is_empty() {
+            return "close-all has not started".into();
+        }
+        let items: Vec<&str> = p.items.iter().map(String::as_str).collect();
+        format!("{}: {}", p.step, items.join(", "))
+    }
+
+    /// Step 1: every export stops admitting (all of them before any wait),
+    /// then all drain at once, each within the close-all deadline.
+    fn drain_exports(&self, deadline: Instant) -> bool {
         let state = self.state();
+        for x in state.exports.values() {
+            x.stop_admitting();
+        }
+        self.set_pending("drain", state.exports.keys().map(|n| format!("export {n}")));
         for x in state.exports.values() {
             self.log(format_args!(
                 "close-all: drain export {} ({} in flight)",
                 x.name(),
                 x.totals().in_flight
             ));
-            if let Err(stuck) = x.drain(timeout) {
-                tracing::error!(
-                    "close-all: export {}: queues {stuck:?} still have requests in flight after {DRAIN_TIMEOUT_MS} ms",
-                    x.name()
-                );
-                clean = false;
-            }
         }
-        clean
+        let bounds = DrainBounds::SAFE.until(deadline);
+        std::thread::scope(|s| {
+            let waits: Vec<_> = state
+                .exports
+                .values()
+                .map(|x| {
+                    s.spawn(move || {
+                        let r = x.drain(bounds);
+                        self.done_pending(&format!("export {}", x.name()));
+                        r
+                    })
+                })
+                .collect();
+            let mut clean = true;
+            for (x, wait) in state.exports.values().zip(waits) {
+                if let Err(stuck) = wait.join().unwrap_or_else(|_| Err(Vec::new())) {
+                    tracing::error!(
+                        "close-all: export {}: queues {stuck:?} still have requests in flight after {} ms",
+                        x.name(),
+                        bounds.in_flight.as_millis()
+                    );
+                    clean = false;
+                }
+            }
+            clean
+        })
     }
 
-    /// Step 2: detach every export; each gives its node reference back.
-    fn detach_exports(&self) -> bool {
+    /// Step 2: detach every export (all at once); each gives its node
+    /// reference back.
+    fn detach_exports(&self, deadline: Instant) -> bool {
         let exports = std::mem::take(&mut self.state().exports);
-        let mut clean = true;
-        for (name, x) in exports {
-            self.log(format_args!(
-                "close-all: detach export {name} ({:?})",
-                x.totals()
-            ));
-            if let Err(e) = self.detach_one(x, Duration::from_millis(DRAIN_TIMEOUT_MS)) {
-                tracing::error!("close-all: detach export {name}: {e}");
-                clean = false;
+        self.set_pending("detach", exports.keys().map(|n| format!("export {n}")));
+        let timeout = Duration::from_millis(DRAIN_TIMEOUT_MS)
+            .min(deadline.saturating_duration_since(Instant::now()));
+        std::thread::scope(|s| {
+            let detaches: Vec<_> = exports
+                .into_iter()
+                .map(|(name, x)| {
+                    self.log(format_args!(
+                        "close-all: detach export {name} ({:?})",
+                        x.totals()
+                    ));
+                    s.spawn(move || {
+                        let r = self.detach_one(x, timeout);
+                        self.done_pending(&format!("export {name}"));
+                        r.map_err(|e| format!("close-all: detach export {name}: {e}"))
+                    })
+                })
+                .collect();
+            let mut clean = true;
+            for d in detaches {
+                if let Err(e) = d.join().unwrap_or_else(|_| Err("detach panicked".into())) {
+                    tracing::error!("{e}");
+                    clean = false;
+                }
             }
-        }
-        clean
+            clean
+        })
     }
 
     /// Step 3: the monitor lets go of the nodes it created; a node nobody
     /// else holds is flushed and closed.
-    fn release_monitor_nodes(&self) -> bool {
+    fn release_monitor_nodes(&self, deadline: Instant) -> bool {
         let mut clean = true;
         let names = self.state().graph.held_by(&Holder::Monitor);
+        self.set_pending("release", names.iter().map(|n| format!("node {n}")));
         for name in names {
             let released = self.state().graph.release(&name, &Holder::Monitor);
             if let Ok(Some(node)) = released {
-                self.log(format_args!(
-                    "close-all: release node {name}: flushed and closed"
-                ));
-                if let Err(e) = close_node(node, Duration::from_millis(FLUSH_TIMEOUT_MS)) {
-                    tracing::error!("close-all: node {name}: {e}");
-                    clean = false;
+                let timeout = Duration::from_millis(FLUSH_TIMEOUT_MS)
+                    .min(deadline.saturating_duration_since(Instant::now()));
+                match close_node(node, timeout) {
+                    Ok(()) => self.log(format_args!(
+                        "close-all: release node {name}: flushed and closed"
+                    )),
+                    Err(e) => {
+                        tracing::error!("close-all: release node {name}: {e}");
+                        clean = false;
+                    }
                 }
             }
+            self.done_pending(&format!("node {name}"));
         }
         clean
     }
 
     /// Step 4: flush every node still open (held by jobs).
-    fn flush_nodes(&self) -> bool {
+    fn flush_nodes(&self, deadline: Instant) -> bool {
         let nodes: Vec<Arc<Node>> = self
             .state()
             .graph
             .nodes()
             .map(|(_, n, _)| n.clone())
             .collect();
+        self.set_pending("flush", nodes.iter().map(|n| format!("node {}", n.name())));
         let mut clean = true;
         for node in nodes {
-            self.log(format_args!("close-all: flush node {}", node.name()));
             let name = node.name().to_owned();
-            let (tx, rx) = mpsc::channel();
-            std::thread::spawn(move || {
-                let _ = tx.send(node.flush());
-            });
-            match rx.recv_timeout(Duration::from_millis(FLUSH_TIMEOUT_MS)) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
+            let timeout = Duration::from_millis(FLUSH_TIMEOUT_MS)
+                .min(deadline.saturating_duration_since(Instant::now()));
+            match flush_bounded(node, timeout) {
+                Ok(()) => self.log(format_args!("close-all: flush node {name}: done")),
+                Err(e) => {
                     tracing::error!("close-all: {e}");
                     clean = false;
                 }
-                Err(_) => {
-                    tracing::error!("close-all: flush of node {name} did not finish within {FLUSH_TIMEOUT_MS} ms");
+            }
+            self.done_pending(&format!("node {name}"));
+        }
+        clean
+    }
+
+    /// A second SIGINT/SIGTERM during close-all: flushes every node still
+    /// open, all at once, within `EMERGENCY_FLUSH_TIMEOUT_MS`, without the
+    /// state lock (close-all may hold it). Returns whether all flushes
+    /// finished without error.
+    pub fn emergency_flush(&self) -> bool {
+        let nodes: Vec<Arc<Node>> = self
+            .opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let timeout = Duration::from_millis(EMERGENCY_FLUSH_TIMEOUT_MS);
+        let flushes: Vec<_> = nodes
+            .into_iter()
+            .map(|n| std::thread::spawn(move || flush_bounded(n, timeout)))
+            .collect();
+        let mut clean = true;
+        for f in flushes {
+            match f.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!("{e}");
                     clean = false;
                 }
+                Err(_) => clean = false,
             }
         }
         clean
@@ -804,7 +931,7 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
             }
         });
     }
-    let daemon = match Daemon::start(config) {
+    let (daemon, created) = match Daemon::start(config) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("sluice: {e}");
@@ -818,9 +945,12 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
             eprintln!("sluice: {e}");
             daemon.quiet.store(true, Ordering::Relaxed);
             daemon.close_all();
+            // Nodes are closed: the images this start created can go.
+            drop(created);
             return 1;
         }
     };
+    created.keep();
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -846,10 +976,46 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
     }
     let why = stop_rx.recv().unwrap_or(StopRequest::Monitor);
     match why {
-        StopRequest::Signal(signal) => tracing::info!(signal, "shutting down"),
+        StopRequest::Signal(signal) => tracing::info!(
+            signal,
+            "shutting down (within {CLOSE_ALL_TIMEOUT_MS} ms; a second signal exits at once after a flush)"
+        ),
         StopRequest::Monitor => tracing::info!("shutting down (monitor request)"),
     }
-    let clean = daemon.close_all();
+    let (done_tx, done_rx) = mpsc::channel();
+    {
+        let daemon = daemon.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(daemon.close_all());
+        });
+    }
+    // Close-all runs on its own thread so that a second SIGINT/SIGTERM (an
+    // impatient operator, or systemd's stop timeout) is heard meanwhile.
+    let clean = loop {
+        match done_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(clean) => break clean,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break false,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if let Ok(StopRequest::Signal(signal)) = stop_rx.try_recv() {
+            tracing::error!(
+                signal,
+                "second signal during close-all; still pending: {}; flushing the nodes still open and exiting now",
+                daemon.pending()
+            );
+            let flushed = daemon.emergency_flush();
+            tracing::error!(
+                "exiting before close-all finished ({})",
+                if flushed {
+                    "every open node flushed"
+                } else {
+                    "some flushes failed or did not finish: see above"
+                }
+            );
+            monitor.stop();
+            return 1;
+        }
+    };
     monitor.stop();
     if clean {
         tracing::info!("all exports detached and nodes flushed");

@@ -208,6 +208,12 @@ impl Graph {
 /// Closes a node that left the graph: flush (bounded by `timeout`), then
 /// let the descriptor go with the last reference.
 pub fn close_node(node: Arc<Node>, timeout: Duration) -> Result<(), String> {
+    flush_bounded(node, timeout)
+}
+
+/// Flushes `node` on a helper thread and waits at most `timeout`: a device
+/// that never answers costs a thread, never the caller.
+pub fn flush_bounded(node: Arc<Node>, timeout: Duration) -> Result<(), String> {
     let name = node.name().to_owned();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

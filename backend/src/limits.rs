@@ -57,6 +57,20 @@ pub const ACCEPT_RETRY_MAX_MS: u64 = 1_000;
 /// line at most this often.
 pub const ACCEPT_FAILURE_LOG_INTERVAL_MS: u64 = 10_000;
 
+/// Forced `export_remove`: how long requests in flight may take to complete
+/// (and be answered with their status) before the export is detached anyway.
+pub const FORCE_DRAIN_TIMEOUT_MS: u64 = 1_000;
+/// Forced `export_remove`: the longest wait for the guest to stop sending
+/// (its new requests fail) before the detach.
+pub const FORCE_QUIET_LIMIT_MS: u64 = 1_000;
+/// Close-all as a whole: drain, detach and flush of everything share this
+/// deadline; what is not done by then is reported and the daemon exits 1.
+pub const CLOSE_ALL_TIMEOUT_MS: u64 = 30_000;
+
+/// A second SIGINT/SIGTERM during close-all: how long the flush of the nodes
+/// still open may take before the daemon exits anyway.
+pub const EMERGENCY_FLUSH_TIMEOUT_MS: u64 = 5_000;
+
 /// How often a rate-limited warning about bad guest input may be logged.
 pub const BAD_REQUEST_LOG_INTERVAL_MS: u64 = 1_000;
 

@@ -93,12 +93,22 @@ impl Export {
         }
     }
 
-    /// Close-all step 1: wait until nothing is in flight (vhost-user also
-    /// stops admitting). Returns the queues that stayed busy.
-    pub fn drain(&self, timeout: Duration) -> Result<(), Vec<usize>> {
+    /// Drain, first half: new requests fail from now on (vhost-user; ublk
+    /// keeps admitting, see [`ublk::UblkExport::drain`]). Cheap and
+    /// immediate, so close-all closes every export before it waits on any.
+    pub fn stop_admitting(&self) {
         match self {
-            Export::VhostUser(x) => x.drain(timeout),
-            Export::Ublk(x) => x.drain(timeout),
+            Export::VhostUser(x) => x.stop_admitting(),
+            Export::Ublk(_) => {}
+        }
+    }
+
+    /// Close-all step 1 (and runtime removal): stop admitting and wait, within
+    /// `bounds`, until nothing is in flight. Returns the queues that stayed busy.
+    pub fn drain(&self, bounds: DrainBounds) -> Result<(), Vec<usize>> {
+        match self {
+            Export::VhostUser(x) => x.drain(bounds),
+            Export::Ublk(x) => x.drain(bounds.in_flight),
         }
     }
 
@@ -183,6 +193,40 @@ pub enum ExportError {
         /// What failed.
         reason: String,
     },
+}
+
+/// How long a drain may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainBounds {
+    /// For the requests in flight to complete (and be answered).
+    pub in_flight: Duration,
+    /// vhost-user: for the guest to stop sending once its requests fail,
+    /// so that none is left in a ring nobody reads after the detach.
+    pub guest_quiet: Duration,
+}
+
+impl DrainBounds {
+    /// Close-all and `export_remove` in safe mode.
+    pub const SAFE: DrainBounds = DrainBounds {
+        in_flight: Duration::from_millis(crate::limits::DRAIN_TIMEOUT_MS),
+        guest_quiet: Duration::from_millis(crate::limits::DETACH_QUIET_LIMIT_MS),
+    };
+    /// `export_remove` in forced mode: still answers every request it takes
+    /// (a request in flight owns guest memory until the device is done with
+    /// it, so it cannot be answered earlier), but waits far less.
+    pub const FORCE: DrainBounds = DrainBounds {
+        in_flight: Duration::from_millis(crate::limits::FORCE_DRAIN_TIMEOUT_MS),
+        guest_quiet: Duration::from_millis(crate::limits::FORCE_QUIET_LIMIT_MS),
+    };
+
+    /// These bounds, cut to end by `deadline`.
+    pub fn until(self, deadline: std::time::Instant) -> DrainBounds {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        DrainBounds {
+            in_flight: self.in_flight.min(left),
+            guest_quiet: self.guest_quiet.min(left),
+        }
+    }
 }
 
 /// Counters and state the queue thread shares with the rest of the daemon.

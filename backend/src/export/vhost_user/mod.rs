@@ -34,12 +34,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use self::queue::{ExportShared, QueueWorker};
 use self::virtio_blk::Geometry;
-use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
+use super::{wait_idle, DrainBounds, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::engine::Engine;
 use crate::jobs::MirrorTap;
 use crate::limits::{
-    ACCEPT_FAILURE_LOG_INTERVAL_MS, ACCEPT_RETRY_MAX_MS, DETACH_QUIET_LIMIT_MS, DETACH_QUIET_MS,
-    MAX_QUEUE_DEPTH, MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES,
+    ACCEPT_FAILURE_LOG_INTERVAL_MS, ACCEPT_RETRY_MAX_MS, DETACH_QUIET_MS, MAX_QUEUE_DEPTH,
+    MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES,
 };
 use crate::node::Node;
 
@@ -399,33 +399,39 @@ impl VhostUserExport {
         LatencyPercentiles::of(&self.shared.queues)
     }
 
-    /// Drain, step one: admit nothing new (new requests fail with IOERR) and
-    /// wait until nothing is in flight. Returns the queues that stayed busy.
-    pub fn drain(&self, timeout: Duration) -> Result<(), Vec<usize>> {
+    /// New requests fail with IOERR from now on. Queues are woken, so that
+    /// what already waits in a ring is answered too.
+    pub fn stop_admitting(&self) {
         self.shared.admitting.store(false, Ordering::SeqCst);
-        self.wait_until_idle(timeout)?;
-        if !timeout.is_zero() {
-            self.wait_until_guest_quiet();
-        }
+        self.shared.wake_all();
+    }
+
+    /// Drain: admit nothing new (new requests fail with IOERR), wait until
+    /// nothing is in flight, then until the guest is quiet (both within
+    /// `bounds`). Returns the queues that stayed busy.
+    pub fn drain(&self, bounds: DrainBounds) -> Result<(), Vec<usize>> {
+        self.stop_admitting();
+        self.wait_until_idle(bounds.in_flight)?;
+        self.wait_until_guest_quiet(bounds.guest_quiet);
         Ok(())
     }
 
     /// Keeps failing new requests (admission is closed) until the guest has
-    /// sent none for `DETACH_QUIET_MS`, at most `DETACH_QUIET_LIMIT_MS`: a
-    /// guest whose I/O fails stops sending, while a request it queues after
-    /// the detach would sit in a ring nobody reads (QEMU keeps the rings for
-    /// a reconnect) and hang the guest.
-    fn wait_until_guest_quiet(&self) {
+    /// sent none for `DETACH_QUIET_MS`, at most `limit`: a guest whose I/O
+    /// fails stops sending, while a request it queues after the detach would
+    /// sit in a ring nobody reads (QEMU keeps the rings for a reconnect) and
+    /// hang the guest.
+    fn wait_until_guest_quiet(&self, limit: Duration) {
         // No frontend connected (none ever, or it left): nobody can queue
         // a request, so there is nothing to wait for.
         if self.connection.lock().unwrap().is_none() {
             return;
         }
         let quiet = Duration::from_millis(DETACH_QUIET_MS);
-        let limit = Instant::now() + Duration::from_millis(DETACH_QUIET_LIMIT_MS);
+        let started = Instant::now();
         let mut seen = self.totals().requests;
         let mut since = Instant::now();
-        while Instant::now() < limit {
+        while started.elapsed() < limit {
             std::thread::sleep(Duration::from_millis(10));
             let now = self.totals().requests;
             if now != seen {
@@ -437,7 +443,8 @@ impl VhostUserExport {
         }
         tracing::warn!(
             export = %self.config.name,
-            "the guest kept sending requests for {DETACH_QUIET_LIMIT_MS} ms after the drain; detaching anyway"
+            "the guest kept sending requests for {} ms after the drain; detaching anyway",
+            limit.as_millis()
         );
     }
 

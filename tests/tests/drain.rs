@@ -1,0 +1,273 @@
+//! Draining many exports: close-all stops admitting on every export before it waits on
+//! any and drains them all at once under one deadline; a second signal exits at once after
+//! a flush; a forced `export-remove` answers every request it takes before it lets go.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use sluice_tests::{
+    make_file, pattern, run_to_exit, Client, Daemon, Op, WriteStorm, EXIT_TIMEOUT, MIB,
+};
+
+const DISK_BYTES: u64 = 16 * MIB;
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// `n` image files, each served over its own vhost-user socket `x<i>.sock`.
+fn exports(dir: &Path, n: usize) -> (Daemon, Vec<PathBuf>) {
+    let mut toml = String::new();
+    let mut socks = Vec::new();
+    for i in 0..n {
+        let img = dir.join(format!("d{i}.img"));
+        make_file(&img, DISK_BYTES);
+        let sock = dir.join(format!("x{i}.sock"));
+        toml += &format!(
+            "[[disk]]\nname = \"d{i}\"\npath = \"{}\"\n\n[[export]]\nname = \"x{i}\"\ndisk = \"d{i}\"\ntype = \"vhost-user\"\nsocket = \"{}\"\nqueue_depth = 8\n\n",
+            path_str(&img),
+            path_str(&sock)
+        );
+        socks.push(sock);
+    }
+    let config = dir.join("sluice.toml");
+    std::fs::write(&config, toml).expect("write config");
+    (
+        Daemon::spawn(&["serve", "--config", path_str(&config)], n),
+        socks,
+    )
+}
+
+/// A guest that keeps writing whatever happens (fio with `continue_on_error`): one
+/// write at a time, errors ignored, until the connection is gone or it is told to stop.
+/// Records when it last had a write acknowledged.
+struct StubbornWriter {
+    stop: Arc<AtomicBool>,
+    last_ok: Arc<Mutex<Option<Instant>>>,
+    oks: Arc<AtomicU64>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl StubbornWriter {
+    fn start(sock: &Path, seed: u64) -> StubbornWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let last_ok = Arc::new(Mutex::new(None));
+        let oks = Arc::new(AtomicU64::new(0));
+        let mut client = Client::connect(sock, 1, 1).expect("connect writer");
+        let thread = thread::spawn({
+            let (stop, last_ok, oks) = (stop.clone(), last_ok.clone(), oks.clone());
+            move || {
+                let mut h = client.queue(0);
+                h.set_timeout(Duration::from_secs(2));
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let offset = (i * 4096) % DISK_BYTES;
+                    let op = Op::Write {
+                        offset,
+                        data: pattern(offset, 4096, seed),
+                        fua: false,
+                    };
+                    match h.run(&[op]) {
+                        Ok(outs) if outs[0].ret == 0 => {
+                            *last_ok.lock().expect("lock") = Some(Instant::now());
+                            oks.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(_) => {}
+                        // No answer: the export is gone.
+                        Err(_) => break,
+                    }
+                    i += 1;
+                }
+            }
+        });
+        StubbornWriter {
+            stop,
+            last_ok,
+            oks,
+            thread,
+        }
+    }
+
+    fn wait_for_oks(&self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.oks.load(Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "writer made no progress");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn end(self) -> Option<Instant> {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.thread.join();
+        let last = *self.last_ok.lock().expect("lock");
+        last
+    }
+}
+
+/// Issue 9, item 4: 8 exports with writers took 57 s to exit, one export after another,
+/// and the exports not yet drained kept acknowledging writes meanwhile.
+#[test]
+fn close_all_drains_every_export_at_once_under_one_deadline() {
+    const EXPORTS: usize = 8;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut daemon, socks) = exports(dir.path(), EXPORTS);
+    let writers: Vec<StubbornWriter> = socks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| StubbornWriter::start(s, i as u64))
+        .collect();
+    for w in &writers {
+        w.wait_for_oks(20);
+    }
+    let sigterm = Instant::now();
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    let took = sigterm.elapsed();
+    daemon.assert_exit_ok(status);
+    // The writers never stop sending, so each export waits its whole quiet window
+    // (DETACH_QUIET_LIMIT_MS, 5 s); in parallel that is one window, not eight.
+    assert!(
+        took < Duration::from_secs(12),
+        "{EXPORTS} busy exports took {took:?} to close\n{}",
+        daemon.stderr()
+    );
+    for (i, w) in writers.into_iter().enumerate() {
+        let last = w.end().expect("the writer had writes acknowledged");
+        // Only a write already in flight at SIGTERM may still succeed.
+        assert!(
+            last < sigterm + Duration::from_millis(500),
+            "export x{i} acknowledged a write {:?} after SIGTERM",
+            last.saturating_duration_since(sigterm)
+        );
+    }
+}
+
+/// A second SIGTERM during close-all says what is still pending, flushes and exits at
+/// once (code 1: close-all did not finish).
+#[test]
+fn a_second_signal_during_close_all_flushes_and_exits_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut daemon, socks) = exports(dir.path(), 2);
+    let writers: Vec<StubbornWriter> = socks
+        .iter()
+        .enumerate()
+        .map(|(i, s)| StubbornWriter::start(s, i as u64))
+        .collect();
+    for w in &writers {
+        w.wait_for_oks(20);
+    }
+    daemon.signal(libc::SIGTERM);
+    // The stubborn writers keep close-all in its drain step for 5 s.
+    thread::sleep(Duration::from_millis(1000));
+    assert!(
+        daemon.wait(Duration::ZERO).is_none(),
+        "close-all should still be waiting for the writers\n{}",
+        daemon.stderr()
+    );
+    let second = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait(Duration::from_secs(3)).unwrap_or_else(|| {
+        panic!(
+            "still running 3 s after a second SIGTERM\n{}",
+            daemon.stderr()
+        )
+    });
+    let took = second.elapsed();
+    assert_eq!(status.code(), Some(1), "exit status\n{}", daemon.stderr());
+    assert!(
+        took < Duration::from_secs(2),
+        "exit took {took:?} after the second signal"
+    );
+    let stderr = daemon.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("still pending"))
+        .unwrap_or_else(|| panic!("no line about the second signal\n{stderr}"));
+    assert!(
+        line.contains("drain") && line.contains("export x0") && line.contains("export x1"),
+        "the line names the pending step and exports: {line}"
+    );
+    assert!(
+        stderr.contains("every open node flushed"),
+        "the nodes were flushed\n{stderr}"
+    );
+    for w in writers {
+        w.end();
+    }
+}
+
+/// Issue 9, item 3: `export-remove --force` with a client connected left `in_flight: 16`
+/// and the client waiting forever. Forced removal answers every request it takes.
+#[test]
+fn forced_removal_answers_every_request_before_letting_go() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("d.img");
+    make_file(&img, DISK_BYTES);
+    let sock = dir.path().join("x.sock");
+    let daemon = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            path_str(&img),
+            "--vhost-user",
+            path_str(&sock),
+            "--queue-depth",
+            "16",
+        ],
+        1,
+    );
+    let mut client = Client::connect(&sock, 1, 16).expect("connect");
+    let blocks = DISK_BYTES / 4096;
+    let storm = WriteStorm::new(0, blocks, 16, 1_000_000, 0xF0F0);
+    let removed = thread::scope(|s| {
+        let h = client.queue(0);
+        let storm = &storm;
+        s.spawn(move || storm.run(h));
+        storm
+            .wait_acked(500, Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{e}\n{}", daemon.stderr()));
+        let control = daemon.control.to_str().expect("utf-8").to_owned();
+        let out = run_to_exit(&[
+            "ctl",
+            "--control",
+            &control,
+            "--json",
+            "export-remove",
+            "x",
+            "--force",
+        ]);
+        storm.mark_gone();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !storm.is_done() {
+            if Instant::now() >= deadline {
+                storm.stop();
+                panic!("the writer still runs 15 s after the forced removal");
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        out
+    });
+    assert_eq!(
+        removed.status.code(),
+        Some(0),
+        "export-remove --force: {}{}",
+        removed.stdout,
+        removed.stderr
+    );
+    let result: serde_json::Value =
+        serde_json::from_str(removed.stdout.trim()).expect("JSON result");
+    assert_eq!(result["stats"]["in_flight"], 0, "{result}");
+    // The writer ended on an error status, not on a request nobody answered (its
+    // queue gives up after 5 s without a completion).
+    let end = storm.end();
+    assert!(
+        end.contains("failed with"),
+        "the writer ended with {end:?}, not with an error status\n{}",
+        daemon.stderr()
+    );
+    // Every acknowledged write is in the file.
+    let file = std::fs::read(&img).expect("read image");
+    storm.check_file(&file, "forced removal");
+}
