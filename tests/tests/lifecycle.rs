@@ -158,3 +158,69 @@ fn tells_systemd_when_ready() {
     let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
     daemon.assert_exit_ok(status);
 }
+
+/// Issue 9, item 7: an image that `create_size` created was left behind when a later
+/// start step failed. Every failing control socket (busy, a directory, a path too long
+/// for a UNIX socket) now takes the new image with it; an image that existed stays.
+#[test]
+fn a_failed_start_removes_the_image_it_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let busy = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            "null:1M",
+            "--vhost-user",
+            dir.path().join("busy.sock").to_str().expect("utf-8"),
+        ],
+        1,
+    );
+    let a_dir = dir.path().join("a-directory");
+    std::fs::create_dir(&a_dir).expect("mkdir");
+    let too_long = dir.path().join("x".repeat(120)).join("control.sock");
+    let image = dir.path().join("new.img");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[disk]]\nname = \"d\"\npath = \"{}\"\ncreate_size = \"8M\"\n\n[[export]]\nname = \"x\"\ndisk = \"d\"\ntype = \"vhost-user\"\nsocket = \"{}\"\n",
+            image.display(),
+            dir.path().join("x.sock").display()
+        ),
+    )
+    .expect("write config");
+    for control in [&busy.control, &a_dir, &too_long] {
+        let out = sluice_tests::run_to_exit(&[
+            "serve",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--control",
+            control.to_str().expect("utf-8"),
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "--control {}: {}",
+            control.display(),
+            out.stderr
+        );
+        assert!(
+            !image.exists(),
+            "--control {} failed ({}) but left the image it created",
+            control.display(),
+            out.stderr.trim()
+        );
+    }
+    // An image that was there before is never removed.
+    make_file(&image, 8 * MIB);
+    let out = sluice_tests::run_to_exit(&[
+        "serve",
+        "--config",
+        config.to_str().expect("utf-8"),
+        "--control",
+        busy.control.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(image.exists(), "an existing image was removed");
+    drop(busy);
+}
