@@ -477,6 +477,7 @@ impl Connection {
                 shared.clone(),
                 usize::from(q),
                 Duration::from_micros(u64::from(config.poll_window_us)),
+                &config.name,
             )));
             let (consumer, notifier) = new_event_consumer_and_notifier(
                 EventFlag::NONBLOCK | EventFlag::CLOEXEC,

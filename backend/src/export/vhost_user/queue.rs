@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 use super::virtio_blk::{decode, status_of, Command, Decoded, Geometry};
 use crate::engine::{scatter, Engine, SubmitError};
+use crate::export::error_log::BackingErrorLog;
 use crate::export::QueueShared;
 use crate::jobs::MirrorTap;
 use crate::limits::{
@@ -109,6 +110,7 @@ pub struct QueueWorker {
     poll_window: Duration,
     last_bad_log: Option<Instant>,
     suppressed_bad: u64,
+    backing_errors: BackingErrorLog,
 }
 
 // SAFETY: the raw pointers in `iovecs` are scratch space rewritten for every
@@ -116,7 +118,8 @@ pub struct QueueWorker {
 unsafe impl Send for QueueWorker {}
 
 impl QueueWorker {
-    /// A worker for queue `index` of an export.
+    /// A worker for queue `index` of export `export`.
+    #[allow(clippy::too_many_arguments)] // one per piece of the queue's state
     pub fn new(
         engine: Engine<VirtioCtx>,
         completion_event: EventFd,
@@ -125,6 +128,7 @@ impl QueueWorker {
         shared: Arc<ExportShared>,
         index: usize,
         poll_window: Duration,
+        export: &str,
     ) -> Self {
         QueueWorker {
             queue_depth: engine.depth(),
@@ -145,6 +149,7 @@ impl QueueWorker {
             poll_window,
             last_bad_log: None,
             suppressed_bad: 0,
+            backing_errors: BackingErrorLog::new(export, index),
         }
     }
 
@@ -270,7 +275,12 @@ impl QueueWorker {
         let mem = &self.mem;
         let shared = &self.shared.queues[self.index];
         let mirror = self.shared.mirror.load();
+        let (errors, export) = (&mut self.backing_errors, &self.shared);
         self.engine.reap_mirrored(|ctx, result, target_ok| {
+            if let (Err(RequestError::Io(errno)), Some(op)) = (result, ctx.op) {
+                let node = export.node.load();
+                errors.record(node.name(), op, errno, ctx.offset_bytes, ctx.len_bytes);
+            }
             complete(
                 state,
                 mem,
