@@ -21,6 +21,7 @@ pub mod export;
 pub mod graph;
 pub mod jobs;
 pub mod limits;
+pub mod logging;
 pub mod monitor;
 pub mod node;
 pub mod request;

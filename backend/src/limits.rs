@@ -76,3 +76,16 @@ pub const BAD_REQUEST_LOG_INTERVAL_MS: u64 = 1_000;
 
 /// Serial numbers are cut to the virtio-blk GET_ID size.
 pub const SERIAL_MAX_BYTES: usize = 20;
+
+/// A dependency's log line (virtio-queue, vhost-user-backend, libublk...)
+/// from one call site on one thread is written at most this often; the
+/// lines dropped in between are counted and reported with the next one.
+pub const DEPENDENCY_LOG_INTERVAL_MS: u64 = 10_000;
+/// Call sites × threads the dependency log limiter tracks; beyond this the
+/// least recently written is forgotten (bounds the limiter's memory).
+pub const DEPENDENCY_LOG_MAX_KEYS: usize = 1_024;
+
+/// After a node's first error of one operation kind (read, write, ...) is
+/// logged, further errors of that kind on that queue are summed up in one
+/// line at most this often while they continue.
+pub const BACKING_ERROR_LOG_INTERVAL_MS: u64 = 10_000;

@@ -211,14 +211,7 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    sluice::logging::init();
     let cli = Cli::parse();
     let args = match cli.command {
         Some(Command::Serve(a)) => a,

@@ -2,6 +2,7 @@
 //! requests on one node. Nothing below `export/` is known to the engine or the
 //! nodes; nothing outside it knows a wire protocol.
 
+pub mod error_log;
 pub mod ublk;
 pub mod vhost_user;
 

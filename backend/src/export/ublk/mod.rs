@@ -18,6 +18,7 @@ use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
 
 pub use self::op::decode_op;
+use super::error_log::BackingErrorLog;
 use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::engine::{Prepared, SlotTable};
 use crate::node::Node;
@@ -169,11 +170,19 @@ impl UblkExport {
                     }
                     let tgt_node = node.clone();
                     let q_node = node;
+                    let q_name = name.clone();
                     let failed_tx = ready_tx.clone();
                     let result = ctrl.run_target(
                         move |dev: &mut UblkDev| set_params(dev, &tgt_node, read_only),
                         move |qid: u16, dev: &UblkDev| {
-                            serve_queue(qid, dev, &q_node, depth, &queues[usize::from(qid)])
+                            serve_queue(
+                                qid,
+                                dev,
+                                &q_node,
+                                depth,
+                                &queues[usize::from(qid)],
+                                &q_name,
+                            )
                         },
                         move |ctrl: &UblkCtrl| {
                             let _ = ready_tx.send(Ok(ctrl.get_bdev_path()));
@@ -375,8 +384,16 @@ fn set_params(dev: &mut UblkDev, node: &Node, read_only: bool) -> Result<(), lib
 
 /// Serves one queue until the device stops: decode each ublk request with
 /// [`decode_op`], validate it, and put its backing I/O on this queue's ring.
-fn serve_queue(qid: u16, dev: &UblkDev, node: &Arc<Node>, depth: u16, shared: &QueueShared) {
+fn serve_queue(
+    qid: u16,
+    dev: &UblkDev,
+    node: &Arc<Node>,
+    depth: u16,
+    shared: &QueueShared,
+    export: &str,
+) {
     let bufs = dev.alloc_queue_io_bufs();
+    let mut errors = BackingErrorLog::new(export, usize::from(qid));
     let mut table = match SlotTable::<(BlockOp, Instant)>::new(node.clone(), depth, NODE_FIXED_FILE)
     {
         Ok(t) => t,
@@ -411,6 +428,10 @@ fn serve_queue(qid: u16, dev: &UblkDev, node: &Arc<Node>, depth: u16, shared: &Q
         if io.is_tgt_io() {
             let ((op, started), result) = table.finish(tag, io.result());
             let len = u64::from(q.get_iod(tag).nr_sectors) << 9;
+            if let Err(RequestError::Io(errno)) = result {
+                let offset_bytes = q.get_iod(tag).start_sector << 9;
+                errors.record(node.name(), op, errno, offset_bytes, len);
+            }
             shared.record_latency(
                 Some(op),
                 len,
@@ -474,6 +495,9 @@ fn serve_queue(qid: u16, dev: &UblkDev, node: &Arc<Node>, depth: u16, shared: &Q
             }
             Ok(Prepared::Done(res)) => {
                 let ((op, started), result) = table.finish(tag, res);
+                if let Err(RequestError::Io(errno)) = result {
+                    errors.record(node.name(), op, errno, offset_bytes, len_bytes);
+                }
                 shared.record_latency(
                     Some(op),
                     len_bytes,

@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 use super::virtio_blk::{decode, status_of, Command, Decoded, Geometry};
 use crate::engine::{scatter, Engine, SubmitError};
+use crate::export::error_log::BackingErrorLog;
 use crate::export::QueueShared;
 use crate::jobs::MirrorTap;
 use crate::limits::{
@@ -123,6 +124,7 @@ pub struct QueueWorker {
     /// nothing is popped until the frontend stops and restarts the ring or
     /// reconnects. Requests already in flight still complete.
     broken: Option<&'static str>,
+    backing_errors: BackingErrorLog,
 }
 
 // SAFETY: the raw pointers in `iovecs` are scratch space rewritten for every
@@ -141,6 +143,7 @@ impl QueueWorker {
         poll_window: Duration,
     ) -> Self {
         QueueWorker {
+            backing_errors: BackingErrorLog::new(&shared.name, index),
             queue_depth: engine.depth(),
             engine,
             completion_event,
@@ -306,7 +309,12 @@ impl QueueWorker {
         let shared = &self.shared.queues[self.index];
         let mirror = self.shared.mirror.load();
         let mut used_ring_ok = true;
+        let (errors, export) = (&mut self.backing_errors, &self.shared);
         let reaped = self.engine.reap_mirrored(|ctx, result, target_ok| {
+            if let (Err(RequestError::Io(errno)), Some(op)) = (result, ctx.op) {
+                let node = export.node.load();
+                errors.record(node.name(), op, errno, ctx.offset_bytes, ctx.len_bytes);
+            }
             used_ring_ok &= complete(
                 state,
                 mem,
