@@ -25,3 +25,4 @@ pub mod monitor;
 pub mod node;
 pub mod request;
 pub mod size;
+pub mod unix_socket;
