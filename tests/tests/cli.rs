@@ -267,3 +267,118 @@ fn already_served_socket_is_refused_and_left_alone() {
         "the refused daemon wrote to its disk"
     );
 }
+
+/// `sluice serve --disk FILE --vhost-user SOCK --control CONTROL`, to its exit.
+fn serve_with_control(file: &Path, sock: &Path, control: &Path) -> Finished {
+    run_to_exit(&[
+        "serve",
+        "--disk",
+        path_str(file),
+        "--vhost-user",
+        path_str(sock),
+        "--control",
+        path_str(control),
+    ])
+}
+
+/// Issue 9 items 6 and 10: `--control PATH` never removes what is not a socket. A regular
+/// file there stays as it was; a directory is named as a directory, with what to pass.
+#[test]
+fn control_path_that_is_not_a_socket_is_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    make_file(&file, 16 * MIB);
+    let sock = dir.path().join("vm.sock");
+    let mut wrong = Vec::new();
+
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, b"do not delete").expect("write");
+    let f = serve_with_control(&file, &sock, &precious);
+    wrong.extend(check_clean_failure(
+        "--control REGULAR_FILE",
+        &f,
+        Some(path_str(&precious)),
+        Some(&sock),
+    ));
+    if !f.stderr.contains("not a socket") {
+        wrong.push(format!("regular file: {}", f.stderr));
+    }
+    match std::fs::read(&precious) {
+        Ok(b) if b == b"do not delete" => {}
+        other => wrong.push(format!("the regular file was changed: {other:?}")),
+    }
+
+    let adir = dir.path().join("adir");
+    std::fs::create_dir(&adir).expect("mkdir");
+    let f = serve_with_control(&file, &sock, &adir);
+    wrong.extend(check_clean_failure(
+        "--control DIR",
+        &f,
+        Some(path_str(&adir)),
+        Some(&sock),
+    ));
+    if !(f.stderr.contains("is a directory, not a socket") && f.stderr.contains("--control"))
+        || f.stderr.contains("stale")
+    {
+        wrong.push(format!("directory: {}", f.stderr));
+    }
+    if !adir.is_dir() {
+        wrong.push("the directory is gone".into());
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Issue 9 item 10: directories sluice made for `--control` are removed at exit; a
+/// directory that existed before stays.
+#[test]
+fn control_directory_made_by_sluice_is_removed_at_exit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    make_file(&file, 16 * MIB);
+    let sock = dir.path().join("vm.sock");
+    let made = dir.path().join("made");
+    let control = made.join("deeper").join("control.sock");
+    let mut daemon = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            path_str(&file),
+            "--vhost-user",
+            path_str(&sock),
+            "--control",
+            path_str(&control),
+        ],
+        1,
+    );
+    assert!(
+        control.exists(),
+        "no control socket at {}",
+        control.display()
+    );
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+    assert_gone(&control);
+    assert_gone(&made);
+    assert!(dir.path().is_dir());
+
+    // A directory that was there before (with other files) stays.
+    let kept = dir.path().join("kept");
+    std::fs::create_dir(&kept).expect("mkdir");
+    let control = kept.join("control.sock");
+    let mut daemon = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            path_str(&file),
+            "--vhost-user",
+            path_str(&sock),
+            "--control",
+            path_str(&control),
+        ],
+        1,
+    );
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+    assert_gone(&control);
+    assert!(kept.is_dir(), "a directory sluice did not make was removed");
+}
