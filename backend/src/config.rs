@@ -102,7 +102,7 @@ struct FileConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DaemonSection {
-    poll_us: Option<u32>,
+    poll_us: Option<u64>,
     control: Option<PathBuf>,
 }
 
@@ -131,16 +131,37 @@ pub struct ExportParams {
     socket: Option<PathBuf>,
     socket_mode: Option<u32>,
     ublk_id: Option<u32>,
-    queues: Option<u16>,
-    queue_depth: Option<u16>,
+    // Wide integers, so a value out of range is refused with the real range
+    // rather than the range of the field's type.
+    queues: Option<u64>,
+    queue_depth: Option<u64>,
     #[serde(default)]
     read_only: bool,
     serial: Option<String>,
-    poll_us: Option<u32>,
+    poll_us: Option<u64>,
 }
 
 /// Default socket mode: owner only.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// `value` (or `default` when absent) if it is in `min..=max`; else an error
+/// that names the setting and the range.
+fn in_range<T: TryFrom<u64>>(
+    ctx: &str,
+    what: &str,
+    value: Option<u64>,
+    default: T,
+    min: u64,
+    max: u64,
+) -> Result<T, ConfigError> {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    match T::try_from(v) {
+        Ok(t) if (min..=max).contains(&v) => Ok(t),
+        _ => bad(format!("{ctx}{what} must be {min}..={max}, not {v}")),
+    }
+}
 
 fn resolve(base_dir: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
@@ -218,18 +239,37 @@ impl ExportParams {
                 ))
             }
         };
+        let ctx = format!("export {:?}: ", self.name);
         let export = ExportConfig {
+            queues: in_range(
+                &ctx,
+                "queues",
+                self.queues,
+                DEFAULT_QUEUES,
+                1,
+                MAX_QUEUES.into(),
+            )?,
+            queue_depth: in_range(
+                &ctx,
+                "queue_depth",
+                self.queue_depth,
+                DEFAULT_QUEUE_DEPTH,
+                1,
+                MAX_QUEUE_DEPTH.into(),
+            )?,
+            poll_window_us: in_range(
+                &ctx,
+                "poll_us",
+                self.poll_us,
+                default_poll_us.unwrap_or(DEFAULT_POLL_WINDOW_US),
+                0,
+                MAX_POLL_WINDOW_US.into(),
+            )?,
             serial: self.serial.unwrap_or_else(|| self.name.clone()),
             name: self.name,
             disk: self.disk,
             kind,
-            queues: self.queues.unwrap_or(DEFAULT_QUEUES),
-            queue_depth: self.queue_depth.unwrap_or(DEFAULT_QUEUE_DEPTH),
             read_only: self.read_only,
-            poll_window_us: self
-                .poll_us
-                .or(default_poll_us)
-                .unwrap_or(DEFAULT_POLL_WINDOW_US),
         };
         export.validate()?;
         Ok(export)
@@ -277,6 +317,20 @@ impl ServeConfig {
     /// `base_dir` (the config file's directory).
     pub fn from_toml(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
         let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        let poll_us: Option<u32> = file
+            .daemon
+            .poll_us
+            .map(|v| {
+                in_range(
+                    "[daemon] ",
+                    "poll_us",
+                    Some(v),
+                    0,
+                    0,
+                    MAX_POLL_WINDOW_US.into(),
+                )
+            })
+            .transpose()?;
         let disks = file
             .disk
             .into_iter()
@@ -285,7 +339,7 @@ impl ServeConfig {
         let exports = file
             .export
             .into_iter()
-            .map(|e| e.resolve(base_dir, file.daemon.poll_us))
+            .map(|e| e.resolve(base_dir, poll_us))
             .collect::<Result<Vec<_>, _>>()?;
         let control = file.daemon.control.map(|p| resolve(base_dir, &p));
         let config = ServeConfig {
@@ -405,6 +459,9 @@ mod tests {
             ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='nbd'", "unknown type"),
             ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'\nqueues=0", "queues must be"),
             ("[[disk]]\nname='x'\npath='null:1M'\nbogus=1", "unknown field"),
+            ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'\nqueues=99999999999", "queues must be 1..=64, not 99999999999"),
+            ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'\nqueue_depth=70000", "queue_depth must be 1..=1024, not 70000"),
+            ("[daemon]\npoll_us=5000000000", "poll_us must be 0..=1000000"),
         ];
         for (text, want) in cases {
             let err = ServeConfig::from_toml(text, Path::new("/"))

@@ -382,3 +382,65 @@ fn control_directory_made_by_sluice_is_removed_at_exit() {
     assert_gone(&control);
     assert!(kept.is_dir(), "a directory sluice did not make was removed");
 }
+
+/// Issue 9 item 10: numeric options are parsed with their real range, and the message
+/// states it.
+#[test]
+fn numeric_options_state_their_real_range() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    make_file(&file, 16 * MIB);
+    let sock = dir.path().join("vm.sock");
+    let mut wrong = Vec::new();
+    for (opt, value, range) in [
+        ("--queues", "99999999999", "1..=64"),
+        ("--queues", "65", "1..=64"),
+        ("--queues", "0", "1..=64"),
+        ("--queue-depth", "70000", "1..=1024"),
+        ("--queue-depth", "1025", "1..=1024"),
+        ("--poll-us", "99999999999", "0..=1000000"),
+    ] {
+        let f = run_to_exit(&[
+            "serve",
+            "--disk",
+            path_str(&file),
+            "--vhost-user",
+            path_str(&sock),
+            opt,
+            value,
+        ]);
+        wrong.extend(check_clean_failure(
+            &format!("{opt} {value}"),
+            &f,
+            Some(range),
+            Some(&sock),
+        ));
+        if f.stderr.contains("65535") {
+            wrong.push(format!("{opt} {value}: {}", f.stderr));
+        }
+    }
+    // The same options of `sluice ctl export-add`, refused before anything is sent.
+    let control = dir.path().join("no-daemon.sock");
+    for (opt, value, range) in [
+        ("--queues", "99999999999", "1..=64"),
+        ("--queue-depth", "2000", "1..=1024"),
+    ] {
+        let f = run_to_exit(&[
+            "ctl",
+            "--control",
+            path_str(&control),
+            "export-add",
+            "x",
+            "--node",
+            "n",
+            "--vhost-user",
+            path_str(&sock),
+            opt,
+            value,
+        ]);
+        if f.status.success() || !f.stderr.contains(range) || f.stderr.contains("no-daemon") {
+            wrong.push(format!("ctl export-add {opt} {value}: {}", f.stderr));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
