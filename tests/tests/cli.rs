@@ -444,3 +444,40 @@ fn numeric_options_state_their_real_range() {
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
+
+/// Issue 9 item 10: an image whose size is not a whole number of logical blocks is served
+/// without its tail, and sluice says so at start: the file, its size, the size served and
+/// the bytes left out.
+#[test]
+fn partial_last_block_is_reported_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("odd.img");
+    make_file(&file, 1_000_000);
+    let sock = dir.path().join("vm.sock");
+    let mut daemon = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            path_str(&file),
+            "--vhost-user",
+            path_str(&sock),
+        ],
+        1,
+    );
+    let served = daemon.ready[0]["capacity_bytes"]
+        .as_u64()
+        .expect("capacity_bytes");
+    assert!(served < 1_000_000 && 1_000_000 - served < 4096, "{served}");
+    let dropped = 1_000_000 - served;
+    let stderr = daemon.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(path_str(&file)) && l.contains("1000000"))
+        .unwrap_or_else(|| panic!("no line names the file and its size:\n{stderr}"));
+    assert!(
+        line.contains(&served.to_string()) && line.contains(&format!("{dropped} bytes")),
+        "{line}"
+    );
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+}
