@@ -1,7 +1,7 @@
 //! What `sluice serve` runs: disks and exports, from the command line or a
 //! TOML file, validated before anything is opened or bound.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -10,8 +10,10 @@ use crate::limits::{
     DEFAULT_POLL_WINDOW_US, DEFAULT_QUEUES, DEFAULT_QUEUE_DEPTH, MAX_POLL_WINDOW_US, MAX_QUEUES,
     MAX_QUEUE_DEPTH,
 };
+use crate::monitor::default_control_path;
 use crate::node::DiskSpec;
 use crate::size::parse_size_bytes;
+use crate::unix_socket::path_key;
 
 /// The configuration `sluice serve` runs when given no arguments: a sparse
 /// 1 GiB image in the current directory, served over `./sluice.sock`.
@@ -361,7 +363,10 @@ impl ServeConfig {
             }
         }
         let mut export_names = HashSet::new();
-        let mut sockets = HashSet::new();
+        // Socket paths are compared by what they name: `a/../s.sock` is `s.sock`.
+        let control = self.control.clone().unwrap_or_else(default_control_path);
+        let control_key = path_key(&control);
+        let mut sockets: HashMap<PathBuf, &str> = HashMap::new();
         let mut ublk_ids = HashSet::new();
         for e in &self.exports {
             e.validate()?;
@@ -374,8 +379,21 @@ impl ServeConfig {
             }
             match &e.kind {
                 ExportKind::VhostUser { socket, .. } => {
-                    if !sockets.insert(socket.clone()) {
-                        return bad(format!("{ctx}: socket {} used twice", socket.display()));
+                    let key = path_key(socket);
+                    if key == control_key {
+                        return bad(format!(
+                            "{ctx}: socket {} is also the control socket {}; give one of them \
+                             another path",
+                            socket.display(),
+                            control.display()
+                        ));
+                    }
+                    if let Some(first) = sockets.insert(key, &e.name) {
+                        return bad(format!(
+                            "{ctx}: socket {} used twice (export {first:?} has it too, \
+                             spelt differently perhaps); give each export its own socket",
+                            socket.display()
+                        ));
                     }
                 }
                 ExportKind::Ublk { id: Some(id) } => {
@@ -462,6 +480,8 @@ mod tests {
             ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'\nqueues=99999999999", "queues must be 1..=64, not 99999999999"),
             ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'\nqueue_depth=70000", "queue_depth must be 1..=1024, not 70000"),
             ("[daemon]\npoll_us=5000000000", "poll_us must be 0..=1000000"),
+            ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='d/../s'\n[[export]]\nname='b'\ndisk='x'\ntype='vhost-user'\nsocket='./s'", "used twice"),
+            ("[daemon]\ncontrol='c.sock'\n[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='d/../c.sock'", "also the control socket"),
         ];
         for (text, want) in cases {
             let err = ServeConfig::from_toml(text, Path::new("/"))

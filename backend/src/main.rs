@@ -282,6 +282,9 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), String> {
             .map_err(|e| format!("config {}: {e}", path.display()))?;
         if let Some(c) = &args.control {
             config.control = Some(cwd.join(c));
+            config
+                .validate()
+                .map_err(|e| format!("config {}: {e}", path.display()))?;
         }
         return Ok((config, false));
     }
@@ -289,6 +292,7 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), String> {
         let mut config = ServeConfig::from_toml(EMBEDDED_DEFAULT, &cwd)
             .map_err(|e| format!("embedded default: {e}"))?;
         config.control = args.control.as_ref().map(|c| cwd.join(c));
+        config.validate().map_err(|e| e.to_string())?;
         return Ok((config, true));
     };
     if args.vhost_user.is_none() && args.ublk.is_none() {

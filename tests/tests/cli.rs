@@ -481,3 +481,63 @@ fn partial_last_block_is_reported_at_start() {
     let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
     daemon.assert_exit_ok(status);
 }
+
+/// Issue 9 item 10: two spellings of one socket path are one socket: two exports on
+/// `adir/../same.sock` and `same.sock` are refused as a socket used twice, and so is a
+/// control socket that is an export's socket.
+#[test]
+fn one_socket_spelt_two_ways_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("adir")).expect("mkdir");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        r#"[[disk]]
+name = "a"
+path = "null:16M"
+[[disk]]
+name = "b"
+path = "null:16M"
+[[export]]
+name = "x"
+disk = "a"
+type = "vhost-user"
+socket = "adir/../same.sock"
+[[export]]
+name = "y"
+disk = "b"
+type = "vhost-user"
+socket = "same.sock"
+"#,
+    )
+    .expect("write config");
+    let same = dir.path().join("same.sock");
+    let mut wrong = Vec::new();
+    let f = run_to_exit(&["serve", "--config", path_str(&config)]);
+    wrong.extend(check_clean_failure(
+        "two spellings of one export socket",
+        &f,
+        Some("used twice"),
+        Some(&same),
+    ));
+
+    let f = run_to_exit(&[
+        "serve",
+        "--disk",
+        "null:16M",
+        "--vhost-user",
+        path_str(&dir.path().join("adir/../s.sock")),
+        "--control",
+        path_str(&dir.path().join("s.sock")),
+    ]);
+    wrong.extend(check_clean_failure(
+        "control socket = export socket",
+        &f,
+        Some("control socket"),
+        Some(&dir.path().join("s.sock")),
+    ));
+    if !f.stderr.contains("export") {
+        wrong.push(format!("control = export: {}", f.stderr));
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
