@@ -1772,3 +1772,51 @@ fn each_reply_is_written_whole() {
     drop(s);
     env.stop(&[]);
 }
+
+/// Issue 9 item 5: a client that sends nothing for the idle timeout
+/// (`SLUICE_CONTROL_IDLE_TIMEOUT_MS`, here 500 ms) is closed with a line that says why;
+/// one that keeps calling (every 200 ms, like `sluice ctl --wait`) for four times as long
+/// stays connected.
+#[test]
+fn idle_client_is_closed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("n.sock");
+    let mut daemon = Daemon::try_spawn_env(
+        &[
+            "serve",
+            "--disk",
+            "null:16M",
+            "--vhost-user",
+            path_str(&sock),
+        ],
+        1,
+        &[("SLUICE_CONTROL_IDLE_TIMEOUT_MS", "500")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_control_ready(&daemon);
+    let mut quiet = Rpc::connect(&daemon.control);
+    let mut busy = Rpc::connect(&daemon.control);
+    assert_eq!(nodes(&mut quiet).len(), 1);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(2000) {
+        assert_eq!(nodes(&mut busy).len(), 1, "a polling client was cut");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    quiet.set_read_timeout(Duration::from_secs(10));
+    let line = quiet
+        .read_line()
+        .expect("the idle client was not closed")
+        .expect("the idle client was closed without a word");
+    let v: Value = serde_json::from_str(&line).expect("JSON");
+    let (code, msg) = error_of(&v, &Value::Null);
+    assert_eq!(code, FAILED, "{msg}");
+    assert!(msg.contains("idle") && msg.contains("500 ms"), "{msg}");
+    assert!(
+        matches!(quiet.read_line(), Ok(None)),
+        "the idle connection stays open"
+    );
+    assert_eq!(nodes(&mut busy).len(), 1);
+    drop((quiet, busy));
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+}

@@ -33,7 +33,10 @@ pub const MAX_CONTROL_REQUEST_BYTES: u64 = 64 * 1024;
 /// A client that sends nothing for this long while the monitor waits for its
 /// next request is closed. Time spent running its request does not count,
 /// so a long `export_remove` or a `ctl --wait` poll is never cut.
+/// `SLUICE_CONTROL_IDLE_TIMEOUT_MS` in the environment overrides it.
 pub const CONTROL_IDLE_TIMEOUT_MS: u64 = 300_000;
+/// The environment variable that sets the idle timeout (milliseconds, ≥ 1).
+pub const CONTROL_IDLE_TIMEOUT_ENV: &str = "SLUICE_CONTROL_IDLE_TIMEOUT_MS";
 /// A client that takes none of its reply for this long is closed, so a
 /// client that stops reading cannot hold a monitor thread forever.
 pub const CONTROL_WRITE_TIMEOUT_MS: u64 = 10_000;
@@ -133,6 +136,7 @@ impl Monitor {
         daemon: Arc<Daemon>,
         stop: mpsc::Sender<StopRequest>,
     ) -> Result<Monitor, String> {
+        let idle_timeout = idle_timeout()?;
         let created_dirs = create_dirs(path)?;
         let listener = match bind(path) {
             Ok(l) => l,
@@ -146,7 +150,7 @@ impl Monitor {
             let stopping = stopping.clone();
             std::thread::Builder::new()
                 .name("monitor".into())
-                .spawn(move || accept_loop(listener, daemon, stop, stopping))
+                .spawn(move || accept_loop(listener, daemon, stop, stopping, idle_timeout))
         };
         let thread = match spawned {
             Ok(t) => t,
@@ -182,6 +186,22 @@ impl Monitor {
         }
         let _ = std::fs::remove_file(&self.path);
         remove_dirs(&self.created_dirs);
+    }
+}
+
+/// How long a client may wait between requests: `CONTROL_IDLE_TIMEOUT_MS`, or
+/// the environment's `SLUICE_CONTROL_IDLE_TIMEOUT_MS`.
+fn idle_timeout() -> Result<Duration, String> {
+    let Some(v) = std::env::var_os(CONTROL_IDLE_TIMEOUT_ENV) else {
+        return Ok(Duration::from_millis(CONTROL_IDLE_TIMEOUT_MS));
+    };
+    match v.to_str().and_then(|s| s.parse::<u64>().ok()) {
+        Some(ms) if ms >= 1 => Ok(Duration::from_millis(ms)),
+        _ => Err(format!(
+            "{CONTROL_IDLE_TIMEOUT_ENV}={}: expected a number of milliseconds, at least 1 \
+             (default {CONTROL_IDLE_TIMEOUT_MS})",
+            v.to_string_lossy()
+        )),
     }
 }
 
@@ -310,6 +330,7 @@ fn accept_loop(
     daemon: Arc<Daemon>,
     stop: mpsc::Sender<StopRequest>,
     stopping: Arc<AtomicBool>,
+    idle_timeout: Duration,
 ) {
     let clients = Arc::new(Clients::default());
     let mut next_id = 0u64;
@@ -348,7 +369,8 @@ fn accept_loop(
             std::thread::Builder::new()
                 .name("monitor-client".into())
                 .spawn(move || {
-                    if let Err(e) = serve_client(conn, id, &clients, &daemon, &stop) {
+                    let served = serve_client(conn, id, idle_timeout, &clients, &daemon, &stop);
+                    if let Err(e) = served {
                         tracing::debug!("monitor client ended: {e}");
                     }
                     clients.leave(id);
@@ -380,11 +402,12 @@ fn say_goodbye(conn: &mut UnixStream, why: String) {
 fn serve_client(
     conn: UnixStream,
     id: u64,
+    idle_timeout: Duration,
     clients: &Clients,
     daemon: &Daemon,
     stop: &mpsc::Sender<StopRequest>,
 ) -> io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_millis(CONTROL_IDLE_TIMEOUT_MS)))?;
+    conn.set_read_timeout(Some(idle_timeout))?;
     conn.set_write_timeout(Some(Duration::from_millis(CONTROL_WRITE_TIMEOUT_MS)))?;
     let mut writer = conn.try_clone()?;
     let mut reader = BufReader::new(conn);
@@ -411,8 +434,8 @@ fn serve_client(
                 say_goodbye(
                     &mut writer,
                     format!(
-                        "closed: no request for {} s (CONTROL_IDLE_TIMEOUT_MS); reconnect to go on",
-                        CONTROL_IDLE_TIMEOUT_MS / 1000
+                        "closed: idle, no request for {} ms; reconnect to go on",
+                        idle_timeout.as_millis()
                     ),
                 );
                 return Ok(());
