@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
 
 /// Why a socket could not be bound. The caller names the socket and adds
 /// what the user should pass instead.
@@ -32,6 +33,11 @@ pub enum BindError {
         source: io::Error,
     },
 }
+
+/// Serializes umask swaps. The mask is process-wide: two binds at once (two
+/// monitor clients adding exports) would otherwise restore each other's
+/// 0o177 and leave it in place for good.
+static UMASK_LOCK: Mutex<()> = Mutex::new(());
 
 /// Binds a listening socket at `path` with file mode `mode`.
 ///
@@ -78,12 +84,16 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
             return Err(BindError::NoDirectory(dir.to_owned()));
         }
     }
-    // SAFETY: umask only swaps the process file-mode mask; it touches no
-    // memory.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
+    let bound = {
+        let _serial = UMASK_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: umask only swaps the process file-mode mask; it touches no
+        // memory.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old) };
+        bound
+    };
     let listener = bound.map_err(|source| BindError::Io {
         what: "bind".into(),
         source,
@@ -154,6 +164,33 @@ mod tests {
             path_key(&base.join("gone/x/../s.sock")),
             base.join("gone/s.sock")
         );
+    }
+
+    fn current_umask() -> libc::mode_t {
+        let _serial = UMASK_LOCK.lock().unwrap();
+        // SAFETY: umask only swaps the process file-mode mask.
+        let mask = unsafe { libc::umask(0o022) };
+        // SAFETY: as above, restoring it.
+        unsafe { libc::umask(mask) };
+        mask
+    }
+
+    #[test]
+    fn concurrent_binds_leave_the_umask_as_it_was() {
+        let before = current_umask();
+        let dir = tempfile::tempdir().unwrap();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let dir = dir.path();
+                s.spawn(move || {
+                    for i in 0..50 {
+                        let path = dir.join(format!("{t}-{i}.sock"));
+                        drop(bind(&path, 0o600).unwrap());
+                    }
+                });
+            }
+        });
+        assert_eq!(current_umask(), before);
     }
 
     #[test]
