@@ -1,7 +1,7 @@
 //! What `sluice serve` runs: disks and exports, from the command line or a
 //! TOML file, validated before anything is opened or bound.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -10,8 +10,10 @@ use crate::limits::{
     DEFAULT_POLL_WINDOW_US, DEFAULT_QUEUES, DEFAULT_QUEUE_DEPTH, MAX_POLL_WINDOW_US, MAX_QUEUES,
     MAX_QUEUE_DEPTH,
 };
+use crate::monitor::default_control_path;
 use crate::node::DiskSpec;
 use crate::size::parse_size_bytes;
+use crate::unix_socket::path_key;
 
 /// The configuration `sluice serve` runs when given no arguments: a sparse
 /// 1 GiB image in the current directory, served over `./sluice.sock`.
@@ -102,7 +104,7 @@ struct FileConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DaemonSection {
-    poll_us: Option<u32>,
+    poll_us: Option<u64>,
     control: Option<PathBuf>,
 }
 
@@ -131,16 +133,37 @@ pub struct ExportParams {
     socket: Option<PathBuf>,
     socket_mode: Option<u32>,
     ublk_id: Option<u32>,
-    queues: Option<u16>,
-    queue_depth: Option<u16>,
+    // Wide integers, so a value out of range is refused with the real range
+    // rather than the range of the field's type.
+    queues: Option<u64>,
+    queue_depth: Option<u64>,
     #[serde(default)]
     read_only: bool,
     serial: Option<String>,
-    poll_us: Option<u32>,
+    poll_us: Option<u64>,
 }
 
 /// Default socket mode: owner only.
 pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
+/// `value` (or `default` when absent) if it is in `min..=max`; else an error
+/// that names the setting and the range.
+fn in_range<T: TryFrom<u64>>(
+    ctx: &str,
+    what: &str,
+    value: Option<u64>,
+    default: T,
+    min: u64,
+    max: u64,
+) -> Result<T, ConfigError> {
+    let Some(v) = value else {
+        return Ok(default);
+    };
+    match T::try_from(v) {
+        Ok(t) if (min..=max).contains(&v) => Ok(t),
+        _ => bad(format!("{ctx}{what} must be {min}..={max}, not {v}")),
+    }
+}
 
 fn resolve(base_dir: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
@@ -218,18 +241,37 @@ impl ExportParams {
                 ))
             }
         };
+        let ctx = format!("export {:?}: ", self.name);
         let export = ExportConfig {
+            queues: in_range(
+                &ctx,
+                "queues",
+                self.queues,
+                DEFAULT_QUEUES,
+                1,
+                MAX_QUEUES.into(),
+            )?,
+            queue_depth: in_range(
+                &ctx,
+                "queue_depth",
+                self.queue_depth,
+                DEFAULT_QUEUE_DEPTH,
+                1,
+                MAX_QUEUE_DEPTH.into(),
+            )?,
+            poll_window_us: in_range(
+                &ctx,
+                "poll_us",
+                self.poll_us,
+                default_poll_us.unwrap_or(DEFAULT_POLL_WINDOW_US),
+                0,
+                MAX_POLL_WINDOW_US.into(),
+            )?,
             serial: self.serial.unwrap_or_else(|| self.name.clone()),
             name: self.name,
             disk: self.disk,
             kind,
-            queues: self.queues.unwrap_or(DEFAULT_QUEUES),
-            queue_depth: self.queue_depth.unwrap_or(DEFAULT_QUEUE_DEPTH),
             read_only: self.read_only,
-            poll_window_us: self
-                .poll_us
-                .or(default_poll_us)
-                .unwrap_or(DEFAULT_POLL_WINDOW_US),
         };
         export.validate()?;
         Ok(export)
@@ -277,6 +319,20 @@ impl ServeConfig {
     /// `base_dir` (the config file's directory).
     pub fn from_toml(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
         let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        let poll_us: Option<u32> = file
+            .daemon
+            .poll_us
+            .map(|v| {
+                in_range(
+                    "[daemon] ",
+                    "poll_us",
+                    Some(v),
+                    0,
+                    0,
+                    MAX_POLL_WINDOW_US.into(),
+                )
+            })
+            .transpose()?;
         let disks = file
             .disk
             .into_iter()
@@ -285,7 +341,7 @@ impl ServeConfig {
         let exports = file
             .export
             .into_iter()
-            .map(|e| e.resolve(base_dir, file.daemon.poll_us))
+            .map(|e| e.resolve(base_dir, poll_us))
             .collect::<Result<Vec<_>, _>>()?;
         let control = file.daemon.control.map(|p| resolve(base_dir, &p));
         let config = ServeConfig {
@@ -307,7 +363,10 @@ impl ServeConfig {
             }
         }
         let mut export_names = HashSet::new();
-        let mut sockets = HashSet::new();
+        // Socket paths are compared by what they name: `a/../s.sock` is `s.sock`.
+        let control = self.control.clone().unwrap_or_else(default_control_path);
+        let control_key = path_key(&control);
+        let mut sockets: HashMap<PathBuf, &str> = HashMap::new();
         let mut ublk_ids = HashSet::new();
         for e in &self.exports {
             e.validate()?;
@@ -320,8 +379,21 @@ impl ServeConfig {
             }
             match &e.kind {
                 ExportKind::VhostUser { socket, .. } => {
-                    if !sockets.insert(socket.clone()) {
-                        return bad(format!("{ctx}: socket {} used twice", socket.display()));
+                    let key = path_key(socket);
+                    if key == control_key {
+                        return bad(format!(
+                            "{ctx}: socket {} is also the control socket {}; give one of them \
+                             another path",
+                            socket.display(),
+                            control.display()
+                        ));
+                    }
+                    if let Some(first) = sockets.insert(key, &e.name) {
+                        return bad(format!(
+                            "{ctx}: socket {} used twice (export {first:?} has it too, \
+                             spelt differently perhaps); give each export its own socket",
+                            socket.display()
+                        ));
                     }
                 }
                 ExportKind::Ublk { id: Some(id) } => {
@@ -405,6 +477,11 @@ mod tests {
             ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='nbd'", "unknown type"),
             ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'\nqueues=0", "queues must be"),
             ("[[disk]]\nname='x'\npath='null:1M'\nbogus=1", "unknown field"),
+            ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'\nqueues=99999999999", "queues must be 1..=64, not 99999999999"),
+            ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'\nqueue_depth=70000", "queue_depth must be 1..=1024, not 70000"),
+            ("[daemon]\npoll_us=5000000000", "poll_us must be 0..=1000000"),
+            ("[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='d/../s'\n[[export]]\nname='b'\ndisk='x'\ntype='vhost-user'\nsocket='./s'", "used twice"),
+            ("[daemon]\ncontrol='c.sock'\n[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='d/../c.sock'", "also the control socket"),
         ];
         for (text, want) in cases {
             let err = ServeConfig::from_toml(text, Path::new("/"))

@@ -293,6 +293,22 @@ impl Daemon {
                     config.name
                 )));
             }
+            if let crate::config::ExportKind::VhostUser { socket, .. } = &config.kind {
+                // One socket spelt two ways (`a/../x.sock`, a symlinked
+                // directory) is still one socket.
+                let key = crate::unix_socket::path_key(socket);
+                let taken = state.exports.values().find(|x| match x {
+                    Export::VhostUser(v) => crate::unix_socket::path_key(&v.config().socket) == key,
+                    Export::Ublk(_) => false,
+                });
+                if let Some(other) = taken {
+                    return Err(OpError::Conflict(format!(
+                        "socket {} is export {}'s socket; choose another path",
+                        socket.display(),
+                        other.name()
+                    )));
+                }
+            }
             let node = state.graph.hold(&config.disk, holder.clone())?;
             state.exports_busy.insert(config.name.clone());
             node

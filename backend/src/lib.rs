@@ -26,3 +26,4 @@ pub mod monitor;
 pub mod node;
 pub mod request;
 pub mod size;
+pub mod unix_socket;

@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand};
 use sluice::config::{
     DiskConfig, ExportConfig, ExportKind, ServeConfig, DEFAULT_SOCKET_MODE, EMBEDDED_DEFAULT,
 };
-use sluice::limits::{DEFAULT_POLL_WINDOW_US, DEFAULT_QUEUES, DEFAULT_QUEUE_DEPTH};
+use sluice::limits::{
+    DEFAULT_POLL_WINDOW_US, DEFAULT_QUEUES, DEFAULT_QUEUE_DEPTH, MAX_POLL_WINDOW_US, MAX_QUEUES,
+    MAX_QUEUE_DEPTH,
+};
 use sluice::node::DiskSpec;
 
 /// A userspace block-device backend: serves drives and images to VMs over
@@ -80,10 +83,10 @@ enum CtlCommand {
         #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "auto")]
         ublk: Option<String>,
         /// Number of queues.
-        #[arg(long)]
+        #[arg(long, value_parser = queues_parser())]
         queues: Option<u16>,
         /// In-flight requests per queue.
-        #[arg(long)]
+        #[arg(long, value_parser = queue_depth_parser())]
         queue_depth: Option<u16>,
         /// Refuse writes.
         #[arg(long)]
@@ -92,7 +95,7 @@ enum CtlCommand {
         #[arg(long)]
         serial: Option<String>,
         /// Polling window in µs.
-        #[arg(long)]
+        #[arg(long, value_parser = poll_us_parser())]
         poll_us: Option<u32>,
     },
     /// Detach an export: waits for in-flight requests, or fails them with --force.
@@ -178,10 +181,10 @@ struct ServeArgs {
     #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "auto", requires = "disk")]
     ublk: Option<String>,
     /// Number of queues (one worker thread and io_uring ring each).
-    #[arg(long, default_value_t = DEFAULT_QUEUES)]
+    #[arg(long, default_value_t = DEFAULT_QUEUES, value_parser = queues_parser())]
     queues: u16,
     /// In-flight requests per queue.
-    #[arg(long, default_value_t = DEFAULT_QUEUE_DEPTH)]
+    #[arg(long, default_value_t = DEFAULT_QUEUE_DEPTH, value_parser = queue_depth_parser())]
     queue_depth: u16,
     /// Refuse writes, discards and write-zeroes.
     #[arg(long)]
@@ -190,7 +193,7 @@ struct ServeArgs {
     #[arg(long)]
     serial: Option<String>,
     /// Microseconds an idle queue keeps polling before it sleeps.
-    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_WINDOW_US)]
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_WINDOW_US, value_parser = poll_us_parser())]
     poll_us: u32,
     /// Socket file mode (octal).
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
@@ -205,6 +208,20 @@ struct ServeArgs {
 #[global_allocator]
 static ALLOCATOR: sluice::alloc::CountingAllocator = sluice::alloc::CountingAllocator;
 
+// Numbers are parsed with their real limits, so an error states the range
+// that is accepted, not the range of the integer type.
+fn queues_parser() -> clap::builder::RangedI64ValueParser<u16> {
+    clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUES))
+}
+
+fn queue_depth_parser() -> clap::builder::RangedI64ValueParser<u16> {
+    clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUE_DEPTH))
+}
+
+fn poll_us_parser() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(0..=i64::from(MAX_POLL_WINDOW_US))
+}
+
 fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .map_err(|e| format!("not an octal mode: {e}"))
@@ -212,7 +229,18 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 
 fn main() -> ExitCode {
     sluice::logging::init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A bad value is one line, like every other refused argument;
+        // usage errors, --help and --version keep clap's own output.
+        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("sluice: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     let args = match cli.command {
         Some(Command::Serve(a)) => a,
         Some(Command::Ctl(c)) => return ctl(c),
@@ -247,6 +275,9 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), String> {
             .map_err(|e| format!("config {}: {e}", path.display()))?;
         if let Some(c) = &args.control {
             config.control = Some(cwd.join(c));
+            config
+                .validate()
+                .map_err(|e| format!("config {}: {e}", path.display()))?;
         }
         return Ok((config, false));
     }
@@ -254,6 +285,7 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), String> {
         let mut config = ServeConfig::from_toml(EMBEDDED_DEFAULT, &cwd)
             .map_err(|e| format!("embedded default: {e}"))?;
         config.control = args.control.as_ref().map(|c| cwd.join(c));
+        config.validate().map_err(|e| e.to_string())?;
         return Ok((config, true));
     };
     if args.vhost_user.is_none() && args.ublk.is_none() {

@@ -241,10 +241,22 @@ impl Node {
                 ),
             });
         }
+        // A trailing partial block cannot be addressed through O_DIRECT: it is
+        // not served. Say so, or the guest silently sees a smaller disk.
+        let block_bytes = u64::from(profile.logical_block_size_bytes.max(512));
+        let tail_bytes = profile.capacity_bytes % block_bytes;
+        let capacity_bytes = profile.capacity_bytes - tail_bytes;
+        if tail_bytes != 0 {
+            tracing::warn!(
+                "{}: size {} bytes is not a multiple of the {block_bytes}-byte logical block; \
+                 serving {capacity_bytes} bytes, the last {tail_bytes} bytes are not served \
+                 (resize the image to a multiple of {block_bytes} bytes to serve them)",
+                path.display(),
+                profile.capacity_bytes,
+            );
+        }
         let limits = NodeLimits {
-            // A trailing partial block cannot be addressed through O_DIRECT.
-            capacity_bytes: profile.capacity_bytes
-                - profile.capacity_bytes % u64::from(profile.logical_block_size_bytes.max(512)),
+            capacity_bytes,
             logical_block_size_bytes: profile.logical_block_size_bytes,
             physical_block_size_bytes: profile.physical_block_size_bytes,
             dio_mem_align_bytes: profile.dio_mem_align_bytes.max(1),

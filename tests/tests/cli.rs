@@ -267,3 +267,325 @@ fn already_served_socket_is_refused_and_left_alone() {
         "the refused daemon wrote to its disk"
     );
 }
+
+/// `sluice serve --disk FILE --vhost-user SOCK --control CONTROL`, to its exit.
+fn serve_with_control(file: &Path, sock: &Path, control: &Path) -> Finished {
+    run_to_exit(&[
+        "serve",
+        "--disk",
+        path_str(file),
+        "--vhost-user",
+        path_str(sock),
+        "--control",
+        path_str(control),
+    ])
+}
+
+/// Issue 9 items 6 and 10: `--control PATH` never removes what is not a socket. A regular
+/// file there stays as it was; a directory is named as a directory, with what to pass.
+#[test]
+fn control_path_that_is_not_a_socket_is_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    make_file(&file, 16 * MIB);
+    let sock = dir.path().join("vm.sock");
+    let mut wrong = Vec::new();
+
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, b"do not delete").expect("write");
+    let f = serve_with_control(&file, &sock, &precious);
+    wrong.extend(check_clean_failure(
+        "--control REGULAR_FILE",
+        &f,
+        Some(path_str(&precious)),
+        Some(&sock),
+    ));
+    if !f.stderr.contains("not a socket") {
+        wrong.push(format!("regular file: {}", f.stderr));
+    }
+    match std::fs::read(&precious) {
+        Ok(b) if b == b"do not delete" => {}
+        other => wrong.push(format!("the regular file was changed: {other:?}")),
+    }
+
+    let adir = dir.path().join("adir");
+    std::fs::create_dir(&adir).expect("mkdir");
+    let f = serve_with_control(&file, &sock, &adir);
+    wrong.extend(check_clean_failure(
+        "--control DIR",
+        &f,
+        Some(path_str(&adir)),
+        Some(&sock),
+    ));
+    if !(f.stderr.contains("is a directory, not a socket") && f.stderr.contains("--control"))
+        || f.stderr.contains("stale")
+    {
+        wrong.push(format!("directory: {}", f.stderr));
+    }
+    if !adir.is_dir() {
+        wrong.push("the directory is gone".into());
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Issue 9 item 10: directories sluice made for `--control` are removed at exit; a
+/// directory that existed before stays.
+#[test]
+fn control_directory_made_by_sluice_is_removed_at_exit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    make_file(&file, 16 * MIB);
+    let sock = dir.path().join("vm.sock");
+    let made = dir.path().join("made");
+    let control = made.join("deeper").join("control.sock");
+    let mut daemon = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            path_str(&file),
+            "--vhost-user",
+            path_str(&sock),
+            "--control",
+            path_str(&control),
+        ],
+        1,
+    );
+    assert!(
+        control.exists(),
+        "no control socket at {}",
+        control.display()
+    );
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+    assert_gone(&control);
+    assert_gone(&made);
+    assert!(dir.path().is_dir());
+
+    // A directory that was there before (with other files) stays.
+    let kept = dir.path().join("kept");
+    std::fs::create_dir(&kept).expect("mkdir");
+    let control = kept.join("control.sock");
+    let mut daemon = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            path_str(&file),
+            "--vhost-user",
+            path_str(&sock),
+            "--control",
+            path_str(&control),
+        ],
+        1,
+    );
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+    assert_gone(&control);
+    assert!(kept.is_dir(), "a directory sluice did not make was removed");
+}
+
+/// Issue 9 item 10: numeric options are parsed with their real range, and the message
+/// states it.
+#[test]
+fn numeric_options_state_their_real_range() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("disk.img");
+    make_file(&file, 16 * MIB);
+    let sock = dir.path().join("vm.sock");
+    let mut wrong = Vec::new();
+    for (opt, value, range) in [
+        ("--queues", "99999999999", "1..=64"),
+        ("--queues", "65", "1..=64"),
+        ("--queues", "0", "1..=64"),
+        ("--queue-depth", "70000", "1..=1024"),
+        ("--queue-depth", "1025", "1..=1024"),
+        ("--poll-us", "99999999999", "0..=1000000"),
+    ] {
+        let f = run_to_exit(&[
+            "serve",
+            "--disk",
+            path_str(&file),
+            "--vhost-user",
+            path_str(&sock),
+            opt,
+            value,
+        ]);
+        wrong.extend(check_clean_failure(
+            &format!("{opt} {value}"),
+            &f,
+            Some(range),
+            Some(&sock),
+        ));
+        if f.stderr.contains("65535") {
+            wrong.push(format!("{opt} {value}: {}", f.stderr));
+        }
+    }
+    // The same options of `sluice ctl export-add`, refused before anything is sent.
+    let control = dir.path().join("no-daemon.sock");
+    for (opt, value, range) in [
+        ("--queues", "99999999999", "1..=64"),
+        ("--queue-depth", "2000", "1..=1024"),
+    ] {
+        let f = run_to_exit(&[
+            "ctl",
+            "--control",
+            path_str(&control),
+            "export-add",
+            "x",
+            "--node",
+            "n",
+            "--vhost-user",
+            path_str(&sock),
+            opt,
+            value,
+        ]);
+        if f.status.success() || !f.stderr.contains(range) || f.stderr.contains("no-daemon") {
+            wrong.push(format!("ctl export-add {opt} {value}: {}", f.stderr));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Issue 9 item 10: an image whose size is not a whole number of logical blocks is served
+/// without its tail, and sluice says so at start: the file, its size, the size served and
+/// the bytes left out.
+#[test]
+fn partial_last_block_is_reported_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("odd.img");
+    make_file(&file, 1_000_000);
+    let sock = dir.path().join("vm.sock");
+    let mut daemon = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            path_str(&file),
+            "--vhost-user",
+            path_str(&sock),
+        ],
+        1,
+    );
+    let served = daemon.ready[0]["capacity_bytes"]
+        .as_u64()
+        .expect("capacity_bytes");
+    assert!(served < 1_000_000 && 1_000_000 - served < 4096, "{served}");
+    let dropped = 1_000_000 - served;
+    let stderr = daemon.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(path_str(&file)) && l.contains("1000000"))
+        .unwrap_or_else(|| panic!("no line names the file and its size:\n{stderr}"));
+    assert!(
+        line.contains(&served.to_string()) && line.contains(&format!("{dropped} bytes")),
+        "{line}"
+    );
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+}
+
+/// Issue 9 item 10: two spellings of one socket path are one socket: two exports on
+/// `adir/../same.sock` and `same.sock` are refused as a socket used twice, and so is a
+/// control socket that is an export's socket.
+#[test]
+fn one_socket_spelt_two_ways_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("adir")).expect("mkdir");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        r#"[[disk]]
+name = "a"
+path = "null:16M"
+[[disk]]
+name = "b"
+path = "null:16M"
+[[export]]
+name = "x"
+disk = "a"
+type = "vhost-user"
+socket = "adir/../same.sock"
+[[export]]
+name = "y"
+disk = "b"
+type = "vhost-user"
+socket = "same.sock"
+"#,
+    )
+    .expect("write config");
+    let same = dir.path().join("same.sock");
+    let mut wrong = Vec::new();
+    let f = run_to_exit(&["serve", "--config", path_str(&config)]);
+    wrong.extend(check_clean_failure(
+        "two spellings of one export socket",
+        &f,
+        Some("used twice"),
+        Some(&same),
+    ));
+
+    let f = run_to_exit(&[
+        "serve",
+        "--disk",
+        "null:16M",
+        "--vhost-user",
+        path_str(&dir.path().join("adir/../s.sock")),
+        "--control",
+        path_str(&dir.path().join("s.sock")),
+    ]);
+    wrong.extend(check_clean_failure(
+        "control socket = export socket",
+        &f,
+        Some("control socket"),
+        Some(&dir.path().join("s.sock")),
+    ));
+    if !f.stderr.contains("export") {
+        wrong.push(format!("control = export: {}", f.stderr));
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// Issue 9, item 10: at run time too, `export-add` refuses a second spelling of a socket
+/// an export already serves, naming that export (before: a misleading "busy").
+#[test]
+fn runtime_export_add_refuses_another_spelling_of_a_served_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("adir")).expect("mkdir");
+    let sock = dir.path().join("same.sock");
+    let daemon = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            "null:16M",
+            "--vhost-user",
+            path_str(&sock),
+        ],
+        1,
+    );
+    let control = path_str(&daemon.control).to_owned();
+    let other = dir.path().join("adir/../same.sock");
+    let added = run_to_exit(&["ctl", "--control", &control, "node-add", "n2", "null:16M"]);
+    assert_eq!(added.status.code(), Some(0), "{}", added.stderr);
+    let f = run_to_exit(&[
+        "ctl",
+        "--control",
+        &control,
+        "export-add",
+        "second",
+        "--node",
+        "n2",
+        "--vhost-user",
+        path_str(&other),
+    ]);
+    assert_ne!(
+        f.status.code(),
+        Some(0),
+        "the second export was added: {}",
+        f.stdout
+    );
+    assert!(
+        f.stderr.contains("export same's socket"),
+        "the error names the export that serves it: {}",
+        f.stderr
+    );
+    // The first export still serves.
+    let mut c = sluice_tests::Client::connect(&sock, 1, 1).expect("first export still serves");
+    assert_eq!(c.write(0, &[7u8; 4096]), 0);
+}

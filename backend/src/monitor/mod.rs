@@ -4,21 +4,25 @@
 //! Every client gets its own thread (at most `MAX_CONTROL_CLIENTS`); a
 //! malformed request gets a JSON-RPC error and the connection goes on; a
 //! client that hangs up mid-request harms nothing (the operation finishes,
-//! its answer is dropped).
+//! its answer is dropped). Idle clients cannot lock the socket: a client
+//! that sends nothing for `CONTROL_IDLE_TIMEOUT_MS` is closed, and when every
+//! slot is taken the client idle longest is closed to serve the new one.
 
 mod methods;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 use crate::daemon::{Daemon, OpError};
+use crate::unix_socket::{self, BindError};
 
 pub use methods::METHODS;
 
@@ -26,6 +30,18 @@ pub use methods::METHODS;
 pub const MAX_CONTROL_CLIENTS: usize = 16;
 /// Longest request line accepted.
 pub const MAX_CONTROL_REQUEST_BYTES: u64 = 64 * 1024;
+/// A client that sends nothing for this long while the monitor waits for its
+/// next request is closed. Time spent running its request does not count,
+/// so a long `export_remove` or a `ctl --wait` poll is never cut.
+/// `SLUICE_CONTROL_IDLE_TIMEOUT_MS` in the environment overrides it.
+pub const CONTROL_IDLE_TIMEOUT_MS: u64 = 300_000;
+/// The environment variable that sets the idle timeout (milliseconds, ≥ 1).
+pub const CONTROL_IDLE_TIMEOUT_ENV: &str = "SLUICE_CONTROL_IDLE_TIMEOUT_MS";
+/// A client that takes none of its reply for this long is closed, so a
+/// client that stops reading cannot hold a monitor thread forever.
+pub const CONTROL_WRITE_TIMEOUT_MS: u64 = 10_000;
+/// Mode of the control socket: owner only.
+pub const CONTROL_SOCKET_MODE: u32 = 0o600;
 
 /// JSON-RPC 2.0 error codes.
 pub mod code {
@@ -104,38 +120,52 @@ impl From<OpError> for RpcError {
 #[derive(Debug)]
 pub struct Monitor {
     path: PathBuf,
+    /// Directories `start` created for the socket, deepest first: removed
+    /// again at stop (when empty), so a run leaves nothing behind.
+    created_dirs: Vec<PathBuf>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Monitor {
-    /// Binds `path` (mode 0600; a stale socket is replaced, a live one is
-    /// refused) and serves it.
+    /// Binds `path` (mode 0600; a stale socket is replaced, a live one or
+    /// anything that is not a socket is refused) and serves it. A missing
+    /// directory is created, and removed again at [`Monitor::stop`].
     pub fn start(
         path: &Path,
         daemon: Arc<Daemon>,
         stop: mpsc::Sender<StopRequest>,
     ) -> Result<Monitor, String> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                format!(
-                    "control socket {}: cannot create {}: {e}",
-                    path.display(),
-                    dir.display()
-                )
-            })?;
-        }
-        let listener = bind(path)?;
+        let idle_timeout = idle_timeout()?;
+        let created_dirs = create_dirs(path)?;
+        let listener = match bind(path) {
+            Ok(l) => l,
+            Err(e) => {
+                remove_dirs(&created_dirs);
+                return Err(e);
+            }
+        };
         let stopping = Arc::new(AtomicBool::new(false));
-        let thread = {
+        let spawned = {
             let stopping = stopping.clone();
             std::thread::Builder::new()
                 .name("monitor".into())
-                .spawn(move || accept_loop(listener, daemon, stop, stopping))
-                .map_err(|e| format!("control socket: cannot spawn thread: {e}"))?
+                .spawn(move || accept_loop(listener, daemon, stop, stopping, idle_timeout))
+        };
+        let thread = match spawned {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_file(path);
+                remove_dirs(&created_dirs);
+                return Err(format!(
+                    "control socket {}: cannot spawn its thread: {e}",
+                    path.display()
+                ));
+            }
         };
         Ok(Monitor {
             path: path.to_owned(),
+            created_dirs,
             stopping,
             thread: Some(thread),
         })
@@ -146,7 +176,7 @@ impl Monitor {
         &self.path
     }
 
-    /// Stops accepting and removes the socket.
+    /// Stops accepting, removes the socket and the directories made for it.
     pub fn stop(mut self) {
         self.stopping.store(true, Ordering::SeqCst);
         // Wake the accept() with a connection of our own.
@@ -155,23 +185,144 @@ impl Monitor {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
+        remove_dirs(&self.created_dirs);
+    }
+}
+
+/// How long a client may wait between requests: `CONTROL_IDLE_TIMEOUT_MS`, or
+/// the environment's `SLUICE_CONTROL_IDLE_TIMEOUT_MS`.
+fn idle_timeout() -> Result<Duration, String> {
+    let Some(v) = std::env::var_os(CONTROL_IDLE_TIMEOUT_ENV) else {
+        return Ok(Duration::from_millis(CONTROL_IDLE_TIMEOUT_MS));
+    };
+    match v.to_str().and_then(|s| s.parse::<u64>().ok()) {
+        Some(ms) if ms >= 1 => Ok(Duration::from_millis(ms)),
+        _ => Err(format!(
+            "{CONTROL_IDLE_TIMEOUT_ENV}={}: expected a number of milliseconds, at least 1 \
+             (default {CONTROL_IDLE_TIMEOUT_MS})",
+            v.to_string_lossy()
+        )),
+    }
+}
+
+/// Creates the missing directories above `path`; returns them deepest first.
+fn create_dirs(path: &Path) -> Result<Vec<PathBuf>, String> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
+        .map(Path::to_owned)
+        .collect();
+    std::fs::create_dir_all(dir).map_err(|e| {
+        format!(
+            "control socket {}: cannot create directory {}: {e}; create it or pass --control PATH",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    Ok(missing)
+}
+
+/// Removes directories `create_dirs` made, deepest first; one that is no
+/// longer empty stays (with everything above it).
+fn remove_dirs(dirs: &[PathBuf]) {
+    for d in dirs {
+        if std::fs::remove_dir(d).is_err() {
+            break;
+        }
     }
 }
 
 fn bind(path: &Path) -> Result<UnixListener, String> {
-    let err = |r: String| format!("control socket {}: {r}", path.display());
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(err(
-                "busy: another sluice serves it; pass --control PATH".into()
-            ));
+    let shown = path.display();
+    unix_socket::bind(path, CONTROL_SOCKET_MODE).map_err(|e| match e {
+        BindError::NotASocket {
+            what: "a directory",
+        } => format!(
+            "control socket {shown}: is a directory, not a socket; pass the socket's own path, \
+             e.g. --control {}",
+            path.join("control.sock").display()
+        ),
+        BindError::Busy => {
+            format!("control socket {shown}: busy: another sluice serves it; pass --control PATH")
         }
-        std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+        other => format!("control socket {shown}: {other}; pass --control PATH"),
+    })
+}
+
+/// One connected client, as the accept loop sees it.
+struct ClientSlot {
+    id: u64,
+    /// The client's socket, to close it when it is evicted.
+    conn: UnixStream,
+    /// Since when the client has been waiting to send its next request;
+    /// `None` while one of its requests runs.
+    idle_since: Option<Instant>,
+}
+
+/// The served clients. The accept loop admits and evicts; each client
+/// thread marks itself busy and idle around its requests.
+#[derive(Default)]
+struct Clients {
+    slots: Mutex<Vec<ClientSlot>>,
+}
+
+impl Clients {
+    fn lock(&self) -> MutexGuard<'_, Vec<ClientSlot>> {
+        // Every change is one push, remove or field store: consistent even
+        // after a panic elsewhere.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
-    let listener = UnixListener::bind(path).map_err(|e| err(format!("cannot bind: {e}")))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| err(format!("cannot set mode 600: {e}")))?;
-    Ok(listener)
+
+    /// Takes a slot for `conn`. When all are taken, the client idle longest
+    /// is evicted; when none is idle (every client runs a request), `None`.
+    fn admit(&self, id: u64, conn: &UnixStream) -> io::Result<Option<()>> {
+        let handle = conn.try_clone()?;
+        let mut slots = self.lock();
+        if slots.len() >= MAX_CONTROL_CLIENTS {
+            let oldest = slots
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| s.idle_since.map(|t| (t, i)))
+                .min();
+            let Some((since, i)) = oldest else {
+                return Ok(None);
+            };
+            let evicted = slots.swap_remove(i);
+            tracing::info!(
+                "monitor: all {MAX_CONTROL_CLIENTS} client slots taken; closing the client idle \
+                 longest ({} s) to serve a new one",
+                since.elapsed().as_secs()
+            );
+            // Its thread sees end-of-file, finds its slot gone and says why.
+            let _ = evicted.conn.shutdown(Shutdown::Read);
+        }
+        slots.push(ClientSlot {
+            id,
+            conn: handle,
+            idle_since: Some(Instant::now()),
+        });
+        Ok(Some(()))
+    }
+
+    /// Marks client `id` busy (`false`) or idle (`true`); `false` when it was
+    /// evicted meanwhile.
+    fn set_idle(&self, id: u64, idle: bool) -> bool {
+        let mut slots = self.lock();
+        match slots.iter_mut().find(|s| s.id == id) {
+            Some(s) => {
+                s.idle_since = idle.then(Instant::now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn leave(&self, id: u64) {
+        self.lock().retain(|s| s.id != id);
+    }
 }
 
 fn accept_loop(
@@ -179,56 +330,128 @@ fn accept_loop(
     daemon: Arc<Daemon>,
     stop: mpsc::Sender<StopRequest>,
     stopping: Arc<AtomicBool>,
+    idle_timeout: Duration,
 ) {
-    let clients = Arc::new(AtomicUsize::new(0));
+    let clients = Arc::new(Clients::default());
+    let mut next_id = 0u64;
     for conn in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
             break;
         }
         let Ok(mut conn) = conn else { continue };
-        if clients.fetch_add(1, Ordering::SeqCst) >= MAX_CONTROL_CLIENTS {
-            clients.fetch_sub(1, Ordering::SeqCst);
-            let reply = error_response(
-                Value::Null,
-                RpcError::new(
-                    code::FAILED,
-                    format!("too many monitor clients (at most {MAX_CONTROL_CLIENTS})"),
-                ),
-            );
-            let _ = writeln!(conn, "{reply}");
-            continue;
+        next_id += 1;
+        let id = next_id;
+        match clients.admit(id, &conn) {
+            Ok(Some(())) => {}
+            Ok(None) => {
+                let _ =
+                    conn.set_write_timeout(Some(Duration::from_millis(CONTROL_WRITE_TIMEOUT_MS)));
+                let reply = error_response(
+                    Value::Null,
+                    RpcError::new(
+                        code::FAILED,
+                        format!(
+                            "too many monitor clients: all {MAX_CONTROL_CLIENTS} are running \
+                             requests; retry when one has finished"
+                        ),
+                    ),
+                );
+                let _ = write_reply(&mut conn, &reply);
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!("monitor: cannot take a new client: {e}");
+                continue;
+            }
         }
-        let (daemon, stop, clients) = (daemon.clone(), stop.clone(), clients.clone());
-        let spawned = std::thread::Builder::new()
-            .name("monitor-client".into())
-            .spawn(move || {
-                if let Err(e) = serve_client(conn, &daemon, &stop) {
-                    tracing::debug!("monitor client ended: {e}");
-                }
-                clients.fetch_sub(1, Ordering::SeqCst);
-            });
-        if spawned.is_err() {
-            tracing::warn!("monitor: cannot spawn a client thread");
+        let spawned = {
+            let (daemon, stop, clients) = (daemon.clone(), stop.clone(), clients.clone());
+            std::thread::Builder::new()
+                .name("monitor-client".into())
+                .spawn(move || {
+                    let served = serve_client(conn, id, idle_timeout, &clients, &daemon, &stop);
+                    if let Err(e) = served {
+                        tracing::debug!("monitor client ended: {e}");
+                    }
+                    clients.leave(id);
+                })
+        };
+        if let Err(e) = spawned {
+            tracing::warn!("monitor: cannot spawn a client thread: {e}");
+            clients.leave(id);
         }
     }
 }
 
+/// Writes `reply` and its newline in one piece: one `write` for the whole
+/// line, not one per JSON token.
+fn write_reply(conn: &mut UnixStream, reply: &Value) -> io::Result<()> {
+    let mut line = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    line.push(b'\n');
+    conn.write_all(&line)
+}
+
+/// Tells a client why it is being closed (best effort) before it goes.
+fn say_goodbye(conn: &mut UnixStream, why: String) {
+    let _ = write_reply(
+        conn,
+        &error_response(Value::Null, RpcError::new(code::FAILED, why)),
+    );
+}
+
 fn serve_client(
     conn: UnixStream,
+    id: u64,
+    idle_timeout: Duration,
+    clients: &Clients,
     daemon: &Daemon,
     stop: &mpsc::Sender<StopRequest>,
 ) -> io::Result<()> {
+    conn.set_read_timeout(Some(idle_timeout))?;
+    conn.set_write_timeout(Some(Duration::from_millis(CONTROL_WRITE_TIMEOUT_MS)))?;
     let mut writer = conn.try_clone()?;
     let mut reader = BufReader::new(conn);
+    let evicted = || {
+        format!(
+            "closed: this connection was idle longest when all {MAX_CONTROL_CLIENTS} monitor \
+             client slots were taken; reconnect to go on"
+        )
+    };
+    let mut line = Vec::new();
     loop {
-        let mut line = String::new();
-        let n = (&mut reader)
+        line.clear();
+        let read = (&mut reader)
             .take(MAX_CONTROL_REQUEST_BYTES)
-            .read_line(&mut line)?;
+            .read_until(b'\n', &mut line);
+        let n = match read {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                say_goodbye(
+                    &mut writer,
+                    format!(
+                        "closed: idle, no request for {} ms; reconnect to go on",
+                        idle_timeout.as_millis()
+                    ),
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        // Busy from here until the reply is out: a running request is never
+        // evicted. A client evicted meanwhile stops here.
+        if !clients.set_idle(id, false) {
+            say_goodbye(&mut writer, evicted());
+            return Ok(());
+        }
         if n == 0 {
             return Ok(());
         }
-        if !line.ends_with('\n') && n as u64 == MAX_CONTROL_REQUEST_BYTES {
+        if line.last() != Some(&b'\n') && n as u64 == MAX_CONTROL_REQUEST_BYTES {
             let reply = error_response(
                 Value::Null,
                 RpcError::new(
@@ -236,14 +459,29 @@ fn serve_client(
                     format!("request longer than {MAX_CONTROL_REQUEST_BYTES} bytes"),
                 ),
             );
-            writeln!(writer, "{reply}")?;
+            write_reply(&mut writer, &reply)?;
             return Ok(());
         }
-        if line.trim().is_empty() {
-            continue;
+        let reply = match std::str::from_utf8(&line) {
+            Ok(text) if text.trim().is_empty() => None,
+            Ok(text) => handle_line(text.trim(), daemon, stop),
+            Err(e) => Some(error_response(
+                Value::Null,
+                RpcError::new(
+                    code::PARSE_ERROR,
+                    format!(
+                        "parse error: the request is not valid UTF-8 (at byte {})",
+                        e.valid_up_to()
+                    ),
+                ),
+            )),
+        };
+        if let Some(reply) = reply {
+            write_reply(&mut writer, &reply)?;
         }
-        if let Some(reply) = handle_line(line.trim(), daemon, stop) {
-            writeln!(writer, "{reply}")?;
+        if !clients.set_idle(id, true) {
+            say_goodbye(&mut writer, evicted());
+            return Ok(());
         }
     }
 }

@@ -13,8 +13,7 @@ pub mod virtio_blk;
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -713,50 +712,11 @@ fn wait_readable(listen_fd: i32, stop_fd: i32) -> io::Result<bool> {
     }
 }
 
-/// Binds the socket: refuses a path another process serves, replaces a stale
-/// socket file, and sets the mode before anyone can connect.
+/// Binds the socket (see [`crate::unix_socket::bind`]: only a stale socket
+/// is replaced, the mode is set before anyone can connect).
 fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ExportError> {
-    let err = |reason: String| ExportError::Socket {
+    crate::unix_socket::bind(path, mode).map_err(|e| ExportError::Socket {
         path: path.to_owned(),
-        reason,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) => {
-            use std::os::unix::fs::FileTypeExt;
-            if !meta.file_type().is_socket() {
-                return Err(err("exists and is not a socket; choose another path".into()));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(err(
-                    "busy: another process is serving it; stop it or choose another path".into(),
-                ));
-            }
-            tracing::info!("removing stale socket {}", path.display());
-            std::fs::remove_file(path)
-                .map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e.to_string())),
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            return Err(err(format!(
-                "directory {} does not exist; create it first",
-                dir.display()
-            )));
-        }
-    }
-    // Bind under a restrictive umask so the socket never exists with a wider
-    // mode than asked for, then set the exact mode.
-    // SAFETY: umask only swaps the process file-mode mask.
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = bound.map_err(|e| err(format!("cannot bind: {e}")))?;
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
-        let _ = std::fs::remove_file(path);
-        return Err(err(format!("cannot set mode {mode:o}: {e}")));
-    }
-    Ok(listener)
+        reason: format!("{e}; choose another path"),
+    })
 }
