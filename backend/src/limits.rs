@@ -71,6 +71,11 @@ pub const CLOSE_ALL_TIMEOUT_MS: u64 = 30_000;
 /// still open may take before the daemon exits anyway.
 pub const EMERGENCY_FLUSH_TIMEOUT_MS: u64 = 5_000;
 
+/// How often one kind of data-path trouble (a failed submit, a short
+/// transfer, an op the kernel sent that we do not know) may be logged per
+/// queue; the lines in between are counted.
+pub const DATA_PATH_LOG_INTERVAL_MS: u64 = 10_000;
+
 /// How often a rate-limited warning about bad guest input may be logged.
 pub const BAD_REQUEST_LOG_INTERVAL_MS: u64 = 1_000;
 

@@ -65,10 +65,59 @@ pub enum Decision {
     },
 }
 
+/// One kind of log line: the first passes, then at most one per interval;
+/// the rest are counted and reported with the next line that passes. For the
+/// data path's own lines ("one line per new kind of trouble, then counts"):
+/// a queue thread owns its throttles, so there is no lock, and the caller
+/// reads the clock only on its error path.
 #[derive(Debug, Clone, Copy)]
-struct KeyState {
-    last_pass: Instant,
+pub struct Throttle {
+    interval: Duration,
+    last_pass: Option<Instant>,
     suppressed: u64,
+}
+
+impl Throttle {
+    /// A throttle letting one line through every `interval`.
+    pub const fn new(interval: Duration) -> Self {
+        Throttle {
+            interval,
+            last_pass: None,
+            suppressed: 0,
+        }
+    }
+
+    /// A throttle letting one line through every `interval_ms` milliseconds.
+    pub const fn per_ms(interval_ms: u64) -> Self {
+        Self::new(Duration::from_millis(interval_ms))
+    }
+
+    /// Decides for a line at `now`.
+    pub fn check(&mut self, now: Instant) -> Decision {
+        if let Some(last) = self.last_pass {
+            let over = now.saturating_duration_since(last);
+            if over < self.interval {
+                self.suppressed += 1;
+                return Decision::Suppress;
+            }
+            self.last_pass = Some(now);
+            let suppressed = std::mem::take(&mut self.suppressed);
+            return Decision::Pass { suppressed, over };
+        }
+        self.last_pass = Some(now);
+        Decision::Pass {
+            suppressed: 0,
+            over: Duration::ZERO,
+        }
+    }
+
+    /// [`Throttle::check`] now: `Some(suppressed)` when a line may be written.
+    pub fn allow(&mut self) -> Option<u64> {
+        match self.check(Instant::now()) {
+            Decision::Pass { suppressed, .. } => Some(suppressed),
+            Decision::Suppress => None,
+        }
+    }
 }
 
 /// Per-key decisions: the first line of a key passes, then at most one per
@@ -77,7 +126,7 @@ struct KeyState {
 pub struct RateLimiter {
     interval: Duration,
     max_keys: usize,
-    keys: HashMap<u64, KeyState>,
+    keys: HashMap<u64, Throttle>,
 }
 
 impl RateLimiter {
@@ -93,39 +142,23 @@ impl RateLimiter {
 
     /// Decides for a line of `key` at `now`.
     pub fn check(&mut self, key: u64, now: Instant) -> Decision {
-        if let Some(state) = self.keys.get_mut(&key) {
-            let over = now.saturating_duration_since(state.last_pass);
-            if over < self.interval {
-                state.suppressed += 1;
-                return Decision::Suppress;
-            }
-            let suppressed = std::mem::take(&mut state.suppressed);
-            state.last_pass = now;
-            return Decision::Pass { suppressed, over };
-        }
-        if self.keys.len() >= self.max_keys {
+        if !self.keys.contains_key(&key) && self.keys.len() >= self.max_keys {
             // Keys are (call site, thread): many only with many threads.
             // Forgetting the stalest costs at most one extra line later.
             if let Some(oldest) = self
                 .keys
                 .iter()
-                .min_by_key(|(_, s)| s.last_pass)
+                .min_by_key(|(_, t)| t.last_pass)
                 .map(|(k, _)| *k)
             {
                 self.keys.remove(&oldest);
             }
         }
-        self.keys.insert(
-            key,
-            KeyState {
-                last_pass: now,
-                suppressed: 0,
-            },
-        );
-        Decision::Pass {
-            suppressed: 0,
-            over: Duration::ZERO,
-        }
+        let interval = self.interval;
+        self.keys
+            .entry(key)
+            .or_insert_with(|| Throttle::new(interval))
+            .check(now)
     }
 
     /// Keys tracked now.

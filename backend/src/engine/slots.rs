@@ -84,6 +84,7 @@ pub struct SlotTable<C> {
     mem_align_mask: u64,
     offset_align_mask: u64,
     uring_discard: bool,
+    short_transfer_log: crate::logging::Throttle,
 }
 
 // SAFETY: the raw pointers inside slots point to front memory that the front
@@ -129,6 +130,9 @@ impl<C> SlotTable<C> {
             mem_align_mask: u64::from(limits.dio_mem_align_bytes.max(1)) - 1,
             offset_align_mask: u64::from(limits.dio_offset_align_bytes.max(1)) - 1,
             uring_discard: matches!(node.backing(), Backing::BlockDevice(_)),
+            short_transfer_log: crate::logging::Throttle::per_ms(
+                crate::limits::DATA_PATH_LOG_INTERVAL_MS,
+            ),
             node,
         })
     }
@@ -369,12 +373,15 @@ impl<C> SlotTable<C> {
         } else if slot.op.moves_data() && res as u64 != slot.expected_bytes {
             // O_DIRECT transfers inside capacity are never short unless the
             // device failed part of them.
-            tracing::warn!(
-                node = self.node.name(),
-                op = slot.op.name(),
-                "short transfer: {res} of {} bytes",
-                slot.expected_bytes
-            );
+            if let Some(suppressed) = self.short_transfer_log.allow() {
+                tracing::warn!(
+                    node = self.node.name(),
+                    op = slot.op.name(),
+                    suppressed,
+                    "short transfer: {res} of {} bytes",
+                    slot.expected_bytes
+                );
+            }
             Err(RequestError::Io(libc::EIO))
         } else {
             if let BounceUse::ReadCopyOut { skip, len } = slot.bounce {

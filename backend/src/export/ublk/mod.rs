@@ -21,6 +21,8 @@ pub use self::op::decode_op;
 use super::error_log::BackingErrorLog;
 use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::engine::{Prepared, SlotTable};
+use crate::limits::DATA_PATH_LOG_INTERVAL_MS;
+use crate::logging::Throttle;
 use crate::node::Node;
 use crate::request::{BlockOp, BlockRequest, RequestError};
 
@@ -414,6 +416,13 @@ fn serve_queue(
     let capacity_bytes = node.limits().capacity_bytes;
     let max_io_bytes = u64::from(dev.dev_info.max_io_buf_bytes);
     let read_only = dev.tgt.params.basic.attrs & sys::UBLK_ATTR_READ_ONLY != 0;
+    // Per-request trouble is logged once per DATA_PATH_LOG_INTERVAL_MS per
+    // kind, with a count; RefCell because the completion closure and the
+    // handler both log (one thread, borrowed only on these error paths).
+    let logs = std::cell::RefCell::new(UblkQueueLogs::default());
+    let log = |pick: fn(&mut UblkQueueLogs) -> &mut Throttle| -> Option<u64> {
+        pick(&mut logs.borrow_mut()).allow()
+    };
     let handler = |q: &UblkQueue, tag: u16, io: &UblkIOCtx| {
         let buf = &bufs[usize::from(tag)];
         let complete = |res: i32| {
@@ -422,7 +431,13 @@ fn serve_queue(
                 BufDesc::Slice(buf.as_slice()),
                 Ok(UblkIORes::Result(res)),
             ) {
-                tracing::error!("ublk queue {qid} tag {tag}: cannot complete: {e}");
+                if let Some(suppressed) = log(|l| &mut l.complete) {
+                    tracing::error!(
+                        export,
+                        suppressed,
+                        "ublk queue {qid} tag {tag}: cannot complete: {e}"
+                    );
+                }
             }
         };
         if io.is_tgt_io() {
@@ -453,7 +468,13 @@ fn serve_queue(
         let op = match decode_op(iod.op_flags) {
             Ok(op) => op,
             Err(code) => {
-                tracing::warn!("ublk queue {qid}: unsupported op {code}");
+                if let Some(suppressed) = log(|l| &mut l.unsupported) {
+                    tracing::warn!(
+                        export,
+                        suppressed,
+                        "ublk queue {qid}: unsupported op {code}"
+                    );
+                }
                 shared.record(None, 0, false);
                 return complete(-libc::EOPNOTSUPP);
             }
@@ -488,7 +509,13 @@ fn serve_queue(
                 ));
                 shared.in_flight.store(table.in_flight(), Ordering::Relaxed);
                 if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
-                    tracing::error!("ublk queue {qid} tag {tag}: cannot submit: {e}");
+                    if let Some(suppressed) = log(|l| &mut l.submit) {
+                        tracing::error!(
+                            export,
+                            suppressed,
+                            "ublk queue {qid} tag {tag}: cannot submit: {e}"
+                        );
+                    }
                     let (_, _) = table.finish(tag, -libc::EIO);
                     complete(-libc::EIO);
                 }
@@ -517,6 +544,24 @@ fn serve_queue(
         }
     };
     queue.wait_and_handle_io(handler);
+}
+
+/// One ublk queue's throttled log lines.
+struct UblkQueueLogs {
+    complete: Throttle,
+    unsupported: Throttle,
+    submit: Throttle,
+}
+
+impl Default for UblkQueueLogs {
+    fn default() -> Self {
+        let t = Throttle::per_ms(DATA_PATH_LOG_INTERVAL_MS);
+        UblkQueueLogs {
+            complete: t,
+            unsupported: t,
+            submit: t,
+        }
+    }
 }
 
 /// The one place a request error becomes a ublk result.

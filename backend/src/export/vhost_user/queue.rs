@@ -18,8 +18,10 @@ use crate::export::error_log::BackingErrorLog;
 use crate::export::QueueShared;
 use crate::jobs::MirrorTap;
 use crate::limits::{
-    BAD_REQUEST_LOG_INTERVAL_MS, MAX_SEGMENTS, POLL_YIELD_INTERVAL_US, SERIAL_MAX_BYTES,
+    BAD_REQUEST_LOG_INTERVAL_MS, DATA_PATH_LOG_INTERVAL_MS, MAX_SEGMENTS, POLL_YIELD_INTERVAL_US,
+    SERIAL_MAX_BYTES,
 };
+use crate::logging::Throttle;
 use crate::node::Node;
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
@@ -118,8 +120,10 @@ pub struct QueueWorker {
     shared: Arc<ExportShared>,
     index: usize,
     poll_window: Duration,
-    last_bad_log: Option<Instant>,
-    suppressed_bad: u64,
+    /// Data-path log lines, each limited to one per interval with a count.
+    bad_request_log: Throttle,
+    submit_error_log: Throttle,
+    switch_error_log: Throttle,
     /// Why this queue's ring cannot be served (the frontend corrupted it):
     /// nothing is popped until the frontend stops and restarts the ring or
     /// reconnects. Requests already in flight still complete.
@@ -160,8 +164,9 @@ impl QueueWorker {
             shared,
             index,
             poll_window,
-            last_bad_log: None,
-            suppressed_bad: 0,
+            bad_request_log: Throttle::per_ms(BAD_REQUEST_LOG_INTERVAL_MS),
+            submit_error_log: Throttle::per_ms(DATA_PATH_LOG_INTERVAL_MS),
+            switch_error_log: Throttle::per_ms(DATA_PATH_LOG_INTERVAL_MS),
             broken: None,
         }
     }
@@ -189,11 +194,17 @@ impl QueueWorker {
                 );
                 self.engine = engine;
             }
-            Err(e) => tracing::error!(
-                queue = self.index,
-                "cannot switch to node {}: {e}",
-                node.name()
-            ),
+            Err(e) => {
+                if let Some(suppressed) = self.switch_error_log.allow() {
+                    tracing::error!(
+                        export = &*self.shared.name,
+                        queue = self.index,
+                        suppressed,
+                        "cannot switch to node {}: {e}",
+                        node.name()
+                    );
+                }
+            }
         }
     }
 
@@ -236,7 +247,14 @@ impl QueueWorker {
                     0
                 };
                 if let Err(e) = self.engine.submit_pending() {
-                    tracing::error!(queue = self.index, "io_uring submit failed: {e}");
+                    if let Some(suppressed) = self.submit_error_log.allow() {
+                        tracing::error!(
+                            export = &*self.shared.name,
+                            queue = self.index,
+                            suppressed,
+                            "io_uring submit failed: {e}"
+                        );
+                    }
                 }
                 if reaped + popped > 0 && state.needs_notification().unwrap_or(true) {
                     let _ = state.signal_used_queue();
@@ -509,22 +527,13 @@ impl QueueWorker {
     }
 
     fn log_bad(&mut self, reason: &str) {
-        let now = Instant::now();
-        match self.last_bad_log {
-            Some(t)
-                if now.duration_since(t) < Duration::from_millis(BAD_REQUEST_LOG_INTERVAL_MS) =>
-            {
-                self.suppressed_bad += 1;
-            }
-            _ => {
-                tracing::warn!(
-                    queue = self.index,
-                    suppressed = self.suppressed_bad,
-                    "bad guest request: {reason}"
-                );
-                self.last_bad_log = Some(now);
-                self.suppressed_bad = 0;
-            }
+        if let Some(suppressed) = self.bad_request_log.allow() {
+            tracing::warn!(
+                export = &*self.shared.name,
+                queue = self.index,
+                suppressed,
+                "bad guest request: {reason}"
+            );
         }
     }
 }
