@@ -56,6 +56,14 @@ pub const MIB: u64 = 1024 * 1024;
 // The binary
 // ---------------------------------------------------------------------------------------
 
+/// A test path as the `&str` a command line takes.
+///
+/// # Panics
+/// When the path is not UTF-8 (test paths are made by the tests).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
 /// Path of the `sluice` binary under test: `$SLUICE_BIN`, or `sluice` in the target profile
 /// directory that holds this test executable (`<target>/debug/deps/<test>` → `<target>/debug`).
 ///

@@ -4,13 +4,9 @@
 use std::path::Path;
 
 use sluice_tests::{
-    assert_gone, make_file, pattern, run_to_exit, Client, Daemon, Finished, RawClient,
+    assert_gone, make_file, path_str, pattern, run_to_exit, Client, Daemon, Finished, RawClient,
     EXIT_TIMEOUT, MIB, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK,
 };
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// Test 8: `serve --config` with a file disk and a null disk, one export each; both print
 /// a ready line and both serve (the file export with its serial).

@@ -9,14 +9,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use sluice_tests::{
-    make_file, pattern, run_to_exit, Client, Daemon, Op, WriteStorm, EXIT_TIMEOUT, MIB,
+    make_file, path_str, pattern, run_to_exit, Client, Daemon, Op, WriteStorm, EXIT_TIMEOUT, MIB,
 };
 
 const DISK_BYTES: u64 = 16 * MIB;
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 /// `n` image files, each served over its own vhost-user socket `x<i>.sock`.
 fn exports(dir: &Path, n: usize) -> (Daemon, Vec<PathBuf>) {
@@ -91,6 +87,19 @@ impl StubbornWriter {
         }
     }
 
+    /// One writer per socket, each with writes acknowledged already.
+    fn on_each(socks: &[PathBuf]) -> Vec<StubbornWriter> {
+        let writers: Vec<StubbornWriter> = socks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| StubbornWriter::start(s, i as u64))
+            .collect();
+        for w in &writers {
+            w.wait_for_oks(20);
+        }
+        writers
+    }
+
     fn wait_for_oks(&self, n: u64) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.oks.load(Ordering::SeqCst) < n {
@@ -114,14 +123,7 @@ fn close_all_drains_every_export_at_once_under_one_deadline() {
     const EXPORTS: usize = 8;
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut daemon, socks) = exports(dir.path(), EXPORTS);
-    let writers: Vec<StubbornWriter> = socks
-        .iter()
-        .enumerate()
-        .map(|(i, s)| StubbornWriter::start(s, i as u64))
-        .collect();
-    for w in &writers {
-        w.wait_for_oks(20);
-    }
+    let writers = StubbornWriter::on_each(&socks);
     let sigterm = Instant::now();
     let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
     let took = sigterm.elapsed();
@@ -150,14 +152,7 @@ fn close_all_drains_every_export_at_once_under_one_deadline() {
 fn a_second_signal_during_close_all_flushes_and_exits_at_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (mut daemon, socks) = exports(dir.path(), 2);
-    let writers: Vec<StubbornWriter> = socks
-        .iter()
-        .enumerate()
-        .map(|(i, s)| StubbornWriter::start(s, i as u64))
-        .collect();
-    for w in &writers {
-        w.wait_for_oks(20);
-    }
+    let writers = StubbornWriter::on_each(&socks);
     daemon.signal(libc::SIGTERM);
     // The stubborn writers keep close-all in its drain step for 5 s.
     thread::sleep(Duration::from_millis(1000));

@@ -6,11 +6,9 @@ use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use sluice_tests::{pattern, Client, Daemon, RawClient, EXIT_TIMEOUT, MIB, VIRTIO_BLK_S_OK};
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
+use sluice_tests::{
+    path_str, pattern, Client, Daemon, RawClient, EXIT_TIMEOUT, MIB, VIRTIO_BLK_S_OK,
+};
 
 /// Two null disks, each over its own vhost-user socket: `victim` and `bystander`.
 fn two_exports(dir: &Path) -> Daemon {

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_tests::{
-    assert_all_ok, assert_gone, first_difference, make_file, pattern, run_to_exit, Client, Daemon,
-    Finished, Op, WriteStorm, EXIT_TIMEOUT, MIB,
+    assert_all_ok, assert_gone, first_difference, make_file, path_str, pattern, run_to_exit,
+    Client, Daemon, Finished, Op, WriteStorm, EXIT_TIMEOUT, MIB,
 };
 
 const DISK_BYTES: u64 = 64 * MIB;
@@ -35,10 +35,6 @@ const CONFLICT: i64 = -32002;
 
 /// The daemon's `MAX_CONTROL_CLIENTS`.
 const MAX_CONTROL_CLIENTS: usize = 16;
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 // ---------------------------------------------------------------------------------------
 // A JSON-RPC client with bounded waits

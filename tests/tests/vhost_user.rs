@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_tests::{
-    assert_all_ok, assert_gone, first_difference, make_file, needs_root_and_loop, pattern, Client,
-    ClientOpts, Daemon, LoopDevice, Op, RawClient, WriteStorm, EXIT_TIMEOUT, MIB,
+    assert_all_ok, assert_gone, first_difference, make_file, needs_root_and_loop, path_str,
+    pattern, Client, ClientOpts, Daemon, LoopDevice, Op, RawClient, WriteStorm, EXIT_TIMEOUT, MIB,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_OK,
 };
 
@@ -45,10 +45,6 @@ fn serve_args(disk: &str, sock: &Path, extra: &[&str]) -> Vec<String> {
     ];
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     args
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 fn connect(sock: &Path, queues: usize, depth: usize) -> Client {

@@ -34,12 +34,13 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_tests::vm::{expect_boot, skip_unless_available, Vm};
-use sluice_tests::{assert_file_holds, assert_gone, make_file, pattern, Daemon, EXIT_TIMEOUT, MIB};
+use sluice_tests::{
+    assert_file_holds, assert_gone, make_file, path_str, pattern, Daemon, EXIT_TIMEOUT, MIB,
+};
 
 const DISK_BYTES: u64 = 256 * MIB;
 /// fio writes in `[0, FIO_MIB)` MiB.
@@ -139,10 +140,6 @@ report dmesg_io_errors "$(dmesg | grep -cE 'I/O error|critical target error|end 
 echo "--- dmesg since vda ---"; dmesg | sed -n '/\[vda\]/,$p'
 report done yes
 "#;
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 #[test]
 fn guest_fio_fsync_while_host_sigterms_sluice() {

@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice_tests::vm::{skip_unless_available, Vm, VmRun};
-use sluice_tests::{assert_file_holds, make_file, pattern, sluice_bin, MIB};
+use sluice_tests::{assert_file_holds, make_file, path_str, pattern, sluice_bin, MIB};
 
 const NVME_BYTES: u64 = 256 * MIB;
 const SATA_BYTES: u64 = 256 * MIB;
@@ -313,10 +313,6 @@ fn qd1_latency_bin() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
 }
 
 /// The job text: helpers, then `body`, with the placeholders filled in.

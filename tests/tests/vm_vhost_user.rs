@@ -19,7 +19,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::Duration;
 
 use sluice_tests::vm::{expect_boot, skip_unless_available, Vm};
-use sluice_tests::{assert_file_holds, assert_gone, make_file, pattern, Daemon, EXIT_TIMEOUT, MIB};
+use sluice_tests::{
+    assert_file_holds, assert_gone, make_file, path_str, pattern, Daemon, EXIT_TIMEOUT, MIB,
+};
 
 const DISK_BYTES: u64 = 256 * MIB;
 /// Where the guest writes [`pattern`] (1 MiB, seed [`SEED`]) at the end of the job.
@@ -97,10 +99,6 @@ zero_check punch PUNCH_MIB RANGE_MIB
 dd if="$SLUICE_VM_WORK/pattern.bin" of=$dev bs=1M seek=PATTERN_MIB oflag=direct conv=fsync status=none
 report pattern written
 "#;
-
-fn path_str(p: &std::path::Path) -> &str {
-    p.to_str().expect("utf-8 path")
-}
 
 #[test]
 fn guest_on_sluice_vhost_user_blk() {
