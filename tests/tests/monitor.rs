@@ -764,13 +764,14 @@ fn refusals_name_the_conflict_and_change_nothing() {
     );
     rpc.err("node_remove", json!({"name": "nope"}), NOT_FOUND);
     rpc.err("export_stats", json!({"name": "nope"}), NOT_FOUND);
-    // An export on a socket another export serves fails and gives its node back.
+    // An export on a socket another export serves is a conflict naming that export,
+    // and gives its node back.
     let msg = rpc.err(
         "export_add",
         vhost_export("x2", "disk0", &env.base_sock),
-        FAILED,
+        CONFLICT,
     );
-    assert!(msg.contains("busy"), "message {msg:?}");
+    assert!(msg.contains("export base's socket"), "message {msg:?}");
     // A node on a missing file fails.
     let missing = env.path("missing.img");
     rpc.err(
