@@ -264,13 +264,19 @@ impl MirrorJob {
         let shared = Shared::default();
         copier.run(&shared, true)?;
         drop(copier);
-        self.target.flush().map_err(|e| e.to_string())
+        crate::graph::flush_bounded(
+            self.target.clone(),
+            std::time::Duration::from_millis(crate::limits::FLUSH_TIMEOUT_MS),
+        )
     }
 
     /// Cancellation: stop copying and flush what reached the target.
     pub fn cancel(&mut self) -> Result<(), String> {
         self.stop_copier();
-        self.target.flush().map_err(|e| e.to_string())
+        crate::graph::flush_bounded(
+            self.target.clone(),
+            std::time::Duration::from_millis(crate::limits::FLUSH_TIMEOUT_MS),
+        )
     }
 }
 
