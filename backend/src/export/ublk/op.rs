@@ -11,6 +11,67 @@ pub const UBLK_IO_F_FUA: u32 = sys::UBLK_IO_F_FUA;
 /// after shifting `op_flags` right by 8 reads the wrong bit.
 pub const UBLK_IO_F_NOUNMAP: u32 = sys::UBLK_IO_F_NOUNMAP;
 
+/// What a ublk queue checks an io descriptor against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoLimits {
+    /// Size of the device.
+    pub capacity_bytes: u64,
+    /// Largest data transfer of one request (the queue's io buffer).
+    pub max_io_bytes: u64,
+    /// Writes, discards and write-zeroes are refused.
+    pub read_only: bool,
+}
+
+/// An io descriptor that passed every check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckedIo {
+    /// The operation.
+    pub op: BlockOp,
+    /// Start on the node.
+    pub offset_bytes: u64,
+    /// Length of the range.
+    pub len_bytes: u64,
+}
+
+/// Why an io descriptor is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoRefusal {
+    /// The op code is not one we serve: answer `EOPNOTSUPP`.
+    UnknownOp(u8),
+    /// A known op outside the device's range or limits, or a modification
+    /// of a read-only device: answer `EIO`.
+    Invalid(BlockOp),
+}
+
+/// Decodes and validates one ublk io descriptor (`op_flags`, `start_sector`,
+/// `nr_sectors`): the range must lie inside the device (flushes have none),
+/// data ops must fit the io buffer, and read-only devices take no
+/// modifications. Pure, so the fuzzer drives it without a kernel.
+pub fn check_io(
+    op_flags: u32,
+    start_sector: u64,
+    nr_sectors: u32,
+    limits: &IoLimits,
+) -> Result<CheckedIo, IoRefusal> {
+    let op = decode_op(op_flags).map_err(IoRefusal::UnknownOp)?;
+    let offset_bytes = start_sector << 9;
+    let len_bytes = u64::from(nr_sectors) << 9;
+    let in_range = offset_bytes
+        .checked_add(len_bytes)
+        .is_some_and(|end| end <= limits.capacity_bytes);
+    if (op != BlockOp::Flush && !in_range)
+        || (op.moves_data() && len_bytes > limits.max_io_bytes)
+        || (limits.read_only && op.modifies())
+    {
+        return Err(IoRefusal::Invalid(op));
+    }
+    Ok(CheckedIo {
+        op,
+        offset_bytes,
+        len_bytes,
+    })
+}
+
 /// The operation an `op_flags` word asks for: bits 0-7 are the op, the rest
 /// are flags at their absolute positions. Unknown ops return `Err(op)`.
 pub fn decode_op(op_flags: u32) -> Result<BlockOp, u8> {
