@@ -260,14 +260,6 @@ fn check_geometry(geo: &Geometry) {
     }
 }
 
-/// The host address range of guest buffer `addr..addr+len` when it lies in
-/// one region.
-fn host_range(mem: &GuestMemoryMmap, addr: u64, len: u32) -> Option<(usize, usize)> {
-    let slice = mem.get_slice(GuestAddress(addr), len as usize).ok()?;
-    let start = slice.ptr_guard().as_ptr() as usize;
-    Some((start, start + len as usize))
-}
-
 /// The first device-readable bytes of the chain, up to a header and a
 /// discard range (skipping empty descriptors, stopping at the first
 /// device-writable one or at bytes outside memory), excluding the last
@@ -311,13 +303,14 @@ fn check_iovecs(
         iovecs.len(),
         geo.seg_max
     );
-    let regions: Vec<(usize, usize)> = mem
+    // (host start, host end, guest start) of every region.
+    let regions: Vec<(usize, usize, u64)> = mem
         .iter()
         .map(|r| {
             let start = mem
                 .get_host_address(r.start_addr())
                 .expect("a region's start is mapped") as usize;
-            (start, start + r.len() as usize)
+            (start, start + r.len() as usize, r.start_addr().0)
         })
         .collect();
     let mut total = 0u64;
@@ -330,16 +323,25 @@ fn check_iovecs(
             iov.iov_len,
             geo.size_max
         );
-        assert!(
-            regions.iter().any(|&(s, e)| s <= start && end <= e),
-            "iovec {start:#x}+{} outside every guest memory region",
-            iov.iov_len
-        );
+        let guest = regions
+            .iter()
+            .find(|&&(s, e, _)| s <= start && end <= e)
+            .map(|&(s, _, g)| g + (start - s) as u64);
+        let Some(guest) = guest else {
+            panic!(
+                "iovec {start:#x}+{} outside every guest memory region",
+                iov.iov_len
+            );
+        };
+        let guest_end = guest + iov.iov_len as u64;
         assert!(
             descs.iter().any(|d| d.is_write_only() == device_writes
-                && host_range(mem, d.addr().0, d.len())
-                    .is_some_and(|(s, e)| s <= start && end <= e)),
-            "iovec {start:#x}+{} is not inside a descriptor the device may {}",
+                && d.addr().0 <= guest
+                && d.addr()
+                    .0
+                    .checked_add(u64::from(d.len()))
+                    .is_some_and(|e| guest_end <= e)),
+            "iovec at guest {guest:#x}+{} is not inside a descriptor the device may {}",
             iov.iov_len,
             if device_writes { "write" } else { "read" }
         );
@@ -832,6 +834,26 @@ mod tests {
             let call = parse_call(&request.method, request.params, Path::new(FUZZ_MONITOR_CWD))
                 .unwrap_or_else(|e| panic!("{method}: {e:?}"));
             assert_eq!(call.method(), *method);
+        }
+    }
+
+    /// Found by the `monitor_request` fuzz target: a request whose id was an
+    /// object or an array got an answer echoing it, which is not JSON-RPC 2.0
+    /// (ids are strings, numbers or null). Such a request is invalid, and
+    /// the answer's id is null.
+    #[test]
+    fn monitor_refuses_ids_that_are_not_string_number_or_null() {
+        for id in [r#"{"id":"mirror0"}"#, "[1]", "true"] {
+            let line = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"node_list"}}"#);
+            let reply = parse_request(line.as_bytes()).expect_err(&line);
+            assert_eq!(reply["error"]["code"], code::INVALID_REQUEST, "{reply}");
+            assert_eq!(reply["id"], Value::Null, "{reply}");
+            check_error_response(&reply);
+        }
+        for id in ["1", r#""one""#, "null", "-2.5"] {
+            let line = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"node_list"}}"#);
+            let request = parse_request(line.as_bytes()).unwrap();
+            assert_eq!(request.id, Some(serde_json::from_str(id).unwrap()));
         }
     }
 

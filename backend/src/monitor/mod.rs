@@ -282,6 +282,20 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Value> {
         ));
     };
     let id = obj.remove("id");
+    // JSON-RPC 2.0 ids are strings, numbers or null; an answer must not echo
+    // anything else.
+    if id
+        .as_ref()
+        .is_some_and(|id| !(id.is_null() || id.is_string() || id.is_number()))
+    {
+        return Err(error_response(
+            Value::Null,
+            RpcError::new(
+                code::INVALID_REQUEST,
+                "\"id\" must be a string, a number or null",
+            ),
+        ));
+    }
     let invalid = |msg: &str| {
         Err(error_response(
             id.clone().unwrap_or(Value::Null),
