@@ -20,7 +20,6 @@ pub mod ctl;
 pub mod daemon;
 pub mod engine;
 pub mod export;
-#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod graph;
 pub mod jobs;
