@@ -33,7 +33,7 @@ use crate::export::vhost_user::virtio_blk::{
 use crate::limits::{
     MAX_POLL_WINDOW_US, MAX_QUEUES, MAX_QUEUE_DEPTH, MAX_SEGMENTS, SERIAL_MAX_BYTES,
 };
-use crate::monitor::{code, error_response, parse_call, parse_request, METHODS};
+use crate::monitor::{code, error_response, parse_call, parse_request, Call, METHODS};
 use crate::node::{DiskSpec, NodeLimits};
 use crate::request::BlockOp;
 
@@ -623,8 +623,19 @@ pub fn monitor_request(data: &[u8]) {
     ) {
         Ok(call) => {
             assert_eq!(call.method(), request.method);
-            if let crate::monitor::Call::ExportAdd(e) = &call {
-                e.validate().expect("a parsed export_add is valid");
+            match &call {
+                Call::ExportAdd(e) => e.validate().expect("a parsed export_add is valid"),
+                Call::NodeAdd(d) => {
+                    assert!(!d.name.is_empty(), "node_add without a name");
+                    match &d.spec {
+                        DiskSpec::Path(p) => assert!(p.is_absolute(), "{}", p.display()),
+                        DiskSpec::Null { capacity_bytes } => {
+                            assert!(*capacity_bytes > 0 && capacity_bytes % SECTOR_BYTES == 0);
+                            assert_eq!(d.create_size_bytes, None);
+                        }
+                    }
+                }
+                _ => {}
             }
             // A success reply carries the same id; it must be valid too.
             let reply = serde_json::json!({"jsonrpc": "2.0", "id": id, "result": null});
