@@ -11,6 +11,8 @@
 //!   null node) with the device profile probed by `sluice-hw`.
 //! - [`daemon`]: `sluice serve`: configuration, start-up, readiness and the
 //!   shutdown that drains, detaches and flushes.
+//! - `fuzzing` (tests and the `fuzzing` feature): the fuzz targets' entry
+//!   points, shared by `cargo fuzz` and the corpus replay test.
 
 pub mod alloc;
 pub mod config;
@@ -18,6 +20,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod engine;
 pub mod export;
+pub mod fuzzing;
 pub mod graph;
 pub mod jobs;
 pub mod limits;

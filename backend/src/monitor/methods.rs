@@ -1,5 +1,6 @@
 //! The monitor's methods: parameters in, daemon operation, JSON out.
 
+use std::path::Path;
 use std::sync::mpsc;
 
 use serde::de::DeserializeOwned;
@@ -7,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{code, RpcError, StopRequest};
-use crate::config::{DiskParams, ExportParams};
+use crate::config::{DiskConfig, DiskParams, ExportConfig, ExportParams};
 use crate::daemon::{Daemon, MirrorParams};
 
 /// Every method with a one-line description (`rpc_methods` lists them).
@@ -71,7 +72,193 @@ fn invalid(e: impl std::fmt::Display) -> RpcError {
     RpcError::new(code::INVALID_PARAMS, e.to_string())
 }
 
-/// Runs `method`.
+/// One monitor call with its parameters parsed and validated: what
+/// [`parse_call`] makes of a method name and its params, before the daemon
+/// is touched.
+#[derive(Debug, Clone)]
+pub enum Call {
+    /// `node_add`.
+    NodeAdd(DiskConfig),
+    /// `node_remove`.
+    NodeRemove {
+        /// Node name.
+        name: String,
+    },
+    /// `node_list`.
+    NodeList,
+    /// `export_add`.
+    ExportAdd(ExportConfig),
+    /// `export_remove`.
+    ExportRemove {
+        /// Export name.
+        name: String,
+        /// `mode: "force"`: do not wait for in-flight requests.
+        force: bool,
+    },
+    /// `export_list`.
+    ExportList,
+    /// `export_stats`.
+    ExportStats {
+        /// Export name.
+        name: String,
+    },
+    /// `job_mirror`.
+    JobMirror(MirrorParams),
+    /// `job_list`.
+    JobList,
+    /// `job_status`.
+    JobStatus {
+        /// Job id.
+        id: String,
+    },
+    /// `job_cancel`.
+    JobCancel {
+        /// Job id.
+        id: String,
+    },
+    /// `job_complete`.
+    JobComplete {
+        /// Job id.
+        id: String,
+    },
+    /// `daemon_stats`.
+    DaemonStats,
+    /// `rpc_methods`.
+    RpcMethods,
+    /// `shutdown`.
+    Shutdown,
+}
+
+impl Call {
+    /// The method name this call answers to.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Call::NodeAdd(_) => "node_add",
+            Call::NodeRemove { .. } => "node_remove",
+            Call::NodeList => "node_list",
+            Call::ExportAdd(_) => "export_add",
+            Call::ExportRemove { .. } => "export_remove",
+            Call::ExportList => "export_list",
+            Call::ExportStats { .. } => "export_stats",
+            Call::JobMirror(_) => "job_mirror",
+            Call::JobList => "job_list",
+            Call::JobStatus { .. } => "job_status",
+            Call::JobCancel { .. } => "job_cancel",
+            Call::JobComplete { .. } => "job_complete",
+            Call::DaemonStats => "daemon_stats",
+            Call::RpcMethods => "rpc_methods",
+            Call::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Parses and validates `method` with its params (an object, or null for
+/// none); relative paths are taken from `cwd`. Pure: no daemon, no I/O.
+pub fn parse_call(method: &str, p: Value, cwd: &Path) -> Result<Call, RpcError> {
+    Ok(match method {
+        "node_add" => Call::NodeAdd(params::<DiskParams>(p)?.resolve(cwd).map_err(invalid)?),
+        "node_remove" => {
+            let Named { name } = params(p)?;
+            Call::NodeRemove { name }
+        }
+        "node_list" => {
+            params::<NoParams>(p)?;
+            Call::NodeList
+        }
+        "export_add" => Call::ExportAdd(
+            params::<ExportParams>(p)?
+                .resolve(cwd, None)
+                .map_err(invalid)?,
+        ),
+        "export_remove" => {
+            let RemoveExport { name, mode } = params(p)?;
+            Call::ExportRemove {
+                name,
+                force: mode == RemoveMode::Force,
+            }
+        }
+        "export_list" => {
+            params::<NoParams>(p)?;
+            Call::ExportList
+        }
+        "export_stats" => {
+            let Named { name } = params(p)?;
+            Call::ExportStats { name }
+        }
+        "job_mirror" => Call::JobMirror(params(p)?),
+        "job_list" => {
+            params::<NoParams>(p)?;
+            Call::JobList
+        }
+        "job_status" => {
+            let JobId { id } = params(p)?;
+            Call::JobStatus { id }
+        }
+        "job_cancel" => {
+            let JobId { id } = params(p)?;
+            Call::JobCancel { id }
+        }
+        "job_complete" => {
+            let JobId { id } = params(p)?;
+            Call::JobComplete { id }
+        }
+        "daemon_stats" => {
+            params::<NoParams>(p)?;
+            Call::DaemonStats
+        }
+        "rpc_methods" => Call::RpcMethods,
+        "shutdown" => {
+            params::<NoParams>(p)?;
+            Call::Shutdown
+        }
+        other => {
+            return Err(RpcError::new(
+                code::METHOD_NOT_FOUND,
+                format!("unknown method {other:?}; rpc_methods lists them"),
+            ))
+        }
+    })
+}
+
+/// Runs a parsed call on the daemon.
+pub fn run(
+    call: Call,
+    daemon: &Daemon,
+    stop: &mpsc::Sender<StopRequest>,
+) -> Result<Value, RpcError> {
+    match call {
+        Call::NodeAdd(disk) => Ok(json!(daemon.add_node(&disk)?)),
+        Call::NodeRemove { name } => {
+            daemon.remove_node(&name)?;
+            Ok(json!({"removed": name}))
+        }
+        Call::NodeList => Ok(json!(daemon.list_nodes())),
+        Call::ExportAdd(export) => Ok(daemon.add_export(&export)?),
+        Call::ExportRemove { name, force } => {
+            let totals = daemon.remove_export(&name, force)?;
+            Ok(json!({"removed": name, "stats": totals}))
+        }
+        Call::ExportList => Ok(json!(daemon.list_exports())),
+        Call::ExportStats { name } => Ok(json!(daemon.export_stats(&name)?)),
+        Call::JobMirror(p) => Ok(json!(daemon.start_mirror(&p)?)),
+        Call::JobList => Ok(json!(daemon.list_jobs())),
+        Call::JobStatus { id } => Ok(json!(daemon.job_status(&id)?)),
+        Call::JobCancel { id } => Ok(json!(daemon.cancel_job(&id)?)),
+        Call::JobComplete { id } => Ok(json!(daemon.complete_job(&id)?)),
+        Call::DaemonStats => Ok(json!({"heap_allocations": crate::alloc::allocations()})),
+        Call::RpcMethods => Ok(json!(METHODS
+            .iter()
+            .map(|(m, d)| json!({"method": m, "description": d}))
+            .collect::<Vec<_>>())),
+        Call::Shutdown => {
+            let _ = stop.send(StopRequest::Monitor);
+            Ok(json!({"shutting_down": true}))
+        }
+    }
+}
+
+/// Runs `method`: [`parse_call`] in the daemon's working directory, then
+/// [`run`].
 pub fn call(
     method: &str,
     p: Value,
@@ -79,75 +266,5 @@ pub fn call(
     stop: &mpsc::Sender<StopRequest>,
 ) -> Result<Value, RpcError> {
     let cwd = std::env::current_dir().map_err(|e| RpcError::new(code::FAILED, e.to_string()))?;
-    match method {
-        "node_add" => {
-            let disk = params::<DiskParams>(p)?.resolve(&cwd).map_err(invalid)?;
-            Ok(json!(daemon.add_node(&disk)?))
-        }
-        "node_remove" => {
-            let Named { name } = params(p)?;
-            daemon.remove_node(&name)?;
-            Ok(json!({"removed": name}))
-        }
-        "node_list" => {
-            params::<NoParams>(p)?;
-            Ok(json!(daemon.list_nodes()))
-        }
-        "export_add" => {
-            let export = params::<ExportParams>(p)?
-                .resolve(&cwd, None)
-                .map_err(invalid)?;
-            Ok(daemon.add_export(&export)?)
-        }
-        "export_remove" => {
-            let RemoveExport { name, mode } = params(p)?;
-            let totals = daemon.remove_export(&name, mode == RemoveMode::Force)?;
-            Ok(json!({"removed": name, "stats": totals}))
-        }
-        "export_list" => {
-            params::<NoParams>(p)?;
-            Ok(json!(daemon.list_exports()))
-        }
-        "export_stats" => {
-            let Named { name } = params(p)?;
-            Ok(json!(daemon.export_stats(&name)?))
-        }
-        "job_mirror" => {
-            let p: MirrorParams = params(p)?;
-            Ok(json!(daemon.start_mirror(&p)?))
-        }
-        "job_list" => {
-            params::<NoParams>(p)?;
-            Ok(json!(daemon.list_jobs()))
-        }
-        "job_status" => {
-            let JobId { id } = params(p)?;
-            Ok(json!(daemon.job_status(&id)?))
-        }
-        "job_cancel" => {
-            let JobId { id } = params(p)?;
-            Ok(json!(daemon.cancel_job(&id)?))
-        }
-        "job_complete" => {
-            let JobId { id } = params(p)?;
-            Ok(json!(daemon.complete_job(&id)?))
-        }
-        "daemon_stats" => {
-            params::<NoParams>(p)?;
-            Ok(json!({"heap_allocations": crate::alloc::allocations()}))
-        }
-        "rpc_methods" => Ok(json!(METHODS
-            .iter()
-            .map(|(m, d)| json!({"method": m, "description": d}))
-            .collect::<Vec<_>>())),
-        "shutdown" => {
-            params::<NoParams>(p)?;
-            let _ = stop.send(StopRequest::Monitor);
-            Ok(json!({"shutting_down": true}))
-        }
-        other => Err(RpcError::new(
-            code::METHOD_NOT_FOUND,
-            format!("unknown method {other:?}; rpc_methods lists them"),
-        )),
-    }
+    run(parse_call(method, p, &cwd)?, daemon, stop)
 }

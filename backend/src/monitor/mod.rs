@@ -24,7 +24,7 @@ use serde_json::{json, Value};
 use crate::daemon::{Daemon, OpError};
 use crate::unix_socket::{self, BindError};
 
-pub use methods::METHODS;
+pub use methods::{parse_call, Call, METHODS};
 
 /// Most monitor clients served at once.
 pub const MAX_CONTROL_CLIENTS: usize = 16;
@@ -486,19 +486,32 @@ fn serve_client(
     }
 }
 
-/// Answers one request line; `None` for notifications (no `id`).
-pub fn handle_line(line: &str, daemon: &Daemon, stop: &mpsc::Sender<StopRequest>) -> Option<Value> {
-    let request: Value = match serde_json::from_str(line) {
+/// A request that passed the JSON-RPC 2.0 envelope checks; its method and
+/// params are checked by [`parse_call`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// The request id; `None` for a notification (no answer is sent).
+    pub id: Option<Value>,
+    /// The method name.
+    pub method: String,
+    /// The params: an object, or null when absent.
+    pub params: Value,
+}
+
+/// Parses one request line (without its newline) into a [`Request`]. Pure:
+/// no daemon, no I/O. `Err` is the JSON-RPC error response to send back.
+pub fn parse_request(line: &[u8]) -> Result<Request, Value> {
+    let request: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => {
-            return Some(error_response(
+            return Err(error_response(
                 Value::Null,
                 RpcError::new(code::PARSE_ERROR, format!("parse error: {e}")),
             ))
         }
     };
-    let Some(obj) = request.as_object() else {
-        return Some(error_response(
+    let Value::Object(mut obj) = request else {
+        return Err(error_response(
             Value::Null,
             RpcError::new(
                 code::INVALID_REQUEST,
@@ -506,9 +519,23 @@ pub fn handle_line(line: &str, daemon: &Daemon, stop: &mpsc::Sender<StopRequest>
             ),
         ));
     };
-    let id = obj.get("id").cloned();
+    let id = obj.remove("id");
+    // JSON-RPC 2.0 ids are strings, numbers or null; an answer must not echo
+    // anything else.
+    if id
+        .as_ref()
+        .is_some_and(|id| !(id.is_null() || id.is_string() || id.is_number()))
+    {
+        return Err(error_response(
+            Value::Null,
+            RpcError::new(
+                code::INVALID_REQUEST,
+                "\"id\" must be a string, a number or null",
+            ),
+        ));
+    }
     let invalid = |msg: &str| {
-        Some(error_response(
+        Err(error_response(
             id.clone().unwrap_or(Value::Null),
             RpcError::new(code::INVALID_REQUEST, msg),
         ))
@@ -516,21 +543,31 @@ pub fn handle_line(line: &str, daemon: &Daemon, stop: &mpsc::Sender<StopRequest>
     if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
         return invalid("\"jsonrpc\" must be \"2.0\"");
     }
-    let Some(method) = obj.get("method").and_then(Value::as_str) else {
+    let Some(Value::String(method)) = obj.remove("method") else {
         return invalid("\"method\" must be a string");
     };
-    let params = obj.get("params").cloned().unwrap_or(Value::Null);
+    let params = obj.remove("params").unwrap_or(Value::Null);
     if !(params.is_null() || params.is_object()) {
         return invalid("\"params\" must be an object");
     }
-    let result = methods::call(method, params, daemon, stop);
-    let id = id?;
+    Ok(Request { id, method, params })
+}
+
+/// Answers one request line; `None` for notifications (no `id`).
+pub fn handle_line(line: &str, daemon: &Daemon, stop: &mpsc::Sender<StopRequest>) -> Option<Value> {
+    let request = match parse_request(line.as_bytes()) {
+        Ok(r) => r,
+        Err(reply) => return Some(reply),
+    };
+    let result = methods::call(&request.method, request.params, daemon, stop);
+    let id = request.id?;
     Some(match result {
         Ok(v) => json!({"jsonrpc": "2.0", "id": id, "result": v}),
         Err(e) => error_response(id, e),
     })
 }
 
-fn error_response(id: Value, e: RpcError) -> Value {
+/// The JSON-RPC 2.0 error response for request `id`.
+pub fn error_response(id: Value, e: RpcError) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}})
 }

@@ -17,7 +17,9 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
 
-pub use self::op::decode_op;
+pub use self::op::{
+    check_io, decode_op, CheckedIo, IoLimits, IoRefusal, UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP,
+};
 use super::error_log::BackingErrorLog;
 use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::engine::{Prepared, SlotTable};
@@ -385,7 +387,7 @@ fn set_params(dev: &mut UblkDev, node: &Node, read_only: bool) -> Result<(), lib
 }
 
 /// Serves one queue until the device stops: decode each ublk request with
-/// [`decode_op`], validate it, and put its backing I/O on this queue's ring.
+/// [`check_io`] (op and range), and put its backing I/O on this queue's ring.
 fn serve_queue(
     qid: u16,
     dev: &UblkDev,
@@ -413,9 +415,11 @@ fn serve_queue(
             return;
         }
     };
-    let capacity_bytes = node.limits().capacity_bytes;
-    let max_io_bytes = u64::from(dev.dev_info.max_io_buf_bytes);
-    let read_only = dev.tgt.params.basic.attrs & sys::UBLK_ATTR_READ_ONLY != 0;
+    let io_limits = IoLimits {
+        capacity_bytes: node.limits().capacity_bytes,
+        max_io_bytes: u64::from(dev.dev_info.max_io_buf_bytes),
+        read_only: dev.tgt.params.basic.attrs & sys::UBLK_ATTR_READ_ONLY != 0,
+    };
     // Per-request trouble is logged once per DATA_PATH_LOG_INTERVAL_MS per
     // kind, with a count; RefCell because the completion closure and the
     // handler both log (one thread, borrowed only on these error paths).
@@ -462,12 +466,14 @@ fn serve_queue(
             return;
         }
         let iod = q.get_iod(tag);
-        let offset_bytes = iod.start_sector << 9;
-        let len_bytes = u64::from(iod.nr_sectors) << 9;
         // The kernel is trusted less than nothing: check what it sends.
-        let op = match decode_op(iod.op_flags) {
-            Ok(op) => op,
-            Err(code) => {
+        let CheckedIo {
+            op,
+            offset_bytes,
+            len_bytes,
+        } = match check_io(iod.op_flags, iod.start_sector, iod.nr_sectors, &io_limits) {
+            Ok(io) => io,
+            Err(IoRefusal::UnknownOp(code)) => {
                 if let Some(suppressed) = log(|l| &mut l.unsupported) {
                     tracing::warn!(
                         export,
@@ -478,17 +484,11 @@ fn serve_queue(
                 shared.record(None, 0, false);
                 return complete(-libc::EOPNOTSUPP);
             }
+            Err(IoRefusal::Invalid(op)) => {
+                shared.record(Some(op), 0, false);
+                return complete(-libc::EIO);
+            }
         };
-        let in_range = offset_bytes
-            .checked_add(len_bytes)
-            .is_some_and(|end| end <= capacity_bytes);
-        if (op != BlockOp::Flush && !in_range)
-            || (op.moves_data() && len_bytes > max_io_bytes)
-            || (read_only && op.modifies())
-        {
-            shared.record(Some(op), 0, false);
-            return complete(-libc::EIO);
-        }
         let iov = [libc::iovec {
             iov_base: buf.as_slice().as_ptr() as *mut libc::c_void,
             iov_len: len_bytes as usize,
