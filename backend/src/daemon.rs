@@ -18,6 +18,7 @@ use crate::graph::{close_node, flush_bounded, Graph, GraphError, Holder};
 use crate::jobs::{JobStatus, MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT};
 use crate::limits::{
     CLOSE_ALL_TIMEOUT_MS, DRAIN_TIMEOUT_MS, EMERGENCY_FLUSH_TIMEOUT_MS, FLUSH_TIMEOUT_MS,
+    JOB_CANCEL_TIMEOUT_MS,
 };
 use crate::monitor::{default_control_path, Monitor, StopRequest};
 use crate::node::{DiskSpec, Node};
@@ -317,6 +318,16 @@ impl Daemon {
         let mut state = self.state();
         state.exports_busy.remove(&config.name);
         match started {
+            Ok(x) if self.closing.load(Ordering::SeqCst) => {
+                // Close-all began while this export started: it has taken
+                // the exports already, so this one detaches itself.
+                drop(state);
+                let _ = x.drain(DrainBounds::FORCE);
+                if let Err(e) = self.detach_one(x, Duration::from_millis(DRAIN_TIMEOUT_MS)) {
+                    tracing::error!("export {}: {e}", config.name);
+                }
+                Err(OpError::ShuttingDown)
+            }
             Ok(x) => {
                 let description = x.describe();
                 state.exports.insert(config.name.clone(), x);
@@ -505,6 +516,8 @@ impl Daemon {
     /// `job_cancel`: stop copying, flush the target and let both nodes go;
     /// the source and its exports are untouched.
     pub fn cancel_job(&self, id: &str) -> Result<JobStatus, OpError> {
+        // During close-all, its last step cancels every job itself.
+        self.check_open()?;
         let mut job = self.take_job(id)?;
         for x in self.state().exports_of(job.source().name()) {
             if let Export::VhostUser(x) = x {
@@ -512,7 +525,7 @@ impl Daemon {
             }
         }
         let status = job.status();
-        let cancelled = job.cancel();
+        let cancelled = job.cancel(Instant::now() + Duration::from_millis(JOB_CANCEL_TIMEOUT_MS));
         let released = self.release_job(&job);
         tracing::info!(job = id, "mirror cancelled");
         cancelled.and(released).map_err(OpError::Failed)?;
@@ -632,12 +645,16 @@ impl Daemon {
     pub fn close_all(&self) -> bool {
         self.closing.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_millis(CLOSE_ALL_TIMEOUT_MS);
+        // The exports leave the state now: no step waits with the
+        // control-plane lock held (the monitor keeps answering, and refuses
+        // changes), and an export added meanwhile detaches itself.
+        let exports = std::mem::take(&mut self.state().exports);
         let mut clean = true;
-        clean &= self.drain_exports(deadline);
-        clean &= self.detach_exports(deadline);
+        clean &= self.drain_exports(&exports, deadline);
+        clean &= self.detach_exports(exports, deadline);
         clean &= self.release_monitor_nodes(deadline);
         clean &= self.flush_nodes(deadline);
-        clean &= self.cancel_jobs();
+        clean &= self.cancel_jobs(deadline);
         self.set_pending("done", std::iter::empty());
         clean
     }
@@ -676,13 +693,12 @@ impl Daemon {
 
     /// Step 1: every export stops admitting (all of them before any wait),
     /// then all drain at once, each within the close-all deadline.
-    fn drain_exports(&self, deadline: Instant) -> bool {
-        let state = self.state();
-        for x in state.exports.values() {
+    fn drain_exports(&self, exports: &BTreeMap<String, Export>, deadline: Instant) -> bool {
+        for x in exports.values() {
             x.stop_admitting();
         }
-        self.set_pending("drain", state.exports.keys().map(|n| format!("export {n}")));
-        for x in state.exports.values() {
+        self.set_pending("drain", exports.keys().map(|n| format!("export {n}")));
+        for x in exports.values() {
             self.log(format_args!(
                 "close-all: drain export {} ({} in flight)",
                 x.name(),
@@ -691,8 +707,7 @@ impl Daemon {
         }
         let bounds = DrainBounds::SAFE.until(deadline);
         std::thread::scope(|s| {
-            let waits: Vec<_> = state
-                .exports
+            let waits: Vec<_> = exports
                 .values()
                 .map(|x| {
                     s.spawn(move || {
@@ -703,7 +718,7 @@ impl Daemon {
                 })
                 .collect();
             let mut clean = true;
-            for (x, wait) in state.exports.values().zip(waits) {
+            for (x, wait) in exports.values().zip(waits) {
                 if let Err(stuck) = wait.join().unwrap_or_else(|_| Err(Vec::new())) {
                     tracing::error!(
                         "close-all: export {}: queues {stuck:?} still have requests in flight after {} ms",
@@ -719,8 +734,7 @@ impl Daemon {
 
     /// Step 2: detach every export (all at once); each gives its node
     /// reference back.
-    fn detach_exports(&self, deadline: Instant) -> bool {
-        let exports = std::mem::take(&mut self.state().exports);
+    fn detach_exports(&self, exports: BTreeMap<String, Export>, deadline: Instant) -> bool {
         self.set_pending("detach", exports.keys().map(|n| format!("export {n}")));
         let timeout = Duration::from_millis(DRAIN_TIMEOUT_MS)
             .min(deadline.saturating_duration_since(Instant::now()));
@@ -869,11 +883,23 @@ fn pivot_exports(state: &State, job: &mut MirrorJob) -> Result<Vec<String>, OpEr
 
 impl Daemon {
     /// Step 5, the seed's loop: cancel the remaining jobs one at a time
-    /// until no node is left. Every node still open must be held by a job;
-    /// one that is not is reported (it would never close).
-    fn cancel_jobs(&self) -> bool {
+    /// until no node is left, by `deadline`. Every node still open must be
+    /// held by a job; one that is not is reported (it would never close).
+    fn cancel_jobs(&self, deadline: Instant) -> bool {
         let mut clean = true;
         loop {
+            if Instant::now() >= deadline {
+                let left: Vec<String> = self
+                    .state()
+                    .graph
+                    .nodes()
+                    .map(|(n, _, _)| n.to_owned())
+                    .collect();
+                tracing::error!(
+                    "close-all: jobs still hold nodes {left:?} at the close-all deadline"
+                );
+                return false;
+            }
             let (next, leftovers) = {
                 let state = self.state();
                 if state.graph.is_empty() {
@@ -896,19 +922,23 @@ impl Daemon {
                 tracing::error!("close-all: nodes left that no job holds: {leftovers:?}");
                 return false;
             };
+            self.set_pending("cancel", [format!("job {id}")]);
+            let Ok(mut job) = self.take_job(&id) else {
+                // A `job_cancel` that began before close-all owns it now and
+                // is letting its nodes go: wait for that, not in a spin.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
             self.log(format_args!("close-all: cancel job {id}"));
-            if let Err(e) = self.cancel_job_closing(&id) {
+            let cancelled = job.cancel(deadline);
+            // Its nodes are let go even if the copier is stuck: the loop
+            // goes on to the next job either way.
+            let released = self.release_job(&job);
+            if let Err(e) = cancelled.and(released) {
                 tracing::error!("close-all: cancel job {id}: {e}");
                 clean = false;
             }
         }
-    }
-
-    fn cancel_job_closing(&self, id: &str) -> Result<(), String> {
-        let mut job = self.take_job(id).map_err(|e| e.to_string())?;
-        let cancelled = job.cancel();
-        let released = self.release_job(&job);
-        cancelled.and(released)
     }
 }
 

@@ -63,9 +63,12 @@ pub const FORCE_DRAIN_TIMEOUT_MS: u64 = 1_000;
 /// Forced `export_remove`: the longest wait for the guest to stop sending
 /// (its new requests fail) before the detach.
 pub const FORCE_QUIET_LIMIT_MS: u64 = 1_000;
-/// Close-all as a whole: drain, detach and flush of everything share this
-/// deadline; what is not done by then is reported and the daemon exits 1.
+/// Close-all as a whole: drain, detach, release, flush and job cancel share
+/// this deadline; what is not done by then is reported and the daemon exits 1.
 pub const CLOSE_ALL_TIMEOUT_MS: u64 = 30_000;
+/// `job_cancel`: stopping the copier (its copies in flight get
+/// `DRAIN_TIMEOUT_MS` per engine) and flushing the target.
+pub const JOB_CANCEL_TIMEOUT_MS: u64 = 30_000;
 
 /// A second SIGINT/SIGTERM during close-all: how long the flush of the nodes
 /// still open may take before the daemon exits anyway.

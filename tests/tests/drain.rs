@@ -57,7 +57,8 @@ impl StubbornWriter {
             let (stop, last_ok, oks) = (stop.clone(), last_ok.clone(), oks.clone());
             move || {
                 let mut h = client.queue(0);
-                h.set_timeout(Duration::from_secs(2));
+                // Generous: a loaded 2-core machine can stall one write for seconds.
+                h.set_timeout(Duration::from_secs(5));
                 let mut i = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     let offset = (i * 4096) % DISK_BYTES;
@@ -265,4 +266,66 @@ fn forced_removal_answers_every_request_before_letting_go() {
     // Every acknowledged write is in the file.
     let file = std::fs::read(&img).expect("read image");
     storm.check_file(&file, "forced removal");
+}
+
+/// Issue 10: close-all waits without the control-plane lock (the monitor answers while
+/// exports drain), and a `job_cancel` during close-all gets a clear error instead of
+/// racing close-all's own cancel step.
+#[test]
+fn during_close_all_the_monitor_answers_and_refuses_job_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut daemon, socks) = exports(dir.path(), 1);
+    let target = dir.path().join("target.img");
+    make_file(&target, DISK_BYTES);
+    let control = path_str(&daemon.control).to_owned();
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--control", control.as_str()];
+        all.extend_from_slice(args);
+        run_to_exit(&all)
+    };
+    let added = ctl(&["node-add", "tgt", path_str(&target)]);
+    assert_eq!(added.status.code(), Some(0), "node-add: {}", added.stderr);
+    let mirror = ctl(&["mirror", "--node", "d0", "--target", "tgt", "--id", "m0"]);
+    assert_eq!(mirror.status.code(), Some(0), "mirror: {}", mirror.stderr);
+    // A writer that never stops keeps close-all in its drain step for 5 s.
+    let writers = StubbornWriter::on_each(&socks);
+    daemon.signal(libc::SIGTERM);
+    thread::sleep(Duration::from_millis(500));
+    let asked = Instant::now();
+    let nodes = ctl(&["nodes"]);
+    let took = asked.elapsed();
+    assert_eq!(
+        nodes.status.code(),
+        Some(0),
+        "nodes during close-all: {}",
+        nodes.stderr
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "the monitor took {took:?} to answer during close-all"
+    );
+    let cancel = ctl(&["job-cancel", "m0"]);
+    assert_ne!(
+        cancel.status.code(),
+        Some(0),
+        "job-cancel during close-all: {}",
+        cancel.stdout
+    );
+    assert!(
+        cancel.stderr.contains("shutting down"),
+        "job-cancel during close-all says why: {}",
+        cancel.stderr
+    );
+    let status = daemon
+        .wait(EXIT_TIMEOUT)
+        .unwrap_or_else(|| panic!("no exit after SIGTERM\n{}", daemon.stderr()));
+    daemon.assert_exit_ok(status);
+    assert!(
+        daemon.stderr().contains("close-all: cancel job m0"),
+        "close-all cancelled the job itself\n{}",
+        daemon.stderr()
+    );
+    for w in writers {
+        w.end();
+    }
 }

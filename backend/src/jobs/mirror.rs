@@ -15,7 +15,7 @@ use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::MirrorTap;
 use crate::engine::Engine;
@@ -169,7 +169,7 @@ impl MirrorJob {
                         return;
                     }
                 };
-                if let Err(e) = copier.run(&shared, false) {
+                if let Err(e) = copier.run(&shared, None) {
                     tracing::error!("mirror job: {e}");
                     *shared.error.lock().unwrap() = Some(e);
                 }
@@ -239,18 +239,34 @@ impl MirrorJob {
         }
     }
 
-    /// Stops the background copier (in-flight chunk copies finish).
-    fn stop_copier(&mut self) {
+    /// Stops the background copier (in-flight chunk copies finish), waiting
+    /// at most until `deadline`. Returns false when the copier is still
+    /// running then (a device that does not answer): it is left to finish
+    /// on its own, owning its buffers and engines.
+    fn stop_copier(&mut self, deadline: Instant) -> bool {
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.copier.take() {
-            let _ = t.join();
+        let Some(t) = self.copier.take() else {
+            return true;
+        };
+        while !t.is_finished() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
+        let _ = t.join();
+        true
     }
 
     /// Completion, once nothing writes the source any more (its exports are
     /// paused): copies every chunk still dirty and flushes the target.
     pub fn finish_copy(&mut self) -> Result<(), String> {
-        self.stop_copier();
+        if !self.stop_copier(Instant::now() + Duration::from_millis(COPIER_STOP_TIMEOUT_MS)) {
+            return Err(format!(
+                "job {}: the copier did not stop within {COPIER_STOP_TIMEOUT_MS} ms (a node does not answer)",
+                self.id
+            ));
+        }
         if let Some(e) = self.shared.error.lock().unwrap().clone() {
             return Err(format!("job {} failed earlier: {e}", self.id));
         }
@@ -262,7 +278,8 @@ impl MirrorJob {
             self.max_in_flight,
         )?;
         let shared = Shared::default();
-        copier.run(&shared, true)?;
+        let deadline = Instant::now() + Duration::from_millis(MIRROR_FINISH_TIMEOUT_MS);
+        copier.run(&shared, Some(deadline))?;
         drop(copier);
         crate::graph::flush_bounded(
             self.target.clone(),
@@ -270,21 +287,37 @@ impl MirrorJob {
         )
     }
 
-    /// Cancellation: stop copying and flush what reached the target.
-    pub fn cancel(&mut self) -> Result<(), String> {
-        self.stop_copier();
+    /// Cancellation: stop copying and flush what reached the target, both
+    /// by `deadline`.
+    pub fn cancel(&mut self, deadline: Instant) -> Result<(), String> {
+        if !self.stop_copier(deadline) {
+            return Err(format!(
+                "job {}: the copier did not stop in time (a node does not answer); left running",
+                self.id
+            ));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
         crate::graph::flush_bounded(
             self.target.clone(),
-            std::time::Duration::from_millis(crate::limits::FLUSH_TIMEOUT_MS),
+            Duration::from_millis(crate::limits::FLUSH_TIMEOUT_MS).min(left),
         )
     }
 }
 
 impl Drop for MirrorJob {
     fn drop(&mut self) {
-        self.stop_copier();
+        if !self.stop_copier(Instant::now() + Duration::from_millis(COPIER_STOP_TIMEOUT_MS)) {
+            tracing::error!(job = %self.id, "the mirror copier did not stop; left running");
+        }
     }
 }
+
+/// How long stopping the copier may take: its in-flight copies get
+/// `DRAIN_TIMEOUT_MS` per engine (reads, then writes), plus a margin.
+const COPIER_STOP_TIMEOUT_MS: u64 = 2 * crate::limits::DRAIN_TIMEOUT_MS + 1_000;
+/// How long the pivot's last copy (what is still dirty when the exports are
+/// paused: little, since the job was ready) may take.
+const MIRROR_FINISH_TIMEOUT_MS: u64 = 30_000;
 
 /// Page-aligned copy buffers, allocated once per copier.
 struct Buffers {
@@ -321,10 +354,31 @@ impl Buffers {
     }
 }
 
+impl Drop for Copier {
+    fn drop(&mut self) {
+        // The slots' rule: memory the kernel may still write into is never
+        // handed back. A copy to or from a device that stopped answering
+        // (after `run`'s bounded drain) keeps its buffer forever.
+        let in_flight = self.reads.in_flight() + self.writes.in_flight();
+        if in_flight == 0 {
+            // SAFETY: no copy is in flight, so no SQE refers to the buffers;
+            // they are dropped exactly once, here.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.buffers) };
+        } else {
+            tracing::error!(
+                source = self.reads.node().name(),
+                target = self.writes.node().name(),
+                in_flight,
+                "mirror copier stopped with copies the devices never completed; leaking their buffers"
+            );
+        }
+    }
+}
+
 impl Drop for Buffers {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout; the copier drops its
-        // engines (which wait for their in-flight requests) before this.
+        // buffers only when no copy is in flight (see `Drop for Copier`).
         unsafe { dealloc(self.ptr, self.layout) };
     }
 }
@@ -340,10 +394,11 @@ struct Copy {
 
 struct Copier {
     // Field order is drop order: engines (and their in-flight I/O) go before
-    // the buffers they point into.
+    // the buffers they point into. The buffers are freed by `Drop for
+    // Copier` only once neither engine has a copy in flight.
     reads: Engine<Copy>,
     writes: Engine<Copy>,
-    buffers: Buffers,
+    buffers: std::mem::ManuallyDrop<Buffers>,
     tap: Arc<MirrorTap>,
     capacity_bytes: u64,
     chunk_bytes: u64,
@@ -366,7 +421,7 @@ impl Copier {
         Ok(Copier {
             reads: Engine::new(source, max_in_flight).map_err(|e| format!("source ring: {e}"))?,
             writes: Engine::new(target, max_in_flight).map_err(|e| format!("target ring: {e}"))?,
-            buffers: Buffers::new(n, chunk_bytes as usize)?,
+            buffers: std::mem::ManuallyDrop::new(Buffers::new(n, chunk_bytes as usize)?),
             capacity_bytes: tap.bitmap().chunks() as u64 * chunk_bytes,
             tap,
             chunk_bytes,
@@ -394,9 +449,10 @@ impl Copier {
             .map_err(|e| format!("chunk {}: {e}", c.chunk))
     }
 
-    /// Copies dirty chunks until told to stop; with `until_clean`, returns
-    /// as soon as nothing is dirty or in flight.
-    fn run(&mut self, shared: &Shared, until_clean: bool) -> Result<(), String> {
+    /// Copies dirty chunks until told to stop; with `until_clean` (a
+    /// deadline), returns as soon as nothing is dirty or in flight, or fails
+    /// at the deadline.
+    fn run(&mut self, shared: &Shared, until_clean: Option<Instant>) -> Result<(), String> {
         let source_capacity = self
             .reads
             .node()
@@ -404,8 +460,14 @@ impl Copier {
             .capacity_bytes
             .min(self.capacity_bytes);
         loop {
-            if shared.stop.load(Ordering::Acquire) && !until_clean {
+            if shared.stop.load(Ordering::Acquire) && until_clean.is_none() {
                 break;
+            }
+            if until_clean.is_some_and(|d| Instant::now() >= d) {
+                return Err(format!(
+                    "the last copy did not finish within {MIRROR_FINISH_TIMEOUT_MS} ms ({} copies in flight)",
+                    self.reads.in_flight() + self.writes.in_flight()
+                ));
             }
             // Start copies while buffers are free.
             while let Some(&buf) = self.free.last() {
@@ -480,7 +542,7 @@ impl Copier {
             }
             let in_flight = self.reads.in_flight() + self.writes.in_flight();
             if in_flight == 0 && self.tap.bitmap().dirty() == 0 {
-                if until_clean {
+                if until_clean.is_some() {
                     return Ok(());
                 }
                 // In sync, and every new write goes to both nodes.
