@@ -194,6 +194,14 @@ pub enum ExportError {
         /// What failed.
         reason: String,
     },
+    /// Detaching did not finish (in time).
+    #[error("export {export}: cannot detach: {reason}")]
+    Stop {
+        /// The export.
+        export: String,
+        /// What did not finish.
+        reason: String,
+    },
 }
 
 /// How long a drain may wait.

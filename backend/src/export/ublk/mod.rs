@@ -298,31 +298,77 @@ impl UblkExport {
     /// kernel finishes in-flight I/O and the final flush through us), wait
     /// for the queue threads, then delete the device.
     pub fn detach(mut self, timeout: Duration) -> Result<Arc<Node>, ExportError> {
-        ensure_ctrl_ring().map_err(|r| start_err(&self.config, r))?;
-        if let Err(e) = self.ctrl.stop_dev() {
-            tracing::warn!(export = %self.config.name, "stopping ublk device {}: {e}", self.dev_id);
+        let deadline = std::time::Instant::now() + timeout;
+        let stop_err = |reason: String| ExportError::Stop {
+            export: self.config.name.clone(),
+            reason,
+        };
+        // STOP_DEV waits in the kernel for in-flight I/O, which our queues
+        // serve meanwhile; a device that never finishes must not hang us.
+        let dev_id = self.dev_id;
+        match ctrl_bounded(&self.ctrl, UblkCtrl::stop_dev, timeout) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(export = %self.config.name, "stopping ublk device {dev_id}: {e}")
+            }
+            Err(e) => return Err(stop_err(format!("STOP_DEV of ublk device {dev_id}: {e}"))),
         }
         let thread = self.thread.take().expect("detached twice");
-        let deadline = std::time::Instant::now() + timeout;
         while !thread.is_finished() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         if !thread.is_finished() {
-            return Err(start_err(
-                &self.config,
-                format!(
-                    "ublk device {} queues did not stop within {} ms",
-                    self.dev_id,
-                    timeout.as_millis()
-                ),
-            ));
+            return Err(stop_err(format!(
+                "ublk device {dev_id} queues did not stop within {} ms",
+                timeout.as_millis()
+            )));
         }
         let _ = thread.join();
-        if let Err(e) = self.ctrl.del_dev() {
-            tracing::warn!(export = %self.config.name, "deleting ublk device {}: {e}", self.dev_id);
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match ctrl_bounded(
+            &self.ctrl,
+            UblkCtrl::del_dev,
+            left.max(Duration::from_millis(UBLK_DEL_MIN_MS)),
+        ) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(export = %self.config.name, "deleting ublk device {dev_id}: {e}")
+            }
+            Err(e) => return Err(stop_err(format!("DEL_DEV of ublk device {dev_id}: {e}"))),
         }
         Ok(self.node.clone())
     }
+}
+
+/// The least time DEL_DEV gets even when the stop used up the detach's
+/// timeout: the queues are gone by then, so deleting is quick.
+const UBLK_DEL_MIN_MS: u64 = 1_000;
+
+/// Runs a ublk control command on a helper thread (libublk's control ring is
+/// per thread) and waits at most `timeout` for it. On a timeout the helper is
+/// left to finish by itself; it holds only its own reference to the control
+/// device.
+fn ctrl_bounded(
+    ctrl: &Arc<UblkCtrl>,
+    command: fn(&UblkCtrl) -> Result<i32, libublk::UblkError>,
+    timeout: Duration,
+) -> Result<Result<i32, libublk::UblkError>, String> {
+    let (tx, rx) = mpsc::channel();
+    let ctrl = ctrl.clone();
+    std::thread::Builder::new()
+        .name("ublk-ctrl".into())
+        .spawn(move || {
+            let result = match ensure_ctrl_ring() {
+                Ok(()) => command(&ctrl),
+                Err(e) => Err(libublk::UblkError::OtherError(-libc::EIO)).inspect_err(|_| {
+                    tracing::error!("{e}");
+                }),
+            };
+            let _ = tx.send(result);
+        })
+        .map_err(|e| format!("cannot spawn a control thread: {e}"))?;
+    rx.recv_timeout(timeout)
+        .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))
 }
 
 /// Device parameters from the node's profile.

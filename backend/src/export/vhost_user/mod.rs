@@ -462,7 +462,7 @@ impl VhostUserExport {
         }
         let _ = std::fs::remove_file(&self.config.socket);
         if !thread.is_finished() {
-            return Err(ExportError::Start {
+            return Err(ExportError::Stop {
                 export: self.config.name.clone(),
                 reason: format!(
                     "frontend connection did not close within {} ms",
