@@ -1,15 +1,13 @@
-//! `sluice serve`: open the nodes, start the exports, say ready, and on
-//! SIGINT/SIGTERM close everything in order: drain, detach, flush.
+//! The daemon's state: the block graph, the exports and the jobs, the
+//! operations the monitor runs on them, and close-all (drain, detach,
+//! release, flush, cancel). The process around it (signals, readiness) is
+//! `lifecycle.rs`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
-
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
 
 use crate::config::{DiskConfig, ExportConfig, ServeConfig};
 use crate::export::vhost_user::VhostUserExport;
@@ -20,7 +18,6 @@ use crate::limits::{
     CLOSE_ALL_TIMEOUT_MS, DRAIN_TIMEOUT_MS, EMERGENCY_FLUSH_TIMEOUT_MS, FLUSH_TIMEOUT_MS,
     JOB_CANCEL_TIMEOUT_MS,
 };
-use crate::monitor::{default_control_path, Monitor, StopRequest};
 use crate::node::{DiskSpec, Node};
 
 /// Why the daemon could not start.
@@ -214,7 +211,7 @@ impl Daemon {
         })();
         if let Err(e) = result {
             // Undo quietly: the error line is what the user reads.
-            daemon.quiet.store(true, Ordering::Relaxed);
+            daemon.set_quiet();
             let _ = daemon.close_all();
             return Err(StartError(e.to_string()));
         }
@@ -625,16 +622,23 @@ impl Daemon {
             .collect()
     }
 
-    /// Lines that tell a person how to attach each vhost-user export.
-    pub fn attach_help(&self) -> Vec<String> {
+    /// `f` of every vhost-user export (the attach help reads their
+    /// configuration).
+    pub fn map_vhost_user_exports<R>(&self, f: impl Fn(&VhostUserExport) -> R) -> Vec<R> {
         self.state()
             .exports
             .values()
             .filter_map(|x| match x {
-                Export::VhostUser(x) => Some(attach_help_for(x)),
+                Export::VhostUser(x) => Some(f(x)),
                 Export::Ublk(_) => None,
             })
             .collect()
+    }
+
+    /// Close-all's steps are logged at debug level from now on (undoing a
+    /// failed start: the error line is what the user reads).
+    pub fn set_quiet(&self) {
+        self.quiet.store(true, Ordering::Relaxed);
     }
 
     /// Close-all, after the seed commit (`bdrv_close_all` rewrite): every
@@ -951,143 +955,4 @@ fn node_info(graph: &Graph, name: &str) -> NodeInfo {
         read_only: node.read_only(),
         holders: graph.holders(name),
     }
-}
-
-/// Runs `sluice serve` until SIGINT/SIGTERM or the monitor's `shutdown`.
-/// Returns the process exit code.
-pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
-    // Catch the signals before anything exists, so a signal during start-up
-    // also ends in an orderly close.
-    let signals = match Signals::new([SIGINT, SIGTERM]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("sluice: cannot install signal handlers: {e}");
-            return 1;
-        }
-    };
-    let (stop_tx, stop_rx) = mpsc::channel();
-    {
-        let stop_tx = stop_tx.clone();
-        let mut signals = signals;
-        std::thread::spawn(move || {
-            for signal in signals.forever() {
-                if stop_tx.send(StopRequest::Signal(signal)).is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    let (daemon, created) = match Daemon::start(config) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("sluice: {e}");
-            return 1;
-        }
-    };
-    let control = config.control.clone().unwrap_or_else(default_control_path);
-    let monitor = match Monitor::start(&control, daemon.clone(), stop_tx) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("sluice: {e}");
-            daemon.quiet.store(true, Ordering::Relaxed);
-            daemon.close_all();
-            // Nodes are closed: the images this start created can go.
-            drop(created);
-            return 1;
-        }
-    };
-    created.keep();
-    {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        for line in daemon.ready_lines() {
-            let _ = writeln!(out, "{line}");
-        }
-        let _ = writeln!(
-            out,
-            "{}",
-            serde_json::json!({"event": "ready", "control": monitor.path()})
-        );
-        let _ = out.flush();
-    }
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
-            tracing::warn!("cannot notify systemd: {e}");
-        }
-    }
-    if attach_help {
-        for help in daemon.attach_help() {
-            eprintln!("{help}");
-        }
-    }
-    let why = stop_rx.recv().unwrap_or(StopRequest::Monitor);
-    match why {
-        StopRequest::Signal(signal) => tracing::info!(
-            signal,
-            "shutting down (within {CLOSE_ALL_TIMEOUT_MS} ms; a second signal exits at once after a flush)"
-        ),
-        StopRequest::Monitor => tracing::info!("shutting down (monitor request)"),
-    }
-    let (done_tx, done_rx) = mpsc::channel();
-    {
-        let daemon = daemon.clone();
-        std::thread::spawn(move || {
-            let _ = done_tx.send(daemon.close_all());
-        });
-    }
-    // Close-all runs on its own thread so that a second SIGINT/SIGTERM (an
-    // impatient operator, or systemd's stop timeout) is heard meanwhile.
-    let clean = loop {
-        match done_rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(clean) => break clean,
-            Err(mpsc::RecvTimeoutError::Disconnected) => break false,
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-        }
-        if let Ok(StopRequest::Signal(signal)) = stop_rx.try_recv() {
-            tracing::error!(
-                signal,
-                "second signal during close-all; still pending: {}; flushing the nodes still open and exiting now",
-                daemon.pending()
-            );
-            let flushed = daemon.emergency_flush();
-            tracing::error!(
-                "exiting before close-all finished ({})",
-                if flushed {
-                    "every open node flushed"
-                } else {
-                    "some flushes failed or did not finish: see above"
-                }
-            );
-            monitor.stop();
-            return 1;
-        }
-    };
-    monitor.stop();
-    if clean {
-        tracing::info!("all exports detached and nodes flushed");
-        0
-    } else {
-        tracing::error!("shutdown incomplete: see the errors above");
-        1
-    }
-}
-
-fn attach_help_for(x: &VhostUserExport) -> String {
-    let sock = x
-        .config()
-        .socket
-        .canonicalize()
-        .unwrap_or_else(|_| x.config().socket.clone());
-    format!(
-        "\nsluice serves {} over {}. Attach it to QEMU with:\n  \
-         qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \\\n    \
-         -machine q35,memory-backend=mem \\\n    \
-         -chardev socket,id=disk0,path={} \\\n    \
-         -device vhost-user-blk-pci,chardev=disk0,num-queues={} ...\n\
-         Stop with Ctrl-C: in-flight requests finish and the image is flushed.",
-        x.node().spec(),
-        sock.display(),
-        sock.display(),
-        x.config().queues,
-    )
 }

@@ -23,6 +23,7 @@ pub mod export;
 pub mod fuzzing;
 pub mod graph;
 pub mod jobs;
+pub mod lifecycle;
 pub mod limits;
 pub mod logging;
 pub mod monitor;

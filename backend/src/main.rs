@@ -256,7 +256,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match sluice::daemon::serve(&config, attach_help) {
+    match sluice::lifecycle::serve(&config, attach_help) {
         0 => ExitCode::SUCCESS,
         code => ExitCode::from(code.clamp(1, 255) as u8),
     }

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{code, RpcError, StopRequest};
+use super::rpc::{code, RpcError, StopRequest};
 use crate::config::{DiskConfig, DiskParams, ExportConfig, ExportParams};
 use crate::daemon::{Daemon, MirrorParams};
 

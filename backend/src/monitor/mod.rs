@@ -9,6 +9,7 @@
 //! slot is taken the client idle longest is closed to serve the new one.
 
 mod methods;
+mod rpc;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
@@ -21,10 +22,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::daemon::{Daemon, OpError};
+use crate::daemon::Daemon;
 use crate::unix_socket::{self, BindError};
 
 pub use methods::{parse_call, Call, METHODS};
+pub use rpc::{code, RpcError, StopRequest};
 
 /// Most monitor clients served at once.
 pub const MAX_CONTROL_CLIENTS: usize = 16;
@@ -43,35 +45,6 @@ pub const CONTROL_WRITE_TIMEOUT_MS: u64 = 10_000;
 /// Mode of the control socket: owner only.
 pub const CONTROL_SOCKET_MODE: u32 = 0o600;
 
-/// JSON-RPC 2.0 error codes.
-pub mod code {
-    /// Invalid JSON.
-    pub const PARSE_ERROR: i64 = -32700;
-    /// Not a valid request object.
-    pub const INVALID_REQUEST: i64 = -32600;
-    /// No such method.
-    pub const METHOD_NOT_FOUND: i64 = -32601;
-    /// Wrong parameters.
-    pub const INVALID_PARAMS: i64 = -32602;
-    /// The operation failed.
-    pub const FAILED: i64 = -32000;
-    /// The named node, export or job does not exist.
-    pub const NOT_FOUND: i64 = -32001;
-    /// The request conflicts with the current state (in use, name taken).
-    pub const CONFLICT: i64 = -32002;
-    /// The daemon is shutting down.
-    pub const SHUTTING_DOWN: i64 = -32003;
-}
-
-/// Why the daemon should stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopRequest {
-    /// SIGINT or SIGTERM.
-    Signal(i32),
-    /// The monitor's `shutdown` method.
-    Monitor,
-}
-
 /// The default control socket: `$RUNTIME_DIRECTORY`, else
 /// `$XDG_RUNTIME_DIR/sluice`, else `/run/sluice`, then `control.sock`.
 pub fn default_control_path() -> PathBuf {
@@ -82,38 +55,6 @@ pub fn default_control_path() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/run"));
     base.join("sluice").join("control.sock")
-}
-
-/// A JSON-RPC error: code and message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RpcError {
-    /// JSON-RPC code.
-    pub code: i64,
-    /// What went wrong and what to do.
-    pub message: String,
-}
-
-impl RpcError {
-    /// An error with `code`.
-    pub fn new(code: i64, message: impl Into<String>) -> Self {
-        RpcError {
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<OpError> for RpcError {
-    fn from(e: OpError) -> Self {
-        let c = match e {
-            OpError::NotFound(_) => code::NOT_FOUND,
-            OpError::Conflict(_) => code::CONFLICT,
-            OpError::Invalid(_) => code::INVALID_PARAMS,
-            OpError::Failed(_) => code::FAILED,
-            OpError::ShuttingDown => code::SHUTTING_DOWN,
-        };
-        RpcError::new(c, e.to_string())
-    }
 }
 
 /// The running control socket.
