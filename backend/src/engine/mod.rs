@@ -153,9 +153,16 @@ impl<C> Engine<C> {
     /// Queues one request. The SQE reaches the kernel at the next
     /// [`Engine::submit_pending`] (so a batch costs one system call).
     ///
-    /// The request's segments must stay valid until its completion is reaped.
-    pub fn submit(&mut self, req: &BlockRequest<'_>, ctx: C) -> Result<(), SubmitError> {
-        self.submit_inner(req, ctx, None).map(|_| ())
+    /// # Safety
+    /// Every segment of `req` must be memory valid for the request's
+    /// direction (writable for reads, readable for writes) for its whole
+    /// length, and stay so until the request's completion is reaped; if the
+    /// engine is dropped with the request still in flight, that memory must
+    /// never be freed (the kernel may still use it).
+    pub unsafe fn submit(&mut self, req: &BlockRequest<'_>, ctx: C) -> Result<(), SubmitError> {
+        // SAFETY: the caller's promise about `req`'s segments is the one
+        // `submit_inner` needs.
+        unsafe { self.submit_inner(req, ctx, None) }.map(|_| ())
     }
 
     /// [`Engine::submit`] for a guest write that must also reach a mirror
@@ -163,13 +170,21 @@ impl<C> Engine<C> {
     /// caller holds the node). Returns whether the write was mirrored (only
     /// writes that go to the kernel are); the completion then reports the
     /// target half through [`Engine::reap_mirrored`].
-    pub fn submit_mirrored(
+    ///
+    /// # Safety
+    /// Every segment of `req` must be memory valid for the request's
+    /// direction (writable for reads, readable for writes) for its whole
+    /// length, and stay so until the request's completion is reaped; if the
+    /// engine is dropped with the request still in flight, that memory must
+    /// never be freed (the kernel may still use it).
+    pub unsafe fn submit_mirrored(
         &mut self,
         req: &BlockRequest<'_>,
         ctx: C,
         target: RawFd,
     ) -> Result<bool, SubmitError> {
-        self.submit_inner(req, ctx, Some(target))
+        // SAFETY: as for `submit`, passed on.
+        unsafe { self.submit_inner(req, ctx, Some(target)) }
     }
 
     fn push(&mut self, entry: &io_uring::squeue::Entry) {
@@ -187,7 +202,9 @@ impl<C> Engine<C> {
         self.unsubmitted += 1;
     }
 
-    fn submit_inner(
+    /// # Safety
+    /// As [`Engine::submit`].
+    unsafe fn submit_inner(
         &mut self,
         req: &BlockRequest<'_>,
         ctx: C,
@@ -195,7 +212,8 @@ impl<C> Engine<C> {
     ) -> Result<bool, SubmitError> {
         let index = self.free.pop().ok_or(SubmitError::Busy)?;
         let i = usize::from(index);
-        match self.table.begin(index, req, ctx) {
+        // SAFETY: our caller's promise about `req`'s segments.
+        match unsafe { self.table.begin(index, req, ctx) } {
             Ok(Prepared::Sqe(entry)) => {
                 let mirror = target.and_then(|fd| self.table.mirror_write(index, fd));
                 self.pending[i] = 1 + u8::from(mirror.is_some());

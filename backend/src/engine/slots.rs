@@ -158,10 +158,16 @@ impl<C> SlotTable<C> {
     }
 
     /// Fills slot `index` (which must be free) for `req`. On success the slot
-    /// is in flight and owns copies of the request's iovecs; the request's
-    /// segments must stay valid until [`SlotTable::finish`]. On error the
-    /// slot stays free.
-    pub fn begin(
+    /// is in flight and owns copies of the request's iovecs, and the SQE it
+    /// returns hands them to the kernel. On error the slot stays free.
+    ///
+    /// # Safety
+    /// Every segment of `req` must be memory valid for the request's
+    /// direction (writable for reads, readable for writes) for its whole
+    /// length, and stay so until [`SlotTable::finish`] of this slot; if the
+    /// table is dropped with the slot in flight, that memory must never be
+    /// freed. (A null node writes zeroes into a read's segments at once.)
+    pub unsafe fn begin(
         &mut self,
         index: u16,
         req: &BlockRequest<'_>,

@@ -66,7 +66,9 @@ fn run(
         len_bytes,
         segments: segs,
     };
-    engine.submit(&req, 7).map_err(|e| match e {
+    // SAFETY: the callers' segments are live test buffers of the stated
+    // lengths, and the request is drained before this function returns.
+    unsafe { engine.submit(&req, 7) }.map_err(|e| match e {
         SubmitError::Refused(e) => e,
         SubmitError::Busy => panic!("busy"),
     })?;
@@ -158,7 +160,8 @@ fn depth_bounds_admission_and_drop_waits() {
             len_bytes: 4096,
             segments: &segs,
         };
-        e.submit(&req, i).unwrap();
+        // SAFETY: `buf` outlives `e` (dropped below, which waits for these).
+        unsafe { e.submit(&req, i) }.unwrap();
     }
     assert!(!e.has_free_slot());
     let segs = [buf.iov(0, 4096)];
@@ -168,7 +171,8 @@ fn depth_bounds_admission_and_drop_waits() {
         len_bytes: 4096,
         segments: &segs,
     };
-    assert_eq!(e.submit(&req, 9), Err(SubmitError::Busy));
+    // SAFETY: refused (no free slot) before anything reaches the kernel.
+    assert_eq!(unsafe { e.submit(&req, 9) }, Err(SubmitError::Busy));
     e.submit_pending().unwrap();
     assert_eq!(e.in_flight(), 4);
     // Dropping with requests in flight waits for them before freeing slots.

@@ -431,22 +431,27 @@ impl Copier {
         })
     }
 
+    /// Submits copy `c` (a read into, or a write from, its own buffer).
     fn submit(
         engine: &mut Engine<Copy>,
+        buffers: &Buffers,
         op: BlockOp,
         offset: u64,
-        iov: &[libc::iovec],
         c: Copy,
     ) -> Result<(), String> {
+        let iov = [buffers.iov(c.buf, c.len)];
         let req = BlockRequest {
             op,
             offset_bytes: offset,
             len_bytes: c.len as u64,
-            segments: iov,
+            segments: &iov,
         };
-        engine
-            .submit(&req, c)
-            .map_err(|e| format!("chunk {}: {e}", c.chunk))
+        // SAFETY: `iov` is buffer `c.buf` of this copier's allocation
+        // (bounds asserted by `iov`), readable and writable, and used by
+        // one copy at a time (`busy`). The copier owns the buffers for as
+        // long as its engines live, and `Drop for Copier` never frees them
+        // while a copy is in flight.
+        unsafe { engine.submit(&req, c) }.map_err(|e| format!("chunk {}: {e}", c.chunk))
     }
 
     /// Copies dirty chunks until told to stop; with `until_clean` (a
@@ -498,13 +503,7 @@ impl Copier {
                     len,
                     generation,
                 };
-                Self::submit(
-                    &mut self.reads,
-                    BlockOp::Read,
-                    offset,
-                    &[self.buffers.iov(buf, len)],
-                    c,
-                )?;
+                Self::submit(&mut self.reads, &self.buffers, BlockOp::Read, offset, c)?;
                 shared.in_flight_chunks.fetch_add(1, Ordering::Relaxed);
             }
             self.reads
@@ -518,9 +517,9 @@ impl Copier {
                 let offset = c.chunk as u64 * self.chunk_bytes;
                 Self::submit(
                     &mut self.writes,
+                    &self.buffers,
                     BlockOp::Write { fua: false },
                     offset,
-                    &[self.buffers.iov(c.buf, c.len)],
                     c,
                 )?;
             }

@@ -545,7 +545,15 @@ fn serve_queue(
             len_bytes,
             segments: if op.moves_data() { &iov } else { &[] },
         };
-        match table.begin(tag, &req, (op, Instant::now())) {
+        // SAFETY: `iov` is this tag's io buffer, which libublk allocated for
+        // the queue (`alloc_queue_io_bufs`, `max_io_bytes` long; `check_io`
+        // bounded `len_bytes` by it), used by this tag only: the kernel
+        // hands a tag out again only after we completed it, which we do
+        // after its backing I/O was reaped. `bufs` lives until this function
+        // returns, and the queue loop returns only once the device stopped,
+        // which the kernel allows only after every request it issued was
+        // completed by us (a slot table dropped earlier leaks, see `Drop`).
+        match unsafe { table.begin(tag, &req, (op, Instant::now())) } {
             Ok(Prepared::Sqe(sqe)) => {
                 let sqe = sqe.user_data(UblkIOCtx::build_user_data(
                     tag,

@@ -498,7 +498,8 @@ impl QueueWorker {
                     (Some(tap), Some(fd), BlockOp::Write { .. }) => {
                         tap.begin_write(offset_bytes, len_bytes);
                         ctx.mirrored = Some(tap.clone());
-                        let r = self.engine.submit_mirrored(&req, ctx.clone(), fd);
+                        // SAFETY: see the plain submit below.
+                        let r = unsafe { self.engine.submit_mirrored(&req, ctx.clone(), fd) };
                         if !matches!(r, Ok(true)) {
                             // Not mirrored after all: count it as done (the
                             // chunk is marked and copied again).
@@ -506,7 +507,14 @@ impl QueueWorker {
                         }
                         r.map(|_| ())
                     }
-                    _ => self.engine.submit(&req, ctx.clone()),
+                    // SAFETY: `decode` built these iovecs from descriptors it
+                    // checked to lie inside `self.mem` with the direction the
+                    // op needs (device-writable for reads). That map stays
+                    // mapped while the request is in flight: a newer one
+                    // retires it only once the queue is idle
+                    // (`refresh_memory`), and a worker dropped with requests
+                    // in flight drops its engine first, which waits or leaks.
+                    _ => unsafe { self.engine.submit(&req, ctx.clone()) },
                 };
                 match submitted {
                     Ok(()) => return,
