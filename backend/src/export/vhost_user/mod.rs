@@ -345,13 +345,22 @@ impl VhostUserExport {
     /// Waits until nothing is in flight, counted under each worker's lock
     /// (a worker that looked at `paused`/`admitting` before it changed has
     /// finished that pass). Completions wake the workers themselves. On
-    /// timeout returns the busy queues.
+    /// timeout returns the busy queues, including those whose thread is
+    /// stuck in the kernel (their lock could not be taken).
     fn wait_until_idle(&self, timeout: Duration) -> Result<(), Vec<usize>> {
         let deadline = Instant::now() + timeout;
         loop {
-            match self.shared.in_flight_exact() {
-                None | Some(0) => return Ok(()),
-                Some(_) if Instant::now() >= deadline => {
+            match self.shared.in_flight_exact(deadline) {
+                None | Some(Ok(0)) => return Ok(()),
+                Some(Err(stuck)) => {
+                    tracing::error!(
+                        export = %self.config.name,
+                        "queues {stuck:?}: the queue thread is blocked in the kernel (the backing \
+                         device or file system does not answer)"
+                    );
+                    return Err(stuck);
+                }
+                Some(Ok(_)) if Instant::now() >= deadline => {
                     return Err(self
                         .shared
                         .queues
@@ -361,7 +370,7 @@ impl VhostUserExport {
                         .map(|(i, _)| i)
                         .collect())
                 }
-                Some(_) => std::thread::sleep(Duration::from_micros(200)),
+                Some(Ok(_)) => std::thread::sleep(Duration::from_micros(200)),
             }
         }
     }

@@ -2,7 +2,7 @@
 //! driven by the queue's own worker thread.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use std::time::{Duration, Instant};
@@ -73,22 +73,45 @@ pub struct ExportShared {
 
 impl ExportShared {
     /// Requests in flight over the current connection's queues, counted
-    /// while each queue is between wake-ups (`None`: no connection).
-    pub fn in_flight_exact(&self) -> Option<u32> {
+    /// while each queue is between wake-ups (`None`: no connection). A
+    /// queue whose worker cannot be locked by `deadline` is stuck (its
+    /// thread blocked in the kernel, e.g. submitting to a file system that
+    /// does not answer): `Err` lists those queues.
+    pub fn in_flight_exact(&self, deadline: Instant) -> Option<Result<u32, Vec<usize>>> {
         let workers = self.workers.lock().unwrap().as_ref()?.upgrade()?;
-        Some(
-            workers
-                .iter()
-                .map(|w| self.lock_worker(w).engine.in_flight())
-                .sum(),
-        )
+        let mut total = 0;
+        let mut stuck = Vec::new();
+        for (i, w) in workers.iter().enumerate() {
+            match self.lock_worker(w, deadline) {
+                Some(worker) => total += worker.engine.in_flight(),
+                None => stuck.push(i),
+            }
+        }
+        Some(if stuck.is_empty() { Ok(total) } else { Err(stuck) })
     }
 
-    /// Locks a queue worker from the control plane: the worker, if it is
-    /// polling, sees `control_waiting` and lets go within one iteration.
-    fn lock_worker<'a>(&self, w: &'a Mutex<QueueWorker>) -> MutexGuard<'a, QueueWorker> {
+    /// Locks a queue worker from the control plane, waiting at most until
+    /// `deadline`: a polling worker sees `control_waiting` and lets go
+    /// within one iteration, but one whose thread is blocked in the kernel
+    /// never does, and the control plane must not wait for it forever.
+    fn lock_worker<'a>(
+        &self,
+        w: &'a Mutex<QueueWorker>,
+        deadline: Instant,
+    ) -> Option<MutexGuard<'a, QueueWorker>> {
         self.control_waiting.fetch_add(1, Ordering::SeqCst);
-        let guard = w.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pause = Duration::from_micros(20);
+        let guard = loop {
+            match w.try_lock() {
+                Ok(g) => break Some(g),
+                Err(TryLockError::Poisoned(p)) => break Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) if Instant::now() >= deadline => break None,
+                Err(TryLockError::WouldBlock) => {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(1));
+                }
+            }
+        };
         self.control_waiting.fetch_sub(1, Ordering::SeqCst);
         guard
     }
