@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
 """hangfs: a FUSE filesystem with one file that can be told to stop answering.
 
-    hangfs.py MOUNTPOINT BACKING NAME SIZE CONTROL
+    hangfs.py MOUNTPOINT BACKING NAME SIZE CONTROL [hang-flush]
 
 serves MOUNTPOINT/NAME, SIZE bytes, stored in the regular file BACKING
 (created sparse, or grown, to SIZE). It works normally until CONTROL exists
 (`touch CONTROL`) or the process gets SIGUSR1; from then on every read,
-write, fsync and flush of the file blocks forever: the request is taken from
-the kernel and never answered, as a dead drive or a hard NFS mount behaves.
-Metadata (getattr, statfs, open) keeps answering, so the hang is only where a
-block device's I/O would hang. Only unmounting (`fusermount -u -z`) and
+write and fsync/fdatasync of the file blocks forever: the request is taken
+from the kernel and never answered, as a dead drive or a hard NFS mount
+behaves. Metadata (getattr, statfs, open) keeps answering, so the hang is
+only where a block device's I/O would hang.
+
+FUSE_FLUSH (sent by every close(2), including the implicit ones of a process
+exiting) keeps answering unless `hang-flush` is given: a close that never
+returns is FUSE's, not a drive's (closing an O_DIRECT block device does no
+I/O), and the kernel waits for it uninterruptibly, so no process that ever
+opened the file could exit, whatever it does. Only unmounting (`fusermount -u -z`) and
 killing this process end the blocked requests (the kernel then fails them
 with ENOTCONN).
 
@@ -34,8 +40,9 @@ from fuse import FUSE, FuseOSError, Operations
 
 
 class HangFS(Operations):
-    def __init__(self, backing, name, size, control):
+    def __init__(self, backing, name, size, control, hang_flush):
         self.name = "/" + name
+        self.hang_flush = hang_flush
         self.size = size
         self.control = control
         self.hung = threading.Event()
@@ -117,18 +124,20 @@ class HangFS(Operations):
         return 0
 
     def flush(self, path, fh):
-        self._maybe_hang()
+        if self.hang_flush:
+            self._maybe_hang()
         return 0
 
 
 def main():
-    if len(sys.argv) != 6:
+    if len(sys.argv) not in (6, 7) or sys.argv[6:] not in ([], ["hang-flush"]):
         sys.exit(__doc__)
-    mountpoint, backing, name, size, control = sys.argv[1:]
+    mountpoint, backing, name, size, control = sys.argv[1:6]
+    hang_flush = sys.argv[6:] == ["hang-flush"]
     size = int(size)
     if size <= 0 or size % 4096:
         sys.exit("hangfs: SIZE must be a positive multiple of 4096")
-    fs = HangFS(backing, name, size, control)
+    fs = HangFS(backing, name, size, control, hang_flush)
 
     # SIGUSR1: hang. Python runs signal handlers on the main thread only, and
     # that one sits in libfuse's loop; so block the signal everywhere (the
