@@ -17,8 +17,10 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # Debian packages: libclang for bindgen (libublk's sys crate), losetup,
-# mkfs/fsck and fio for the storage checks.
-want=(libclang-dev clang util-linux e2fsprogs fio)
+# mkfs/fsck and fio for the storage checks; libfuse2 (libfuse.so.2, which
+# fusepy loads) and fuse (fusermount) for the FUSE file that stops answering
+# (tests/fuse/hangfs.py, tests/tests/hang.rs).
+want=(libclang-dev clang util-linux e2fsprogs fio libfuse2 fuse)
 missing=()
 for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -27,6 +29,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# fusepy for hangfs.py, in the python3 the tests run: pip when it can; a
+# Debian python3 that refuses pip (PEP 668) or has none gets python3-fusepy.
+if ! python3 -c 'import fuse' >/dev/null 2>&1; then
+    echo "== installing fusepy"
+    python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore fusepy >/dev/null 2>&1 \
+        || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-fusepy
+    python3 -c 'import fuse' || echo "warning: python3 cannot import fusepy: FUSE tests will skip" >&2
+fi
+if [ ! -e /dev/fuse ]; then
+    modprobe fuse 2>/dev/null || echo "warning: no /dev/fuse: FUSE tests will skip" >&2
 fi
 
 # Loop devices are the real block devices on this host.

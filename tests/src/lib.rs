@@ -1650,3 +1650,230 @@ pub fn assert_gone(path: &Path) {
         path.display()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// A backing file that stops answering (FUSE)
+// ---------------------------------------------------------------------------------------
+
+/// How long `hangfs.py` may take to mount and answer, and to confirm a hang.
+pub const FUSE_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The FUSE file system script, `tests/fuse/hangfs.py`.
+fn hangfs_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fuse/hangfs.py")
+}
+
+/// Runs `cmd` with its output captured, killing it after `timeout`: `Ok(stderr)` on
+/// success, `Err(what happened)` otherwise.
+fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<String, String> {
+    let shown = format!("{cmd:?}");
+    let err = tempfile::tempfile().map_err(|e| format!("stderr file: {e}"))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            err.try_clone().map_err(|e| format!("dup: {e}"))?,
+        ))
+        .spawn()
+        .map_err(|e| format!("{shown}: {e}"))?;
+    let status = wait_timeout(&mut child, timeout);
+    let mut text = String::new();
+    {
+        use std::io::Seek;
+        let mut err = err;
+        let _ = err.rewind();
+        let _ = err.read_to_string(&mut text);
+    }
+    match status {
+        Some(s) if s.success() => Ok(text),
+        Some(s) => Err(format!("{shown}: {s}: {}", text.trim())),
+        None => {
+            let _ = child.kill();
+            let _ = wait_timeout(&mut child, Duration::from_secs(2));
+            Err(format!("{shown}: still running after {timeout:?}"))
+        }
+    }
+}
+
+/// Why FUSE tests cannot run here, if they cannot: they need root, `/dev/fuse`,
+/// `fusermount` (Debian `fuse`), and `python3` with fusepy (`pip install fusepy`), which
+/// loads libfuse2's `libfuse.so.2` (Debian `libfuse2`). `tests/run.sh` installs them.
+pub fn needs_fuse() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 {
+        return Err(format!("running as uid {euid}, not root"));
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err("/dev/fuse does not exist (modprobe fuse)".into());
+    }
+    if !hangfs_script().is_file() {
+        return Err(format!("{} is missing", hangfs_script().display()));
+    }
+    run_bounded(Command::new("fusermount").arg("-V"), Duration::from_secs(5))
+        .map_err(|e| format!("fusermount not runnable (apt-get install fuse): {e}"))?;
+    run_bounded(
+        Command::new("python3").args(["-c", "import fuse"]),
+        Duration::from_secs(10),
+    )
+    .map_err(|e| {
+        if e.contains("libfuse") {
+            format!("libfuse.so.2 missing (apt-get install libfuse2): {e}")
+        } else {
+            format!("python3 cannot import fusepy (python3 -m pip install fusepy): {e}")
+        }
+    })?;
+    Ok(())
+}
+
+/// One file served by `tests/fuse/hangfs.py` (a FUSE file system, mounted `direct_io`,
+/// so `O_DIRECT` opens work) that answers normally until [`HangingFile::hang`]; from then
+/// on every read, write, fsync and flush of it is taken from the kernel and never
+/// answered, like a drive that stopped answering. Whoever waits for such a request sits in
+/// the kernel (`request_wait_answer`, uninterruptible once the request was taken, even by
+/// SIGKILL) until the file system goes away: drop lazily unmounts it and kills the server,
+/// which fails every pending request with `ENOTCONN`.
+pub struct HangingFile {
+    child: Child,
+    mountpoint: PathBuf,
+    file: PathBuf,
+    lines: Receiver<String>,
+    stderr: tempfile::NamedTempFile,
+    hung: bool,
+}
+
+impl HangingFile {
+    /// Mounts the file system on `dir/hangfs-mnt` serving `size_bytes` (a multiple of
+    /// 4096), stored in the sparse file `dir/hangfs-backing.img`, and waits (at most
+    /// [`FUSE_READY_TIMEOUT`]) until it answers.
+    pub fn start(dir: &Path, size_bytes: u64) -> Result<HangingFile, String> {
+        needs_fuse()?;
+        if size_bytes == 0 || size_bytes % 4096 != 0 {
+            return Err(format!(
+                "size {size_bytes} is not a positive multiple of 4096"
+            ));
+        }
+        let dir = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mountpoint = dir.join("hangfs-mnt");
+        std::fs::create_dir_all(&mountpoint)
+            .map_err(|e| format!("mkdir {}: {e}", mountpoint.display()))?;
+        let stderr = tempfile::Builder::new()
+            .prefix("hangfs-stderr-")
+            .tempfile()
+            .map_err(|e| format!("stderr file: {e}"))?;
+        let stderr_handle = stderr.reopen().map_err(|e| format!("stderr file: {e}"))?;
+        let mut child = Command::new("python3")
+            .arg(hangfs_script())
+            .arg(&mountpoint)
+            .arg(dir.join("hangfs-backing.img"))
+            .arg("disk.img")
+            .arg(size_bytes.to_string())
+            .arg(dir.join("hangfs-hang"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr_handle))
+            .spawn()
+            .map_err(|e| format!("spawning python3 {}: {e}", hangfs_script().display()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut fs = HangingFile {
+            child,
+            file: mountpoint.join("disk.img"),
+            mountpoint,
+            lines,
+            stderr,
+            hung: false,
+        };
+        fs.expect_line("ready")?;
+        Ok(fs)
+    }
+
+    fn expect_line(&mut self, want: &str) -> Result<(), String> {
+        let deadline = Instant::now() + FUSE_READY_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == want => return Ok(()),
+                Ok(_) => {}
+                Err(e) => {
+                    let why = match e {
+                        RecvTimeoutError::Timeout => format!("within {FUSE_READY_TIMEOUT:?}"),
+                        RecvTimeoutError::Disconnected => "before it exited".to_owned(),
+                    };
+                    return Err(format!(
+                        "hangfs did not say {want:?} {why}\n--- hangfs stderr ---\n{}",
+                        self.stderr()
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The served file (`<dir>/hangfs-mnt/disk.img`).
+    pub fn path(&self) -> &Path {
+        &self.file
+    }
+
+    /// The regular file that holds the data (readable while the FUSE file hangs).
+    pub fn backing(&self) -> PathBuf {
+        self.mountpoint.with_file_name("hangfs-backing.img")
+    }
+
+    /// The FUSE server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Makes every read, write, fsync and flush of the file from now on block forever
+    /// (SIGUSR1 to the server), and waits (at most [`FUSE_READY_TIMEOUT`]) for the server
+    /// to confirm.
+    pub fn hang(&mut self) -> Result<(), String> {
+        if self.hung {
+            return Ok(());
+        }
+        send_signal(self.child.id(), libc::SIGUSR1);
+        self.expect_line("hung")?;
+        self.hung = true;
+        Ok(())
+    }
+
+    /// What the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr.path()).unwrap_or_else(|e| format!("<{e}>"))
+    }
+}
+
+impl Drop for HangingFile {
+    fn drop(&mut self) {
+        // Detach the mount first (no new opens), then kill the server: the kernel then
+        // fails every request still waiting for it, and their waiters go on.
+        let lazy = Duration::from_secs(5);
+        if run_bounded(
+            Command::new("fusermount")
+                .arg("-u")
+                .arg("-z")
+                .arg(&self.mountpoint),
+            lazy,
+        )
+        .is_err()
+        {
+            let _ = run_bounded(Command::new("umount").arg("-l").arg(&self.mountpoint), lazy);
+        }
+        let _ = self.child.kill();
+        if wait_timeout(&mut self.child, lazy).is_none() {
+            eprintln!(
+                "hangfs (pid {}) still running {lazy:?} after SIGKILL",
+                self.child.id()
+            );
+        }
+        let _ = std::fs::remove_dir(&self.mountpoint);
+    }
+}
