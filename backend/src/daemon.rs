@@ -892,22 +892,17 @@ impl Daemon {
     fn cancel_jobs(&self, deadline: Instant) -> bool {
         let mut clean = true;
         loop {
-            if Instant::now() >= deadline {
-                let left: Vec<String> = self
-                    .state()
-                    .graph
-                    .nodes()
-                    .map(|(n, _, _)| n.to_owned())
-                    .collect();
-                tracing::error!(
-                    "close-all: jobs still hold nodes {left:?} at the close-all deadline"
-                );
-                return false;
-            }
             let (next, leftovers) = {
                 let state = self.state();
                 if state.graph.is_empty() {
                     return clean;
+                }
+                if Instant::now() >= deadline {
+                    let left: Vec<&str> = state.graph.nodes().map(|(n, _, _)| n).collect();
+                    tracing::error!(
+                        "close-all: jobs still hold nodes {left:?} at the close-all deadline"
+                    );
+                    return false;
                 }
                 let next = state.graph.nodes().find_map(|(_, _, holders)| {
                     holders.into_iter().find_map(|h| match h {

@@ -41,7 +41,11 @@ fn main_thread_exited(pid: u32) -> bool {
         return true;
     };
     let state = stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3));
+    // Exiting counts too: the exit tears down the io_uring rings, which waits in the
+    // kernel for the requests the FUSE file never answers.
     matches!(state, Some("Z" | "X"))
+        || std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stack"))
+            .is_ok_and(|s| s.contains("do_exit"))
 }
 
 /// Runs a command for diagnostics, killed after `timeout`; its output or what went wrong.

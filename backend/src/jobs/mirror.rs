@@ -306,11 +306,17 @@ impl MirrorJob {
 
 impl Drop for MirrorJob {
     fn drop(&mut self) {
-        if !self.stop_copier(Instant::now() + Duration::from_millis(COPIER_STOP_TIMEOUT_MS)) {
+        // Cancel and completion stop the copier first, with their own
+        // bounds; a job dropped without either (the process is exiting after
+        // close-all gave up on it) waits only briefly.
+        if !self.stop_copier(Instant::now() + Duration::from_millis(COPIER_DROP_WAIT_MS)) {
             tracing::error!(job = %self.id, "the mirror copier did not stop; left running");
         }
     }
 }
+
+/// How long dropping a job whose copier still runs waits for it.
+const COPIER_DROP_WAIT_MS: u64 = 1_000;
 
 /// How long stopping the copier may take: its in-flight copies get
 /// `DRAIN_TIMEOUT_MS` per engine (reads, then writes), plus a margin.

@@ -87,7 +87,11 @@ impl ExportShared {
                 None => stuck.push(i),
             }
         }
-        Some(if stuck.is_empty() { Ok(total) } else { Err(stuck) })
+        Some(if stuck.is_empty() {
+            Ok(total)
+        } else {
+            Err(stuck)
+        })
     }
 
     /// Locks a queue worker from the control plane, waiting at most until
