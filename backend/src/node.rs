@@ -329,22 +329,17 @@ impl Node {
     /// Makes every completed write durable (`fdatasync`). Used off the request
     /// path, by shutdown; queues flush through their own rings.
     pub fn flush(&self) -> Result<(), NodeError> {
-        let Some(fd) = self.raw_fd() else {
+        let (Backing::BlockDevice(file) | Backing::File(file)) = &self.backing else {
             return Ok(());
         };
         if self.read_only {
             return Ok(());
         }
-        // SAFETY: fdatasync only reads the descriptor number; `fd` belongs to
-        // `self.backing`, which outlives this call.
-        let rc = unsafe { libc::fdatasync(fd) };
-        if rc != 0 {
-            return Err(NodeError::Flush {
-                name: self.name.clone(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(())
+        // `sync_data` is fdatasync(2).
+        file.sync_data().map_err(|source| NodeError::Flush {
+            name: self.name.clone(),
+            source,
+        })
     }
 }
 

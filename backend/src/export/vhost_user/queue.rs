@@ -302,8 +302,8 @@ impl QueueWorker {
                 // consumer, or the kernel worker doing our I/O. (A yield per
                 // iteration costs a depth-1 request microseconds.)
                 if now.duration_since(last_yield) >= Duration::from_micros(POLL_YIELD_INTERVAL_US) {
-                    // SAFETY: sched_yield has no preconditions.
-                    unsafe { libc::sched_yield() };
+                    // sched_yield(2) on Linux.
+                    std::thread::yield_now();
                     last_yield = now;
                 } else {
                     std::hint::spin_loop();
