@@ -40,6 +40,7 @@ use crate::limits::{
     ACCEPT_FAILURE_LOG_INTERVAL_MS, ACCEPT_RETRY_MAX_MS, DETACH_QUIET_MS, MAX_QUEUE_DEPTH,
     MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES,
 };
+use crate::logging::Throttle;
 use crate::node::Node;
 
 pub use self::queue::VirtioCtx;
@@ -646,26 +647,29 @@ impl ListenerCtx {
 
 /// Consecutive failures to take a frontend: backs off (bounded) and logs the
 /// first failure, then one summary per `ACCEPT_FAILURE_LOG_INTERVAL_MS`.
-#[derive(Default)]
 struct AcceptFailures {
     count: u64,
-    unlogged: u64,
-    last_log: Option<Instant>,
+    log: Throttle,
+}
+
+impl Default for AcceptFailures {
+    fn default() -> Self {
+        AcceptFailures {
+            count: 0,
+            log: Throttle::per_ms(ACCEPT_FAILURE_LOG_INTERVAL_MS),
+        }
+    }
 }
 
 impl AcceptFailures {
     fn failed(&mut self, export: &str, error: &str, stop: &EventFd) {
         self.count += 1;
-        self.unlogged += 1;
-        let interval = Duration::from_millis(ACCEPT_FAILURE_LOG_INTERVAL_MS);
-        if self.last_log.is_none_or(|t| t.elapsed() >= interval) {
+        if let Some(suppressed) = self.log.allow() {
             tracing::error!(
                 export,
-                failures = self.unlogged,
+                failures = suppressed + 1,
                 "cannot take a frontend: {error} (retrying; if descriptors ran out, raise the open-file limit)"
             );
-            self.unlogged = 0;
-            self.last_log = Some(Instant::now());
         }
         // 10 ms, doubling up to the limit; a stop request ends the pause.
         let shift = self.count.min(16) as u32;

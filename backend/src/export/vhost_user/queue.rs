@@ -243,7 +243,13 @@ impl QueueWorker {
     /// has been idle for the polling window, then arms notifications.
     pub fn run(&mut self, vring: &VringRwLock, atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
         self.engine.clear_completion_event();
-        if self.shared().ring_stopped.swap(false, Ordering::AcqRel) && self.broken.is_some() {
+        // A plain load first: the flag is almost never set, and an atomic
+        // read-modify-write per wake-up would cost the request path.
+        let ring_stopped = &self.shared().ring_stopped;
+        if ring_stopped.load(Ordering::Relaxed)
+            && ring_stopped.swap(false, Ordering::AcqRel)
+            && self.broken.is_some()
+        {
             tracing::info!(
                 export = &*self.shared.name,
                 queue = self.index,
