@@ -6,13 +6,14 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use crate::config::{DiskConfig, ExportConfig, ServeConfig};
 use crate::export::vhost_user::VhostUserExport;
 use crate::export::{start_export, DrainBounds, Export, ExportTotals};
-use crate::graph::{close_node, flush_bounded, Graph, GraphError, Holder};
+use crate::graph::{flush_bounded, Graph, GraphError, Holder};
 use crate::jobs::{JobStatus, MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT};
 use crate::limits::{
     CLOSE_ALL_TIMEOUT_MS, DRAIN_TIMEOUT_MS, EMERGENCY_FLUSH_TIMEOUT_MS, FLUSH_TIMEOUT_MS,
@@ -270,7 +271,7 @@ impl Daemon {
     pub fn remove_node(&self, name: &str) -> Result<(), OpError> {
         self.check_open()?;
         let node = self.state().graph.remove_by_monitor(name)?;
-        close_node(node, Duration::from_millis(FLUSH_TIMEOUT_MS)).map_err(OpError::Failed)
+        flush_bounded(node, Duration::from_millis(FLUSH_TIMEOUT_MS)).map_err(OpError::Failed)
     }
 
     /// `export-add`: starts an export on an existing node, which it holds.
@@ -386,7 +387,7 @@ impl Daemon {
         let result = x.detach(timeout).map(|_| ()).map_err(|e| e.to_string());
         let released = self.state().graph.release(&node, &Holder::Export(name));
         match released {
-            Ok(Some(last)) => close_node(last, Duration::from_millis(FLUSH_TIMEOUT_MS))?,
+            Ok(Some(last)) => flush_bounded(last, Duration::from_millis(FLUSH_TIMEOUT_MS))?,
             Ok(None) => {}
             Err(e) => tracing::error!("{e}"),
         }
@@ -505,7 +506,7 @@ impl Daemon {
             }
         }
         for node in closing {
-            close_node(node, Duration::from_millis(FLUSH_TIMEOUT_MS))?;
+            flush_bounded(node, Duration::from_millis(FLUSH_TIMEOUT_MS))?;
         }
         Ok(())
     }
@@ -779,7 +780,7 @@ impl Daemon {
             if let Ok(Some(node)) = released {
                 let timeout = Duration::from_millis(FLUSH_TIMEOUT_MS)
                     .min(deadline.saturating_duration_since(Instant::now()));
-                match close_node(node, timeout) {
+                match flush_bounded(node, timeout) {
                     Ok(()) => self.log(format_args!(
                         "close-all: release node {name}: flushed and closed"
                     )),
@@ -832,20 +833,32 @@ impl Daemon {
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
-        let timeout = Duration::from_millis(EMERGENCY_FLUSH_TIMEOUT_MS);
-        let flushes: Vec<_> = nodes
-            .into_iter()
-            .map(|n| std::thread::spawn(move || flush_bounded(n, timeout)))
-            .collect();
+        // All at once, one thread each (a flush that never returns keeps
+        // its thread; the process is about to exit), under one deadline.
+        let deadline = Instant::now() + Duration::from_millis(EMERGENCY_FLUSH_TIMEOUT_MS);
+        let (tx, rx) = mpsc::channel();
+        for node in &nodes {
+            let (node, tx) = (node.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send((node.name().to_owned(), node.flush()));
+            });
+        }
         let mut clean = true;
-        for f in flushes {
-            match f.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!("{e}");
-                    clean = false;
-                }
-                Err(_) => clean = false,
+        let mut pending: std::collections::BTreeSet<&str> =
+            nodes.iter().map(|n| n.name()).collect();
+        while !pending.is_empty() {
+            let Ok((name, result)) =
+                rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                tracing::error!(
+                    "flush of nodes {pending:?} did not finish within {EMERGENCY_FLUSH_TIMEOUT_MS} ms"
+                );
+                return false;
+            };
+            pending.remove(name.as_str());
+            if let Err(e) = result {
+                tracing::error!("{e}");
+                clean = false;
             }
         }
         clean

@@ -124,7 +124,7 @@ impl Graph {
 
     /// `holder` gives its reference back. Returns the node when that was
     /// the last reference: it has left the graph and the caller closes it
-    /// (see [`close_node`]).
+    /// (see [`flush_bounded`]).
     pub fn release(
         &mut self,
         name: &str,
@@ -205,14 +205,9 @@ impl Graph {
     }
 }
 
-/// Closes a node that left the graph: flush (bounded by `timeout`), then
-/// let the descriptor go with the last reference.
-pub fn close_node(node: Arc<Node>, timeout: Duration) -> Result<(), String> {
-    flush_bounded(node, timeout)
-}
-
 /// Flushes `node` on a helper thread and waits at most `timeout`: a device
-/// that never answers costs a thread, never the caller.
+/// that never answers costs a thread, never the caller. Closing a node that
+/// left the graph is this flush; its descriptor goes with the last reference.
 pub fn flush_bounded(node: Arc<Node>, timeout: Duration) -> Result<(), String> {
     let name = node.name().to_owned();
     let (tx, rx) = mpsc::channel();
