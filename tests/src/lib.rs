@@ -389,6 +389,19 @@ impl Daemon {
     }
 }
 
+/// Whether the main thread of `pid` has exited: `exit_group` ran, and what is left is
+/// the kernel's teardown (unmapping memory, io_uring rings, or threads still waiting in a
+/// file system), which can outlast the program by seconds on a loaded machine.
+pub fn main_thread_exited(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")) else {
+        return true;
+    };
+    let state = stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3));
+    matches!(state, Some("Z" | "X"))
+        || std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stack"))
+            .is_ok_and(|s| s.contains("do_exit"))
+}
+
 /// A process's resources, from `/proc/PID`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Resources {

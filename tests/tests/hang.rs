@@ -34,20 +34,6 @@ fn fuse_or_skip(test: &str) -> bool {
     }
 }
 
-/// Whether the main thread of `pid` has exited (`exit_group` ran; the process lives on
-/// while other threads of it are still in the kernel).
-fn main_thread_exited(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")) else {
-        return true;
-    };
-    let state = stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3));
-    // Exiting counts too: the exit tears down the io_uring rings, which waits in the
-    // kernel for the requests the FUSE file never answers.
-    matches!(state, Some("Z" | "X"))
-        || std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stack"))
-            .is_ok_and(|s| s.contains("do_exit"))
-}
-
 /// Runs a command for diagnostics, killed after `timeout`; its output or what went wrong.
 fn diagnostic(cmd: &mut Command, timeout: Duration) -> String {
     let out = tempfile::tempfile().expect("output file");
@@ -161,7 +147,7 @@ fn sigterm_within_bound(
         if gave_up_at.is_none() && daemon.stderr().contains("shutdown incomplete") {
             gave_up_at = Some(start.elapsed());
         }
-        if exited_at.is_none() && main_thread_exited(pid) {
+        if exited_at.is_none() && sluice_tests::main_thread_exited(pid) {
             exited_at = Some(start.elapsed());
         }
         if exited_at.is_some() || start.elapsed() >= bound {
