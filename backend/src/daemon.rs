@@ -416,16 +416,6 @@ impl Daemon {
         };
         let source = state.graph.get(&p.node)?.clone();
         let target = state.graph.get(&p.target)?.clone();
-        if let Some(x) = state
-            .exports_of(&p.node)
-            .find(|x| matches!(x, Export::Ublk(_)))
-        {
-            return Err(OpError::Invalid(format!(
-                "node {:?} is served over ublk by export {}: mirroring a ublk-served node is not supported yet",
-                p.node,
-                x.name()
-            )));
-        }
         let target_users: Vec<Holder> = state
             .graph
             .holders(&p.target)
@@ -451,15 +441,11 @@ impl Daemon {
         state.graph.hold(&p.node, holder.clone())?;
         state.graph.hold(&p.target, holder)?;
         for x in state.exports_of(&p.node) {
-            if let Export::VhostUser(x) = x {
-                x.set_mirror(Some(job.tap().clone()));
-            }
+            x.binding().set_mirror(Some(job.tap().clone()));
         }
         if let Err(e) = job.start_copier() {
             for x in state.exports_of(&p.node) {
-                if let Export::VhostUser(x) = x {
-                    x.set_mirror(None);
-                }
+                x.binding().set_mirror(None);
             }
             let holder = Holder::Job(id.clone());
             let _ = state.graph.release(&p.node, &holder);
@@ -518,9 +504,7 @@ impl Daemon {
         self.check_open()?;
         let mut job = self.take_job(id)?;
         for x in self.state().exports_of(job.source().name()) {
-            if let Export::VhostUser(x) = x {
-                x.set_mirror(None);
-            }
+            x.binding().set_mirror(None);
         }
         let status = job.status();
         let cancelled = job.cancel(Instant::now() + Duration::from_millis(JOB_CANCEL_TIMEOUT_MS));
@@ -865,24 +849,18 @@ impl Daemon {
     }
 }
 
-/// Pauses every vhost-user export of the job's source, copies what is left,
-/// switches them to the target and resumes them. Returns their names; on
-/// failure everything is resumed on the source.
+/// Pauses every export of the job's source, whatever its front, copies what
+/// is left, switches them to the target and resumes them. Returns their
+/// names; on failure everything is resumed on the source.
 fn pivot_exports(state: &State, job: &mut MirrorJob) -> Result<Vec<String>, OpError> {
-    let exports: Vec<&crate::export::vhost_user::VhostUserExport> = state
-        .exports_of(job.source().name())
-        .filter_map(|x| match x {
-            Export::VhostUser(x) => Some(x),
-            Export::Ublk(_) => None,
-        })
-        .collect();
+    let exports: Vec<&Export> = state.exports_of(job.source().name()).collect();
     let timeout = Duration::from_millis(DRAIN_TIMEOUT_MS);
     for (i, x) in exports.iter().enumerate() {
         if let Err(stuck) = x.pause(timeout) {
             exports[..i].iter().for_each(|x| x.resume());
             return Err(OpError::Failed(format!(
                 "export {} did not drain: queues {stuck:?} busy",
-                x.config().name
+                x.name()
             )));
         }
     }
@@ -892,10 +870,10 @@ fn pivot_exports(state: &State, job: &mut MirrorJob) -> Result<Vec<String>, OpEr
     }
     for x in &exports {
         x.switch_node(job.target().clone());
-        x.set_mirror(None);
+        x.binding().set_mirror(None);
         x.resume();
     }
-    Ok(exports.iter().map(|x| x.config().name.clone()).collect())
+    Ok(exports.iter().map(|x| x.name().to_owned()).collect())
 }
 
 impl Daemon {

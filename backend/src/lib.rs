@@ -15,6 +15,7 @@
 //!   points, shared by `cargo fuzz` and the corpus replay test.
 
 pub mod alloc;
+pub mod binding;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

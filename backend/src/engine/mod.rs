@@ -24,14 +24,15 @@ use std::time::{Duration, Instant};
 use io_uring::{types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
+use crate::binding::Binding;
 use crate::limits::DRAIN_TIMEOUT_MS;
 use crate::node::Node;
 use crate::request::{BlockRequest, RequestError, RequestResult};
 
 pub use bounce::{gather, scatter, zero};
-pub use slots::{Prepared, SlotTable};
+pub use slots::{Half, Prepared, SlotTable};
 
-/// `user_data` bit of the mirror half of a mirrored write.
+/// `user_data` bit of the target half of a mirrored write.
 const MIRROR_HALF: u64 = 1 << 32;
 
 /// Why the engine refused a request before it reached the kernel.
@@ -53,11 +54,6 @@ pub struct Engine<C> {
     ring: IoUring,
     table: SlotTable<C>,
     free: Vec<u16>,
-    /// Per slot: SQEs still to complete (2 for a mirrored write).
-    pending: Vec<u8>,
-    /// Per slot, for mirrored writes: the result of the half that landed
-    /// first (source, mirror).
-    halves: Vec<(Option<i32>, Option<i32>)>,
     /// Completions produced without the kernel: slot and raw result.
     ready: Vec<(u16, i32)>,
     completion_event: EventFd,
@@ -77,15 +73,18 @@ impl<C> Engine<C> {
     /// node's descriptor registered as fixed file 0, and `queue_depth` slots.
     pub fn new(node: Arc<Node>, queue_depth: u16) -> io::Result<Self> {
         let completion_event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
-        Self::with_completion_event(node, queue_depth, &completion_event)
+        Self::with_completion_event(node, queue_depth, &completion_event, None)
     }
 
     /// [`Engine::new`] posting completions to an existing eventfd (a queue
-    /// that rebuilds its engine keeps the eventfd its poller watches).
+    /// that rebuilds its engine keeps the eventfd its poller watches), and,
+    /// for an export's queue, doing the data-path work of the mirror jobs
+    /// on its `binding`.
     pub fn with_completion_event(
         node: Arc<Node>,
         queue_depth: u16,
         event: &EventFd,
+        binding: Option<Arc<Binding>>,
     ) -> io::Result<Self> {
         assert!(queue_depth > 0);
         // Every request is one SQE and at most `queue_depth` are in flight,
@@ -108,12 +107,14 @@ impl<C> Engine<C> {
         let completion_event = event.try_clone()?;
         ring.submitter()
             .register_eventfd(completion_event.as_raw_fd())?;
+        let mut table = SlotTable::new(node, queue_depth, types::Fixed(0))?;
+        if let Some(binding) = binding {
+            table = table.with_binding(binding);
+        }
         Ok(Engine {
             ring,
-            table: SlotTable::new(node, queue_depth, types::Fixed(0))?,
+            table,
             free: (0..queue_depth).rev().collect(),
-            pending: vec![0; usize::from(queue_depth)],
-            halves: vec![(None, None); usize::from(queue_depth)],
             ready: Vec::with_capacity(usize::from(queue_depth)),
             completion_event,
             unsubmitted: 0,
@@ -150,7 +151,8 @@ impl<C> Engine<C> {
         let _ = self.completion_event.read();
     }
 
-    /// Queues one request. The SQE reaches the kernel at the next
+    /// Queues one request (two SQEs for a write while a mirror runs on
+    /// the engine's binding). The SQEs reach the kernel at the next
     /// [`Engine::submit_pending`] (so a batch costs one system call).
     ///
     /// # Safety
@@ -160,31 +162,21 @@ impl<C> Engine<C> {
     /// engine is dropped with the request still in flight, that memory must
     /// never be freed (the kernel may still use it).
     pub unsafe fn submit(&mut self, req: &BlockRequest<'_>, ctx: C) -> Result<(), SubmitError> {
-        // SAFETY: the caller's promise about `req`'s segments is the one
-        // `submit_inner` needs.
-        unsafe { self.submit_inner(req, ctx, None) }.map(|_| ())
-    }
-
-    /// [`Engine::submit`] for a guest write that must also reach a mirror
-    /// target (`target` stays open until the completion is reaped: the
-    /// caller holds the node). Returns whether the write was mirrored (only
-    /// writes that go to the kernel are); the completion then reports the
-    /// target half through [`Engine::reap_mirrored`].
-    ///
-    /// # Safety
-    /// Every segment of `req` must be memory valid for the request's
-    /// direction (writable for reads, readable for writes) for its whole
-    /// length, and stay so until the request's completion is reaped; if the
-    /// engine is dropped with the request still in flight, that memory must
-    /// never be freed (the kernel may still use it).
-    pub unsafe fn submit_mirrored(
-        &mut self,
-        req: &BlockRequest<'_>,
-        ctx: C,
-        target: RawFd,
-    ) -> Result<bool, SubmitError> {
-        // SAFETY: as for `submit`, passed on.
-        unsafe { self.submit_inner(req, ctx, Some(target)) }
+        let index = self.free.pop().ok_or(SubmitError::Busy)?;
+        // SAFETY: our caller's promise about `req`'s segments.
+        match unsafe { self.table.begin(index, req, ctx) } {
+            Ok(Prepared::Sqe(entry)) => self.push(&entry.user_data(u64::from(index))),
+            Ok(Prepared::Mirrored { source, target }) => {
+                self.push(&source.user_data(u64::from(index)));
+                self.push(&target.user_data(u64::from(index) | MIRROR_HALF));
+            }
+            Ok(Prepared::Done(res)) => self.ready.push((index, res)),
+            Err(e) => {
+                self.free.push(index);
+                return Err(SubmitError::Refused(e));
+            }
+        }
+        Ok(())
     }
 
     fn push(&mut self, entry: &io_uring::squeue::Entry) {
@@ -200,40 +192,6 @@ impl<C> Engine<C> {
                 .expect("submission queue full with a free slot");
         }
         self.unsubmitted += 1;
-    }
-
-    /// # Safety
-    /// As [`Engine::submit`].
-    unsafe fn submit_inner(
-        &mut self,
-        req: &BlockRequest<'_>,
-        ctx: C,
-        target: Option<RawFd>,
-    ) -> Result<bool, SubmitError> {
-        let index = self.free.pop().ok_or(SubmitError::Busy)?;
-        let i = usize::from(index);
-        // SAFETY: our caller's promise about `req`'s segments.
-        match unsafe { self.table.begin(index, req, ctx) } {
-            Ok(Prepared::Sqe(entry)) => {
-                let mirror = target.and_then(|fd| self.table.mirror_write(index, fd));
-                self.pending[i] = 1 + u8::from(mirror.is_some());
-                self.halves[i] = (None, None);
-                self.push(&entry.user_data(u64::from(index)));
-                if let Some(m) = &mirror {
-                    self.push(&m.clone().user_data(u64::from(index) | MIRROR_HALF));
-                }
-                Ok(mirror.is_some())
-            }
-            Ok(Prepared::Done(res)) => {
-                self.pending[i] = 1;
-                self.ready.push((index, res));
-                Ok(false)
-            }
-            Err(e) => {
-                self.free.push(index);
-                Err(SubmitError::Refused(e))
-            }
-        }
     }
 
     /// Hands queued SQEs to the kernel.
@@ -260,15 +218,6 @@ impl<C> Engine<C> {
 
     /// Hands every available completion to `on_complete`; returns how many.
     pub fn reap(&mut self, mut on_complete: impl FnMut(C, RequestResult)) -> u32 {
-        self.reap_mirrored(|ctx, result, _| on_complete(ctx, result))
-    }
-
-    /// [`Engine::reap`] that also says, for a mirrored write, whether its
-    /// target half succeeded (`None` for requests that were not mirrored).
-    pub fn reap_mirrored(
-        &mut self,
-        mut on_complete: impl FnMut(C, RequestResult, Option<bool>),
-    ) -> u32 {
         // Completion work the kernel deferred to us (COOP_TASKRUN): run it
         // so its CQEs are posted. One atomic load when there is none.
         if self.ring.submission().taskrun() {
@@ -276,30 +225,24 @@ impl<C> Engine<C> {
         }
         let mut count = 0;
         while let Some((index, res)) = self.ready.pop() {
-            let (ctx, result) = self.table.finish(index, res);
-            self.free.push(index);
-            on_complete(ctx, result, None);
-            count += 1;
+            if let Some((ctx, result)) = self.table.finish(index, Half::Source, res) {
+                self.free.push(index);
+                on_complete(ctx, result);
+                count += 1;
+            }
         }
         while let Some(cqe) = self.ring.completion().next() {
             let index = (cqe.user_data() & 0xffff) as u16;
-            let i = usize::from(index);
-            let mirror_half = cqe.user_data() & MIRROR_HALF != 0;
-            if mirror_half {
-                self.halves[i].1 = Some(cqe.result());
+            let half = if cqe.user_data() & MIRROR_HALF != 0 {
+                Half::Target
             } else {
-                self.halves[i].0 = Some(cqe.result());
+                Half::Source
+            };
+            if let Some((ctx, result)) = self.table.finish(index, half, cqe.result()) {
+                self.free.push(index);
+                on_complete(ctx, result);
+                count += 1;
             }
-            self.pending[i] -= 1;
-            if self.pending[i] > 0 {
-                continue;
-            }
-            let (source, mirror) = std::mem::take(&mut self.halves[i]);
-            let res = source.expect("the source half completed");
-            let (ctx, result) = self.table.finish(index, res);
-            self.free.push(index);
-            on_complete(ctx, result, mirror.map(|r| r >= 0));
-            count += 1;
         }
         count
     }

@@ -2,6 +2,11 @@
 //! turns a [`BlockRequest`] into one SQE and a CQE result back into a
 //! [`RequestResult`]. It does not own a ring, so the vhost-user engine and the
 //! ublk queue (whose ring belongs to libublk) build the same SQEs from it.
+//!
+//! A table bound to an export's [`Binding`] also does a mirror job's data-path
+//! work for every front: while a mirror runs, a write becomes two SQEs (the
+//! node and the target, from the same memory) and the slot completes when
+//! both have; other modifications are logged into the dirty bitmap.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -10,6 +15,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types};
 
 use super::bounce::{gather, scatter, zero, BounceRegion};
+use crate::binding::{Binding, MirrorTap};
 use crate::limits::{BOUNCE_SLOT_BYTES, MAX_SEGMENTS};
 use crate::node::{Backing, Node};
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
@@ -28,9 +34,27 @@ pub enum Prepared {
     /// Push this SQE (after setting its `user_data`); the slot is in flight
     /// until [`SlotTable::finish`] is called with its CQE result.
     Sqe(squeue::Entry),
+    /// A write while a mirror runs: push both SQEs, with `user_data` that
+    /// tells their completions apart; the slot is in flight until
+    /// [`SlotTable::finish`] was called for each [`Half`].
+    Mirrored {
+        /// The write to the node.
+        source: squeue::Entry,
+        /// The same write to the mirror target.
+        target: squeue::Entry,
+    },
     /// Done without the kernel (null node, synchronous fallback): call
     /// [`SlotTable::finish`] with this result.
     Done(i32),
+}
+
+/// Which SQE of a slot completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Half {
+    /// The request on the node (every slot has one).
+    Source,
+    /// The mirror target's copy of a write ([`Prepared::Mirrored`]).
+    Target,
 }
 
 /// How a slot's data reaches the kernel.
@@ -60,6 +84,15 @@ struct Slot<C> {
     bounce: BounceUse,
     /// The single iovec over the bounce buffer handed to the kernel.
     bounce_iov: libc::iovec,
+    /// The mirror this write also went to (held until both halves
+    /// completed, which keeps the target open while the kernel uses it).
+    mirror: Option<Arc<MirrorTap>>,
+    /// SQEs still to complete: 1, or 2 for a mirrored write.
+    halves_pending: u8,
+    /// The node's result, kept while the target's half is outstanding.
+    source_res: i32,
+    /// Whether the target took the whole write.
+    target_ok: bool,
 }
 
 impl<C> Slot<C> {
@@ -85,6 +118,8 @@ pub struct SlotTable<C> {
     offset_align_mask: u64,
     uring_discard: bool,
     short_transfer_log: crate::logging::Throttle,
+    /// The export's binding: its mirror tap, if one runs.
+    binding: Option<Arc<Binding>>,
 }
 
 // SAFETY: the raw pointers inside slots point to front memory that the front
@@ -118,6 +153,10 @@ impl<C> SlotTable<C> {
                 iov_count: 0,
                 bounce: BounceUse::None,
                 bounce_iov: EMPTY_IOVEC,
+                mirror: None,
+                halves_pending: 0,
+                source_res: 0,
+                target_ok: false,
             })
             .collect::<Vec<_>>()
             .into_boxed_slice();
@@ -134,7 +173,15 @@ impl<C> SlotTable<C> {
                 crate::limits::DATA_PATH_LOG_INTERVAL_MS,
             ),
             node,
+            binding: None,
         })
+    }
+
+    /// Makes the table do the data-path work of the mirror jobs that run on
+    /// `binding` (the export's).
+    pub fn with_binding(mut self, binding: Arc<Binding>) -> Self {
+        self.binding = Some(binding);
+        self
     }
 
     /// Number of slots.
@@ -158,8 +205,9 @@ impl<C> SlotTable<C> {
     }
 
     /// Fills slot `index` (which must be free) for `req`. On success the slot
-    /// is in flight and owns copies of the request's iovecs, and the SQE it
-    /// returns hands them to the kernel. On error the slot stays free.
+    /// is in flight and owns copies of the request's iovecs, and the SQEs it
+    /// returns hand them to the kernel. On error the slot stays free.
+    /// A write while a mirror runs is [`Prepared::Mirrored`].
     ///
     /// # Safety
     /// Every segment of `req` must be memory valid for the request's
@@ -177,8 +225,30 @@ impl<C> SlotTable<C> {
         if req.segments.len() > MAX_SEGMENTS {
             return Err(RequestError::Invalid);
         }
-        let prepared = self.prepare(usize::from(index), req)?;
-        self.slots[usize::from(index)].ctx = Some(ctx);
+        let i = usize::from(index);
+        let mut prepared = self.prepare(i, req)?;
+        let slot = &mut self.slots[i];
+        slot.halves_pending = 1;
+        if let (Prepared::Sqe(source), BlockOp::Write { .. }, Some(binding)) =
+            (&prepared, req.op, &self.binding)
+        {
+            // Only writes look at the mirror (and take a reference to it).
+            if let Some(tap) = binding.write_tap() {
+                if let Some(target) = tap.target().raw_fd() {
+                    // Counted before the SQEs exist: the copier leaves the
+                    // chunk alone from now on.
+                    tap.begin_write(req.offset_bytes, req.len_bytes);
+                    prepared = Prepared::Mirrored {
+                        source: source.clone(),
+                        target: slot.mirror_write(target),
+                    };
+                    slot.mirror = Some(tap);
+                    slot.halves_pending = 2;
+                    slot.target_ok = false;
+                }
+            }
+        }
+        slot.ctx = Some(ctx);
         self.in_flight += 1;
         Ok(prepared)
     }
@@ -317,26 +387,6 @@ impl<C> SlotTable<C> {
         Ok(Prepared::Sqe(entry))
     }
 
-    /// For a write in flight in slot `index`: the same write aimed at the
-    /// descriptor `target` (a mirror target), reading the same memory (the
-    /// front's segments or the slot's bounce buffer). `None` for other ops.
-    pub fn mirror_write(&self, index: u16, target: RawFd) -> Option<squeue::Entry> {
-        let slot = &self.slots[usize::from(index)];
-        let BlockOp::Write { fua } = slot.op else {
-            return None;
-        };
-        let (iov, n) = match slot.bounce {
-            BounceUse::Write => (&slot.bounce_iov as *const libc::iovec, 1),
-            _ => (slot.iovecs.as_ptr(), slot.iov_count as u32),
-        };
-        Some(
-            opcode::Writev::new(types::Fd(target), iov, n)
-                .offset(slot.offset_bytes)
-                .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
-                .build(),
-        )
-    }
-
     fn is_dio_aligned(&self, req: &BlockRequest<'_>) -> bool {
         if (req.offset_bytes | req.len_bytes) & self.offset_align_mask != 0 {
             return false;
@@ -347,10 +397,32 @@ impl<C> SlotTable<C> {
             .all(|s| (s.iov_base as u64 | s.iov_len as u64) & mem_mask == 0)
     }
 
-    /// Ends slot `index` with the raw result of its SQE (or of
-    /// [`Prepared::Done`]): copies bounce data out, checks the length, and
-    /// returns the front's context with the result. The slot is free again.
-    pub fn finish(&mut self, index: u16, res: i32) -> (C, RequestResult) {
+    /// Records the raw result of one SQE of slot `index` (or of
+    /// [`Prepared::Done`], as [`Half::Source`]). Once every half is in, ends
+    /// the slot: copies bounce data out, checks the length, settles the
+    /// mirror's bookkeeping, and returns the front's context with the
+    /// result; the slot is free again. `None` while a half is outstanding.
+    pub fn finish(&mut self, index: u16, half: Half, res: i32) -> Option<(C, RequestResult)> {
+        let slot = &mut self.slots[usize::from(index)];
+        match half {
+            Half::Source => slot.source_res = res,
+            Half::Target => slot.target_ok = res >= 0 && res as u64 == slot.len_bytes,
+        }
+        slot.halves_pending -= 1;
+        if slot.halves_pending > 0 {
+            return None;
+        }
+        let res = slot.source_res;
+        Some(self.end(index, res))
+    }
+
+    /// Ends slot `index` at once with `-errno`, whatever halves are still
+    /// outstanding: for SQEs that never reached the ring.
+    pub fn abort(&mut self, index: u16, errno: i32) -> (C, RequestResult) {
+        self.end(index, -errno)
+    }
+
+    fn end(&mut self, index: u16, res: i32) -> (C, RequestResult) {
         let i = usize::from(index);
         let mut res = res;
         if self.slots[i].op == BlockOp::Discard
@@ -400,9 +472,41 @@ impl<C> SlotTable<C> {
             }
             Ok(())
         };
+        // A mirror copies what changed: a write that went to both nodes is
+        // counted done (its chunks copied again unless both halves took
+        // it); any other modification is logged once it is on the node.
+        if let Some(tap) = slot.mirror.take() {
+            tap.end_write(
+                slot.offset_bytes,
+                slot.len_bytes,
+                result.is_ok() && slot.target_ok,
+            );
+        } else if slot.op.modifies() {
+            if let Some(binding) = &self.binding {
+                binding.log_modification(slot.offset_bytes, slot.len_bytes);
+            }
+        }
         slot.iov_count = 0;
+        slot.halves_pending = 0;
         self.in_flight -= 1;
         (ctx, result)
+    }
+}
+
+impl<C> Slot<C> {
+    /// For the write in this slot: the same write aimed at the descriptor
+    /// `target` (a mirror target), reading the same memory (the front's
+    /// segments or the slot's bounce buffer).
+    fn mirror_write(&self, target: RawFd) -> squeue::Entry {
+        let fua = matches!(self.op, BlockOp::Write { fua: true });
+        let (iov, n) = match self.bounce {
+            BounceUse::Write => (&self.bounce_iov as *const libc::iovec, 1),
+            _ => (self.iovecs.as_ptr(), self.iov_count as u32),
+        };
+        opcode::Writev::new(types::Fd(target), iov, n)
+            .offset(self.offset_bytes)
+            .rw_flags(if fua { libc::RWF_DSYNC } else { 0 })
+            .build()
     }
 }
 

@@ -42,7 +42,11 @@ impl Drop for Aligned {
 }
 
 fn file_node(dir: &tempfile::TempDir, len: u64) -> Option<Arc<Node>> {
-    let path = dir.path().join("disk.img");
+    named_file_node(dir, "disk.img", len)
+}
+
+fn named_file_node(dir: &tempfile::TempDir, name: &str, len: u64) -> Option<Arc<Node>> {
+    let path = dir.path().join(name);
     std::fs::File::create(&path).unwrap().set_len(len).unwrap();
     match Node::open("t", &DiskSpec::Path(path), false) {
         Ok(n) => Some(Arc::new(n)),
@@ -206,4 +210,101 @@ fn null_node_reads_zeroes_and_drops_writes() {
     assert!(buf.bytes().iter().all(|&b| b == 0));
     run(&mut e, BlockOp::Flush, 0, 0, &[]).unwrap();
     run(&mut e, BlockOp::Discard, 0, 4096, &[]).unwrap();
+}
+
+#[test]
+fn a_bound_engine_mirrors_writes_and_logs_other_modifications() {
+    use crate::binding::{Binding, MirrorTap};
+    const CHUNK: u64 = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let (Some(source), Some(target)) = (
+        named_file_node(&dir, "source.img", 1 << 20),
+        named_file_node(&dir, "target.img", 1 << 20),
+    ) else {
+        return;
+    };
+    let binding = Arc::new(Binding::new(source.clone()));
+    let event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).unwrap();
+    let mut e =
+        Engine::<u32>::with_completion_event(source, 8, &event, Some(binding.clone())).unwrap();
+    let mut buf = Aligned::new(3 * 4096);
+    for (i, b) in buf.bytes().iter_mut().enumerate() {
+        *b = (i % 249) as u8 + 1;
+    }
+
+    // No mirror: a plain write, the target untouched.
+    run(
+        &mut e,
+        BlockOp::Write { fua: false },
+        0,
+        4096,
+        &[buf.iov(0, 4096)],
+    )
+    .unwrap();
+    let target_bytes = || std::fs::read(dir.path().join("target.img")).unwrap();
+    assert!(target_bytes()[..4096].iter().all(|&b| b == 0));
+
+    let tap = Arc::new(MirrorTap::new(1 << 20, CHUNK, target));
+    while tap.bitmap().take_next(0).is_some() {}
+    binding.set_mirror(Some(tap.clone()));
+
+    // A write goes to both nodes, aligned and (memory off by 512) bounced;
+    // both halves took it, so no chunk is dirty and none is in flight.
+    run(
+        &mut e,
+        BlockOp::Write { fua: true },
+        CHUNK,
+        8192,
+        &[buf.iov(0, 8192)],
+    )
+    .unwrap();
+    run(
+        &mut e,
+        BlockOp::Write { fua: false },
+        3 * CHUNK,
+        4096,
+        &[buf.iov(512, 4096)],
+    )
+    .unwrap();
+    let t = target_bytes();
+    assert_eq!(&t[CHUNK as usize..][..8192], &buf.bytes()[..8192]);
+    assert_eq!(&t[3 * CHUNK as usize..][..4096], &buf.bytes()[512..4608]);
+    assert_eq!(
+        tap.bitmap().dirty(),
+        0,
+        "mirrored writes leave nothing to copy"
+    );
+    assert!(tap.copy_begin(1).is_some() && tap.copy_begin(3).is_some());
+
+    // Other modifications reach only the source and are logged.
+    run(&mut e, BlockOp::Discard, 5 * CHUNK, 4096, &[]).unwrap();
+    run(
+        &mut e,
+        BlockOp::WriteZeroes { unmap: false },
+        7 * CHUNK,
+        4096,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(tap.bitmap().dirty(), 2);
+
+    // A write whose target half fails (a target opened read-only: EBADF)
+    // fails nothing for the consumer but marks its chunk to be copied again.
+    let read_only = Node::open("ro", &DiskSpec::Path(dir.path().join("target.img")), true).unwrap();
+    binding.set_mirror(Some(Arc::new(MirrorTap::new(
+        1 << 20,
+        CHUNK,
+        Arc::new(read_only),
+    ))));
+    let small_tap = binding.write_tap().unwrap();
+    while small_tap.bitmap().take_next(0).is_some() {}
+    run(
+        &mut e,
+        BlockOp::Write { fua: false },
+        9 * CHUNK,
+        4096,
+        &[buf.iov(0, 4096)],
+    )
+    .unwrap();
+    assert_eq!(small_tap.bitmap().dirty(), 1, "the target missed it");
 }

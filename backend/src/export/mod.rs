@@ -74,7 +74,41 @@ impl Export {
     pub fn node(&self) -> Arc<Node> {
         match self {
             Export::VhostUser(x) => x.node(),
-            Export::Ublk(x) => x.node().clone(),
+            Export::Ublk(x) => x.node(),
+        }
+    }
+
+    /// The node, mirror tap and pause its queues share.
+    pub fn binding(&self) -> &Arc<crate::binding::Binding> {
+        match self {
+            Export::VhostUser(x) => x.binding(),
+            Export::Ublk(x) => x.binding(),
+        }
+    }
+
+    /// Pivot, step one: the queues hold new requests back (vhost-user
+    /// leaves them in the ring, ublk parks their tags) and nothing is in
+    /// flight on the node any more. On timeout the export is resumed and
+    /// the busy queues are returned.
+    pub fn pause(&self, timeout: Duration) -> Result<(), Vec<usize>> {
+        match self {
+            Export::VhostUser(x) => x.pause(timeout),
+            Export::Ublk(x) => x.pause(timeout),
+        }
+    }
+
+    /// Pivot, step two (while paused): requests go to `node` from now on;
+    /// each queue moves to it before it starts anything new. The geometry
+    /// the consumer sees stays as it was.
+    pub fn switch_node(&self, node: Arc<Node>) {
+        self.binding().switch_node(node);
+    }
+
+    /// Pivot, step three: the queues take new requests again.
+    pub fn resume(&self) {
+        match self {
+            Export::VhostUser(x) => x.resume(),
+            Export::Ublk(x) => x.resume(),
         }
     }
 
@@ -260,6 +294,9 @@ pub struct QueueShared {
     /// in a device reset): a queue marked broken serves it again when it is
     /// restarted. Set by the protocol thread, taken by the queue thread.
     pub ring_stopped: AtomicBool,
+    /// The last pause generation (`Binding::pause`) this queue's thread
+    /// acknowledged (ublk: it starts nothing new from then on).
+    pub pause_ack: AtomicU64,
 }
 
 impl Default for QueueShared {
@@ -273,6 +310,7 @@ impl Default for QueueShared {
             flushes: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
             ring_stopped: AtomicBool::new(false),
+            pause_ack: AtomicU64::new(0),
         }
     }
 }

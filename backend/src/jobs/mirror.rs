@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::MirrorTap;
+use crate::binding::MirrorTap;
 use crate::engine::Engine;
 use crate::node::Node;
 use crate::request::{BlockOp, BlockRequest, RequestResult};

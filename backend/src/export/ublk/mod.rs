@@ -12,21 +12,24 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use io_uring::types;
+use io_uring::{opcode, types};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
+use std::os::fd::AsRawFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 pub use self::op::{
     check_io, decode_op, CheckedIo, IoLimits, IoRefusal, UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP,
 };
 use super::error_log::BackingErrorLog;
 use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
-use crate::engine::{Prepared, SlotTable};
+use crate::binding::Binding;
+use crate::engine::{Half, Prepared, SlotTable};
 use crate::limits::DATA_PATH_LOG_INTERVAL_MS;
 use crate::logging::Throttle;
 use crate::node::Node;
-use crate::request::{BlockOp, BlockRequest, RequestError};
+use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
 /// The ublk control device.
 pub const UBLK_CONTROL: &str = "/dev/ublk-control";
@@ -57,11 +60,28 @@ pub struct UblkConfig {
 /// A running ublk export.
 pub struct UblkExport {
     config: UblkConfig,
-    node: Arc<Node>,
     ctrl: Arc<UblkCtrl>,
     dev_id: u32,
-    queues: Arc<[QueueShared]>,
+    shared: Arc<UblkShared>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What the queue threads share with the control plane.
+struct UblkShared {
+    /// The node, the mirror tap and the pause.
+    binding: Arc<Binding>,
+    queues: Box<[QueueShared]>,
+    /// Per queue: written to wake the queue thread out of `io_uring_enter`
+    /// (a pause to acknowledge, a resume to act on).
+    wakers: Box<[EventFd]>,
+}
+
+impl UblkShared {
+    fn wake_all(&self) {
+        for w in self.wakers.iter() {
+            let _ = w.write(1);
+        }
+    }
 }
 
 impl std::fmt::Debug for UblkExport {
@@ -156,13 +176,20 @@ impl UblkExport {
             .map_err(|e| start_err(&config, format!("cannot add ublk device: {e}")))?;
         let ctrl = Arc::new(ctrl);
         let dev_id = ctrl.dev_info().dev_id;
-        let queues: Arc<[QueueShared]> =
-            (0..config.queues).map(|_| QueueShared::default()).collect();
+        let wakers = (0..config.queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC))
+            .collect::<std::io::Result<Box<[EventFd]>>>()
+            .map_err(|e| start_err(&config, format!("eventfd: {e}")))?;
+        let shared = Arc::new(UblkShared {
+            binding: Arc::new(Binding::new(node.clone())),
+            queues: (0..config.queues).map(|_| QueueShared::default()).collect(),
+            wakers,
+        });
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = {
             let ctrl = ctrl.clone();
             let node = node.clone();
-            let queues = queues.clone();
+            let shared = shared.clone();
             let name = config.name.clone();
             let depth = config.queue_depth;
             std::thread::Builder::new()
@@ -172,21 +199,12 @@ impl UblkExport {
                         let _ = ready_tx.send(Err(e));
                         return;
                     }
-                    let tgt_node = node.clone();
-                    let q_node = node;
                     let q_name = name.clone();
                     let failed_tx = ready_tx.clone();
                     let result = ctrl.run_target(
-                        move |dev: &mut UblkDev| set_params(dev, &tgt_node, read_only),
+                        move |dev: &mut UblkDev| set_params(dev, &node, read_only),
                         move |qid: u16, dev: &UblkDev| {
-                            serve_queue(
-                                qid,
-                                dev,
-                                &q_node,
-                                depth,
-                                &queues[usize::from(qid)],
-                                &q_name,
-                            )
+                            serve_queue(qid, dev, &q_name, &shared, depth)
                         },
                         move |ctrl: &UblkCtrl| {
                             let _ = ready_tx.send(Ok(ctrl.get_bdev_path()));
@@ -227,10 +245,9 @@ impl UblkExport {
         }
         Ok(UblkExport {
             config,
-            node,
             ctrl,
             dev_id,
-            queues,
+            shared,
             thread: Some(thread),
         })
     }
@@ -240,9 +257,48 @@ impl UblkExport {
         &self.config
     }
 
-    /// The node it serves.
-    pub fn node(&self) -> &Arc<Node> {
-        &self.node
+    /// The node it serves now.
+    pub fn node(&self) -> Arc<Node> {
+        self.shared.binding.node()
+    }
+
+    /// The node, mirror tap and pause its queues share.
+    pub fn binding(&self) -> &Arc<Binding> {
+        &self.shared.binding
+    }
+
+    /// Pivot, step one: queues park new requests (the kernel keeps them
+    /// waiting); waits until every queue has acknowledged the pause and
+    /// nothing is in flight on the node. On timeout the export is resumed
+    /// and the busy queues are returned.
+    pub fn pause(&self, timeout: Duration) -> Result<(), Vec<usize>> {
+        let deadline = Instant::now() + timeout;
+        let generation = self.shared.binding.pause();
+        self.shared.wake_all();
+        let quiet = |q: &QueueShared| {
+            q.pause_ack.load(Ordering::Acquire) >= generation
+                && q.in_flight.load(Ordering::Relaxed) == 0
+        };
+        loop {
+            let busy: Vec<usize> = (0..self.shared.queues.len())
+                .filter(|&i| !quiet(&self.shared.queues[i]))
+                .collect();
+            if busy.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.resume();
+                return Err(busy);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Pivot, step three: queues start the requests they parked, on the
+    /// binding's node (which they switch to first).
+    pub fn resume(&self) {
+        self.shared.binding.resume();
+        self.shared.wake_all();
     }
 
     /// The device id.
@@ -257,17 +313,17 @@ impl UblkExport {
 
     /// Whether writes are refused.
     pub fn read_only(&self) -> bool {
-        self.config.read_only || self.node.read_only()
+        self.config.read_only || self.node().read_only()
     }
 
     /// Cumulative statistics.
     pub fn totals(&self) -> ExportTotals {
-        ExportTotals::of(&self.queues)
+        ExportTotals::of(&self.shared.queues)
     }
 
     /// Completion latency percentiles.
     pub fn latency(&self) -> LatencyPercentiles {
-        LatencyPercentiles::of(&self.queues)
+        LatencyPercentiles::of(&self.shared.queues)
     }
 
     /// Drain: wait until nothing is in flight. Admission stays open: the
@@ -276,6 +332,7 @@ impl UblkExport {
     pub fn drain(&self, timeout: Duration) -> Result<(), Vec<usize>> {
         let deadline = std::time::Instant::now() + timeout;
         let stuck: Vec<usize> = self
+            .shared
             .queues
             .iter()
             .enumerate()
@@ -336,7 +393,7 @@ impl UblkExport {
             }
             Err(e) => return Err(stop_err(format!("DEL_DEV of ublk device {dev_id}: {e}"))),
         }
-        Ok(self.node.clone())
+        Ok(self.node())
     }
 }
 
@@ -374,11 +431,12 @@ fn ctrl_bounded(
 /// Device parameters from the node's profile.
 fn set_params(dev: &mut UblkDev, node: &Node, read_only: bool) -> Result<(), libublk::UblkError> {
     let l = node.limits();
-    if let Some(fd) = node.raw_fd() {
-        let tgt = &mut dev.tgt;
-        tgt.fds[tgt.nr_fds as usize] = fd;
-        tgt.nr_fds += 1;
-    }
+    // The node is registered file 1 on every queue's ring; a node without a
+    // descriptor (null) leaves the slot sparse (-1), so a pivot to a real
+    // node can fill it.
+    let tgt = &mut dev.tgt;
+    tgt.fds[tgt.nr_fds as usize] = node.raw_fd().unwrap_or(-1);
+    tgt.nr_fds += 1;
     let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
     let mut attrs = 0;
     if l.volatile_write_cache {
@@ -432,109 +490,300 @@ fn set_params(dev: &mut UblkDev, node: &Node, read_only: bool) -> Result<(), lib
     Ok(())
 }
 
-/// Serves one queue until the device stops: decode each ublk request with
-/// [`check_io`] (op and range), and put its backing I/O on this queue's ring.
-fn serve_queue(
-    qid: u16,
-    dev: &UblkDev,
-    node: &Arc<Node>,
-    depth: u16,
-    shared: &QueueShared,
-    export: &str,
-) {
+/// The pseudo-tag of the wake-up poll on a queue's eventfd: above every real
+/// tag (`queue_depth` <= 4096), so libublk hands its completion to us as
+/// target I/O without touching any tag's state.
+const WAKE_TAG: u16 = u16::MAX;
+/// `tgt_data` of a mirrored write's second SQE (the mirror target's half).
+const TARGET_HALF: u32 = 1;
+
+/// Serves one queue until the device stops.
+fn serve_queue(qid: u16, dev: &UblkDev, export: &str, shared: &UblkShared, depth: u16) {
     let bufs = dev.alloc_queue_io_bufs();
-    let mut errors = BackingErrorLog::new(export, usize::from(qid));
-    let mut table = match SlotTable::<(BlockOp, Instant)>::new(node.clone(), depth, NODE_FIXED_FILE)
-    {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!("ublk queue {qid}: cannot allocate slots: {e}");
-            return;
-        }
-    };
     let queue = match UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
     {
         Ok(q) => q,
         Err(e) => {
-            tracing::error!("ublk queue {qid}: cannot start: {e}");
+            tracing::error!(export, "ublk queue {qid}: cannot start: {e}");
             return;
         }
     };
-    let io_limits = IoLimits {
-        capacity_bytes: node.limits().capacity_bytes,
-        max_io_bytes: u64::from(dev.dev_info.max_io_buf_bytes),
-        read_only: dev.tgt.params.basic.attrs & sys::UBLK_ATTR_READ_ONLY != 0,
+    let waker = &shared.wakers[usize::from(qid)];
+    let mut server = match QueueServer::new(qid, dev, export, shared, depth, &bufs) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(export, "ublk queue {qid}: cannot allocate slots: {e}");
+            return;
+        }
     };
-    // Per-request trouble is logged once per DATA_PATH_LOG_INTERVAL_MS per
-    // kind, with a count; RefCell because the completion closure and the
-    // handler both log (one thread, borrowed only on these error paths).
-    let logs = std::cell::RefCell::new(UblkQueueLogs::default());
-    let log = |pick: fn(&mut UblkQueueLogs) -> &mut Throttle| -> Option<u64> {
-        pick(&mut logs.borrow_mut()).allow()
-    };
-    let handler = |q: &UblkQueue, tag: u16, io: &UblkIOCtx| {
-        let buf = &bufs[usize::from(tag)];
-        let complete = |res: i32| {
-            if let Err(e) = q.complete_io_cmd_unified(
-                tag,
-                BufDesc::Slice(buf.as_slice()),
-                Ok(UblkIORes::Result(res)),
-            ) {
-                if let Some(suppressed) = log(|l| &mut l.complete) {
+    if let Err(e) = arm_wake(&queue, waker) {
+        tracing::error!(
+            export,
+            "ublk queue {qid}: cannot watch its wake-up eventfd: {e}"
+        );
+        return;
+    }
+    queue.wait_and_handle_io(|q, tag, io| server.handle(q, tag, io, waker));
+}
+
+/// Polls the queue's wake-up eventfd on its ring (one shot; re-armed after
+/// each wake-up): the control plane's way into a thread that sleeps in
+/// `io_uring_enter`.
+fn arm_wake(q: &UblkQueue, waker: &EventFd) -> Result<(), libublk::UblkError> {
+    let sqe = opcode::PollAdd::new(types::Fd(waker.as_raw_fd()), libc::POLLIN as u32)
+        .build()
+        .user_data(UblkIOCtx::build_user_data(WAKE_TAG, 0, 0, true));
+    q.ublk_submit_sqe_sync(sqe)
+}
+
+/// One queue's state, owned by its thread: the slot table on the node it
+/// serves now, the tags held back while paused, the throttled logs.
+struct QueueServer<'a> {
+    qid: u16,
+    export: &'a str,
+    shared: &'a UblkShared,
+    queue: &'a QueueShared,
+    bufs: &'a [libublk::helpers::IoBuf<u8>],
+    table: SlotTable<(BlockOp, Instant)>,
+    depth: u16,
+    io_limits: IoLimits,
+    /// Tags that arrived while paused, in arrival order (capacity `depth`,
+    /// so parking never allocates): started on resume.
+    parked: Vec<u16>,
+    /// The last pause generation this queue acknowledged.
+    seen_pause: u64,
+    /// The binding switched node but the queue could not follow: requests
+    /// fail until it can (never served by the old node after a pivot).
+    stale: bool,
+    logs: UblkQueueLogs,
+    errors: BackingErrorLog,
+}
+
+impl<'a> QueueServer<'a> {
+    fn new(
+        qid: u16,
+        dev: &UblkDev,
+        export: &'a str,
+        shared: &'a UblkShared,
+        depth: u16,
+        bufs: &'a [libublk::helpers::IoBuf<u8>],
+    ) -> std::io::Result<Self> {
+        let node = shared.binding.node();
+        let io_limits = IoLimits {
+            capacity_bytes: node.limits().capacity_bytes,
+            max_io_bytes: u64::from(dev.dev_info.max_io_buf_bytes),
+            read_only: dev.tgt.params.basic.attrs & sys::UBLK_ATTR_READ_ONLY != 0,
+        };
+        Ok(QueueServer {
+            qid,
+            export,
+            shared,
+            queue: &shared.queues[usize::from(qid)],
+            bufs,
+            table: SlotTable::new(node, depth, NODE_FIXED_FILE)?
+                .with_binding(shared.binding.clone()),
+            depth,
+            io_limits,
+            parked: Vec::with_capacity(usize::from(depth)),
+            seen_pause: shared.binding.pause_generation(),
+            stale: false,
+            logs: UblkQueueLogs::default(),
+            errors: BackingErrorLog::new(export, usize::from(qid)),
+        })
+    }
+
+    /// Every CQE of the queue's ring: a wake-up, a backing I/O completion,
+    /// or a new request from the kernel.
+    fn handle(&mut self, q: &UblkQueue, tag: u16, io: &UblkIOCtx, waker: &EventFd) {
+        // Acknowledge a pause before anything else: from here on this
+        // thread reads `is_paused() == true` and starts nothing new, and
+        // what it has in flight is in `in_flight` already.
+        let generation = self.shared.binding.pause_generation();
+        if generation != self.seen_pause {
+            self.seen_pause = generation;
+            self.queue.pause_ack.store(generation, Ordering::Release);
+        }
+        if io.is_tgt_io() && tag == WAKE_TAG {
+            let _ = waker.read();
+            if let Err(e) = arm_wake(q, waker) {
+                if let Some(suppressed) = self.logs.submit.allow() {
                     tracing::error!(
-                        export,
+                        export = self.export,
                         suppressed,
-                        "ublk queue {qid} tag {tag}: cannot complete: {e}"
+                        "ublk queue {}: cannot re-arm its wake-up: {e}",
+                        self.qid
                     );
                 }
             }
-        };
-        if io.is_tgt_io() {
-            let ((op, started), result) = table.finish(tag, io.result());
-            let len = u64::from(q.get_iod(tag).nr_sectors) << 9;
-            if let Err(RequestError::Io(errno)) = result {
-                let offset_bytes = q.get_iod(tag).start_sector << 9;
-                errors.record(node.name(), op, errno, offset_bytes, len);
+            self.follow_node();
+            if !self.shared.binding.is_paused() {
+                // Parked in arrival order; none is parked again (not paused).
+                for i in 0..self.parked.len() {
+                    let tag = self.parked[i];
+                    self.start(q, tag);
+                }
+                self.parked.clear();
             }
-            shared.record_latency(
-                Some(op),
-                len,
-                result.is_ok(),
-                started.elapsed().as_nanos() as u64,
-            );
-            shared.in_flight.store(table.in_flight(), Ordering::Relaxed);
-            complete(match result {
-                Ok(()) if op.moves_data() => len as i32,
-                Ok(()) => 0,
-                Err(e) => -errno_of(e),
-            });
             return;
         }
+        if io.is_tgt_io() {
+            let half = if (io.user_data() >> 24) & 0xffff == u64::from(TARGET_HALF) {
+                Half::Target
+            } else {
+                Half::Source
+            };
+            if let Some((ctx, result)) = self.table.finish(tag, half, io.result()) {
+                self.done(q, tag, ctx, result);
+            }
+            return;
+        }
+        if self.shared.binding.is_paused() {
+            // A pivot is under way: the request waits for the resume.
+            self.parked.push(tag);
+            return;
+        }
+        self.start(q, tag);
+    }
+
+    /// Follows a pivot: once idle, a slot table on the binding's node, whose
+    /// descriptor replaces the old one in the ring's registered files (the
+    /// old node's file is let go once nothing uses it).
+    fn follow_node(&mut self) {
+        let binding = &self.shared.binding;
+        if binding.serves(self.table.node()) || self.table.in_flight() > 0 {
+            return;
+        }
+        let node = binding.node();
+        let fd = node.raw_fd().unwrap_or(-1);
+        let switched = SlotTable::new(node.clone(), self.depth, NODE_FIXED_FILE).and_then(|t| {
+            libublk::io::with_task_io_ring_mut(|ring| {
+                ring.submitter()
+                    .register_files_update(NODE_FIXED_FILE.0, &[fd])
+            })?;
+            Ok(t.with_binding(binding.clone()))
+        });
+        match switched {
+            Ok(table) => {
+                tracing::info!(
+                    export = self.export,
+                    queue = self.qid,
+                    node = node.name(),
+                    "queue switched node"
+                );
+                self.table = table;
+                self.stale = false;
+            }
+            Err(e) => {
+                self.stale = true;
+                if let Some(suppressed) = self.logs.submit.allow() {
+                    tracing::error!(
+                        export = self.export,
+                        suppressed,
+                        "ublk queue {}: cannot switch to node {}: {e}; requests fail until it can",
+                        self.qid,
+                        node.name()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Completes the ublk command of `tag` with `res`.
+    fn complete(&mut self, q: &UblkQueue, tag: u16, res: i32) {
+        let bufs = self.bufs;
+        let buf = &bufs[usize::from(tag)];
+        if let Err(e) = q.complete_io_cmd_unified(
+            tag,
+            BufDesc::Slice(buf.as_slice()),
+            Ok(UblkIORes::Result(res)),
+        ) {
+            if let Some(suppressed) = self.logs.complete.allow() {
+                tracing::error!(
+                    export = self.export,
+                    suppressed,
+                    "ublk queue {} tag {tag}: cannot complete: {e}",
+                    self.qid
+                );
+            }
+        }
+    }
+
+    /// A request's backing I/O is over: count it and answer the kernel.
+    fn done(
+        &mut self,
+        q: &UblkQueue,
+        tag: u16,
+        (op, started): (BlockOp, Instant),
+        result: RequestResult,
+    ) {
+        let iod = q.get_iod(tag);
+        let (offset_bytes, len_bytes) = (iod.start_sector << 9, u64::from(iod.nr_sectors) << 9);
+        if let Err(RequestError::Io(errno)) = result {
+            self.errors
+                .record(self.table.node().name(), op, errno, offset_bytes, len_bytes);
+        }
+        self.queue.record_latency(
+            Some(op),
+            len_bytes,
+            result.is_ok(),
+            started.elapsed().as_nanos() as u64,
+        );
+        self.queue
+            .in_flight
+            .store(self.table.in_flight(), Ordering::Relaxed);
+        self.complete(
+            q,
+            tag,
+            match result {
+                Ok(()) if op.moves_data() => len_bytes as i32,
+                Ok(()) => 0,
+                Err(e) => -errno_of(e),
+            },
+        );
+    }
+
+    /// A new request: check it, and put its backing I/O on the ring.
+    fn start(&mut self, q: &UblkQueue, tag: u16) {
         let iod = q.get_iod(tag);
         // The kernel is trusted less than nothing: check what it sends.
         let CheckedIo {
             op,
             offset_bytes,
             len_bytes,
-        } = match check_io(iod.op_flags, iod.start_sector, iod.nr_sectors, &io_limits) {
+        } = match check_io(
+            iod.op_flags,
+            iod.start_sector,
+            iod.nr_sectors,
+            &self.io_limits,
+        ) {
             Ok(io) => io,
             Err(IoRefusal::UnknownOp(code)) => {
-                if let Some(suppressed) = log(|l| &mut l.unsupported) {
+                if let Some(suppressed) = self.logs.unsupported.allow() {
                     tracing::warn!(
-                        export,
+                        export = self.export,
                         suppressed,
-                        "ublk queue {qid}: unsupported op {code}"
+                        "ublk queue {}: unsupported op {code}",
+                        self.qid
                     );
                 }
-                shared.record(None, 0, false);
-                return complete(-libc::EOPNOTSUPP);
+                self.queue.record(None, 0, false);
+                return self.complete(q, tag, -libc::EOPNOTSUPP);
             }
             Err(IoRefusal::Invalid(op)) => {
-                shared.record(Some(op), 0, false);
-                return complete(-libc::EIO);
+                self.queue.record(Some(op), 0, false);
+                return self.complete(q, tag, -libc::EIO);
             }
         };
+        if self.stale {
+            self.follow_node();
+            if self.stale {
+                self.queue.record(Some(op), 0, false);
+                return self.complete(q, tag, -libc::EIO);
+            }
+        }
+        let bufs = self.bufs;
+        let buf = &bufs[usize::from(tag)];
         let iov = [libc::iovec {
             iov_base: buf.as_slice().as_ptr() as *mut libc::c_void,
             iov_len: len_bytes as usize,
@@ -549,55 +798,68 @@ fn serve_queue(
         // the queue (`alloc_queue_io_bufs`, `max_io_bytes` long; `check_io`
         // bounded `len_bytes` by it), used by this tag only: the kernel
         // hands a tag out again only after we completed it, which we do
-        // after its backing I/O was reaped. `bufs` lives until this function
-        // returns, and the queue loop returns only once the device stopped,
-        // which the kernel allows only after every request it issued was
-        // completed by us (a slot table dropped earlier leaks, see `Drop`).
-        match unsafe { table.begin(tag, &req, (op, Instant::now())) } {
-            Ok(Prepared::Sqe(sqe)) => {
-                let sqe = sqe.user_data(UblkIOCtx::build_user_data(
-                    tag,
-                    iod.op_flags & 0xff,
-                    0,
-                    true,
-                ));
-                shared.in_flight.store(table.in_flight(), Ordering::Relaxed);
-                if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
-                    if let Some(suppressed) = log(|l| &mut l.submit) {
-                        tracing::error!(
-                            export,
-                            suppressed,
-                            "ublk queue {qid} tag {tag}: cannot submit: {e}"
-                        );
-                    }
-                    let (_, _) = table.finish(tag, -libc::EIO);
-                    complete(-libc::EIO);
-                }
+        // after its backing I/O was reaped. `bufs` lives until
+        // `serve_queue` returns, and the queue loop returns only once the
+        // device stopped, which the kernel allows only after every request
+        // it issued was completed by us (a slot table dropped earlier
+        // leaks, see its `Drop`).
+        let prepared = unsafe { self.table.begin(tag, &req, (op, Instant::now())) };
+        let user_data =
+            |half: u32| UblkIOCtx::build_user_data(tag, iod.op_flags & 0xff, half, true);
+        let submitted = match prepared {
+            Ok(Prepared::Sqe(sqe)) => q.ublk_submit_sqe_sync(sqe.user_data(user_data(0))),
+            Ok(Prepared::Mirrored { source, target }) => {
+                q.ublk_submit_sqe_sync(source.user_data(user_data(0)))
+                    .map(|()| {
+                        if let Err(e) =
+                            q.ublk_submit_sqe_sync(target.user_data(user_data(TARGET_HALF)))
+                        {
+                            // The node's half is on its way: the target's
+                            // counts as failed, and the mirror copies the
+                            // chunk again.
+                            if let Some(suppressed) = self.logs.submit.allow() {
+                                tracing::error!(
+                                    export = self.export,
+                                    suppressed,
+                                    "ublk queue {} tag {tag}: cannot submit the mirror target's write: {e}",
+                                    self.qid
+                                );
+                            }
+                            let _ = self.table.finish(tag, Half::Target, -libc::EIO);
+                        }
+                    })
             }
             Ok(Prepared::Done(res)) => {
-                let ((op, started), result) = table.finish(tag, res);
-                if let Err(RequestError::Io(errno)) = result {
-                    errors.record(node.name(), op, errno, offset_bytes, len_bytes);
+                if let Some((ctx, result)) = self.table.finish(tag, Half::Source, res) {
+                    self.done(q, tag, ctx, result);
                 }
-                shared.record_latency(
-                    Some(op),
-                    len_bytes,
-                    result.is_ok(),
-                    started.elapsed().as_nanos() as u64,
-                );
-                complete(match result {
-                    Ok(()) if op.moves_data() => len_bytes as i32,
-                    Ok(()) => 0,
-                    Err(e) => -errno_of(e),
-                });
+                return;
             }
             Err(e) => {
-                shared.record(Some(op), 0, false);
-                complete(-errno_of(e));
+                self.queue.record(Some(op), 0, false);
+                return self.complete(q, tag, -errno_of(e));
             }
+        };
+        self.queue
+            .in_flight
+            .store(self.table.in_flight(), Ordering::Relaxed);
+        if let Err(e) = submitted {
+            // ublk_submit_sqe_sync queues the SQE and only fails when the
+            // ring's submission queue cannot take it even after a submit, so
+            // nothing of this request reached the kernel (a mirrored write's
+            // second SQE is handled above).
+            if let Some(suppressed) = self.logs.submit.allow() {
+                tracing::error!(
+                    export = self.export,
+                    suppressed,
+                    "ublk queue {} tag {tag}: cannot submit: {e}",
+                    self.qid
+                );
+            }
+            let ctx = self.table.abort(tag, libc::EIO);
+            self.done(q, tag, ctx.0, ctx.1);
         }
-    };
-    queue.wait_and_handle_io(handler);
+    }
 }
 
 /// One ublk queue's throttled log lines.

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
@@ -34,8 +33,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 use self::queue::{ExportShared, QueueWorker};
 use self::virtio_blk::Geometry;
 use super::{wait_idle, DrainBounds, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
+use crate::binding::Binding;
 use crate::engine::Engine;
-use crate::jobs::MirrorTap;
 use crate::limits::{
     ACCEPT_FAILURE_LOG_INTERVAL_MS, ACCEPT_RETRY_MAX_MS, DETACH_QUIET_MS, MAX_QUEUE_DEPTH,
     MAX_SEGMENTS, SEGMENT_MAX_BYTES, SERIAL_MAX_BYTES,
@@ -262,9 +261,7 @@ impl VhostUserExport {
         };
         let shared = Arc::new(ExportShared {
             admitting: AtomicBool::new(true),
-            paused: AtomicBool::new(false),
-            node: ArcSwap::new(node.clone()),
-            mirror: ArcSwapOption::empty(),
+            binding: Arc::new(Binding::new(node.clone())),
             queues: (0..config.queues).map(|_| QueueShared::default()).collect(),
             wakers: Mutex::new(Vec::new()),
             workers: Mutex::new(None),
@@ -318,7 +315,7 @@ impl VhostUserExport {
 
     /// The node it serves now.
     pub fn node(&self) -> Arc<Node> {
-        self.shared.node.load_full()
+        self.shared.binding.node()
     }
 
     /// Whether the guest sees a read-only disk.
@@ -326,16 +323,16 @@ impl VhostUserExport {
         self.config.read_only || self.node().read_only()
     }
 
-    /// Hooks a mirror job into (or, with `None`, out of) the data path.
-    pub fn set_mirror(&self, tap: Option<Arc<MirrorTap>>) {
-        self.shared.mirror.store(tap);
+    /// The node, mirror tap and pause its queues share.
+    pub fn binding(&self) -> &Arc<Binding> {
+        &self.shared.binding
     }
 
     /// Pivot, step one: queues leave new requests in the ring; waits until
     /// nothing is in flight. On timeout the export is resumed and the busy
     /// queues are returned.
     pub fn pause(&self, timeout: Duration) -> Result<(), Vec<usize>> {
-        self.shared.paused.store(true, Ordering::SeqCst);
+        self.shared.binding.pause();
         let idle = self.wait_until_idle(timeout);
         if idle.is_err() {
             self.resume();
@@ -376,16 +373,10 @@ impl VhostUserExport {
         }
     }
 
-    /// Pivot, step two (while paused): requests go to `node` from now on.
-    /// The guest-visible geometry stays as it was. Returns the old node.
-    pub fn switch_node(&self, node: Arc<Node>) -> Arc<Node> {
-        self.shared.node.swap(node)
-    }
-
     /// Pivot, step three: queues take requests again (and are woken, since
     /// the guest's kicks during the pause were consumed).
     pub fn resume(&self) {
-        self.shared.paused.store(false, Ordering::SeqCst);
+        self.shared.binding.resume();
         self.shared.wake_all();
     }
 
@@ -500,7 +491,7 @@ impl Connection {
         let bytes = config.serial.as_bytes();
         let n = bytes.len().min(SERIAL_MAX_BYTES);
         serial[..n].copy_from_slice(&bytes[..n]);
-        let node = shared.node.load_full();
+        let node = shared.binding.node();
         let mut workers = Vec::with_capacity(usize::from(config.queues));
         let mut exit_events = Vec::with_capacity(usize::from(config.queues));
         let mut wakers = Vec::with_capacity(usize::from(config.queues));
@@ -511,7 +502,7 @@ impl Connection {
         for q in 0..config.queues {
             let completion_event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(eventfd_err)?;
             wakers.push(completion_event.try_clone().map_err(eventfd_err)?);
-            let engine = Engine::with_completion_event(node.clone(), config.queue_depth, &completion_event).map_err(|source| {
+            let engine = Engine::with_completion_event(node.clone(), config.queue_depth, &completion_event, Some(shared.binding.clone())).map_err(|source| {
                 let hint = match source.raw_os_error() {
                     Some(libc::ENOSYS) => ": the kernel has no io_uring (Linux 5.15+ needed)",
                     Some(libc::EPERM) => {

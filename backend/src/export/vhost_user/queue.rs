@@ -4,7 +4,6 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -13,24 +12,20 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::virtio_blk::{decode, status_of, Command, Decoded, Geometry};
+use crate::binding::Binding;
 use crate::engine::{scatter, Engine, SubmitError};
 use crate::export::error_log::BackingErrorLog;
 use crate::export::QueueShared;
-use crate::jobs::MirrorTap;
 use crate::limits::{
     BAD_REQUEST_LOG_INTERVAL_MS, DATA_PATH_LOG_INTERVAL_MS, MAX_SEGMENTS, POLL_YIELD_INTERVAL_US,
     SERIAL_MAX_BYTES,
 };
 use crate::logging::Throttle;
-use crate::node::Node;
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
 /// What the engine carries for each in-flight virtio request.
 #[derive(Debug, Clone)]
 pub struct VirtioCtx {
-    /// The mirror this write also went to (held until it completes, which
-    /// keeps the target open while the kernel may still use it).
-    mirrored: Option<Arc<MirrorTap>>,
     head: u16,
     status_addr: GuestAddress,
     used_len_ok: u32,
@@ -47,13 +42,10 @@ pub struct VirtioCtx {
 pub struct ExportShared {
     /// New requests are admitted; once cleared they fail with IOERR.
     pub admitting: AtomicBool,
-    /// Queues leave new requests in the ring (a pivot is under way).
-    pub paused: AtomicBool,
-    /// The node requests go to; a queue switches to a new one when it has
-    /// nothing in flight (mirror pivot).
-    pub node: ArcSwap<Node>,
-    /// The mirror job's tap while one runs on this export's node.
-    pub mirror: ArcSwapOption<MirrorTap>,
+    /// The node, the mirror tap and the pause: a paused queue leaves new
+    /// requests in the ring; it moves to a switched node when it has
+    /// nothing in flight.
+    pub binding: Arc<Binding>,
     /// Per-queue state.
     pub queues: Box<[QueueShared]>,
     /// Each queue's completion eventfd of the current connection: writing
@@ -151,6 +143,10 @@ pub struct QueueWorker {
     bad_request_log: Throttle,
     submit_error_log: Throttle,
     switch_error_log: Throttle,
+    /// The binding switched node and this queue could not follow (no new
+    /// ring): requests fail until it can, never served by the old node
+    /// after a pivot.
+    node_stale: bool,
     /// Why this queue's ring cannot be served (the frontend corrupted it):
     /// nothing is popped until the frontend stops and restarts the ring or
     /// reconnects. Requests already in flight still complete.
@@ -194,6 +190,7 @@ impl QueueWorker {
             bad_request_log: Throttle::per_ms(BAD_REQUEST_LOG_INTERVAL_MS),
             submit_error_log: Throttle::per_ms(DATA_PATH_LOG_INTERVAL_MS),
             switch_error_log: Throttle::per_ms(DATA_PATH_LOG_INTERVAL_MS),
+            node_stale: false,
             broken: None,
         }
     }
@@ -207,12 +204,17 @@ impl QueueWorker {
     /// Follows a pivot: once idle, rebuild the engine on the export's
     /// current node (a new ring with the new fixed file; the eventfd stays).
     fn follow_node(&mut self) {
-        let node = self.shared.node.load();
-        if Arc::ptr_eq(&node, self.engine.node()) || self.engine.in_flight() > 0 {
+        let binding = &self.shared.binding;
+        if binding.serves(self.engine.node()) || self.engine.in_flight() > 0 {
             return;
         }
-        match Engine::with_completion_event(node.clone(), self.queue_depth, &self.completion_event)
-        {
+        let node = binding.node();
+        match Engine::with_completion_event(
+            node.clone(),
+            self.queue_depth,
+            &self.completion_event,
+            Some(binding.clone()),
+        ) {
             Ok(engine) => {
                 tracing::info!(
                     queue = self.index,
@@ -220,14 +222,16 @@ impl QueueWorker {
                     "queue switched node"
                 );
                 self.engine = engine;
+                self.node_stale = false;
             }
             Err(e) => {
+                self.node_stale = true;
                 if let Some(suppressed) = self.switch_error_log.allow() {
                     tracing::error!(
                         export = &*self.shared.name,
                         queue = self.index,
                         suppressed,
-                        "cannot switch to node {}: {e}",
+                        "cannot switch to node {}: {e}; requests fail until it can",
                         node.name()
                     );
                 }
@@ -320,7 +324,7 @@ impl QueueWorker {
             // looking at it. Completions and the resume wake us. A broken
             // ring is not looked at either: its bogus index would read as
             // pending work forever.
-            if self.shared.paused.load(Ordering::Acquire) || self.broken.is_some() {
+            if self.shared.binding.is_paused() || self.broken.is_some() {
                 break;
             }
             // Going to sleep: re-enable guest notifications and look once
@@ -358,23 +362,14 @@ impl QueueWorker {
     fn reap(&mut self, state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> usize {
         let mem = &self.mem;
         let shared = &self.shared.queues[self.index];
-        let mirror = self.shared.mirror.load();
         let mut used_ring_ok = true;
-        let (errors, export) = (&mut self.backing_errors, &self.shared);
-        let reaped = self.engine.reap_mirrored(|ctx, result, target_ok| {
+        let (errors, binding) = (&mut self.backing_errors, &self.shared.binding);
+        let reaped = self.engine.reap(|ctx, result| {
             if let (Err(RequestError::Io(errno)), Some(op)) = (result, ctx.op) {
-                let node = export.node.load();
+                let node = binding.node();
                 errors.record(node.name(), op, errno, ctx.offset_bytes, ctx.len_bytes);
             }
-            used_ring_ok &= complete(
-                state,
-                mem,
-                shared,
-                mirror.as_deref(),
-                ctx,
-                result,
-                target_ok,
-            );
+            used_ring_ok &= complete(state, mem, shared, ctx, result);
         }) as usize;
         if !used_ring_ok {
             self.mark_broken("the used ring is not in guest memory");
@@ -389,7 +384,7 @@ impl QueueWorker {
         atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>,
     ) -> usize {
         let mut count = 0;
-        if self.shared.paused.load(Ordering::Acquire) {
+        if self.shared.binding.is_paused() {
             return 0;
         }
         let _ = state.disable_notification();
@@ -474,7 +469,6 @@ impl QueueWorker {
             return;
         };
         let mut ctx = VirtioCtx {
-            mirrored: None,
             head,
             status_addr,
             used_len_ok: decoded.used_len_ok,
@@ -488,6 +482,7 @@ impl QueueWorker {
             _ if !self.shared.admitting.load(Ordering::Relaxed) => {
                 Err(RequestError::Io(libc::ESHUTDOWN))
             }
+            _ if self.node_stale => Err(RequestError::Io(libc::EIO)),
             Command::GetId { segments } => {
                 // SAFETY: `decode` translated these iovecs from device-writable
                 // guest buffers inside guest memory, which `self.mem` keeps
@@ -520,35 +515,14 @@ impl QueueWorker {
                     len_bytes,
                     segments: &self.iovecs[..segments],
                 };
-                // Only writes look at the mirror (and take a reference to it).
-                let tap = match op {
-                    BlockOp::Write { .. } => self.shared.mirror.load_full(),
-                    _ => None,
-                };
-                let target_fd = tap.as_ref().and_then(|t| t.target().raw_fd());
-                let submitted = match (tap, target_fd, op) {
-                    // Mirror job (write-blocking): the write goes to both nodes.
-                    (Some(tap), Some(fd), BlockOp::Write { .. }) => {
-                        tap.begin_write(offset_bytes, len_bytes);
-                        ctx.mirrored = Some(tap.clone());
-                        // SAFETY: see the plain submit below.
-                        let r = unsafe { self.engine.submit_mirrored(&req, ctx.clone(), fd) };
-                        if !matches!(r, Ok(true)) {
-                            // Not mirrored after all: count it as done (the
-                            // chunk is marked and copied again).
-                            tap.end_write(offset_bytes, len_bytes, false);
-                        }
-                        r.map(|_| ())
-                    }
-                    // SAFETY: `decode` built these iovecs from descriptors it
-                    // checked to lie inside `self.mem` with the direction the
-                    // op needs (device-writable for reads). That map stays
-                    // mapped while the request is in flight: a newer one
-                    // retires it only once the queue is idle
-                    // (`refresh_memory`), and a worker dropped with requests
-                    // in flight drops its engine first, which waits or leaks.
-                    _ => unsafe { self.engine.submit(&req, ctx.clone()) },
-                };
+                // SAFETY: `decode` built these iovecs from descriptors it
+                // checked to lie inside `self.mem` with the direction the op
+                // needs (device-writable for reads). That map stays mapped
+                // while the request is in flight: a newer one retires it
+                // only once the queue is idle (`refresh_memory`), and a
+                // worker dropped with requests in flight drops its engine
+                // first, which waits or leaks.
+                let submitted = unsafe { self.engine.submit(&req, ctx.clone()) };
                 match submitted {
                     Ok(()) => return,
                     Err(SubmitError::Refused(e)) => {
@@ -562,7 +536,7 @@ impl QueueWorker {
         if let (Err(_), Some(reason)) = (result, decoded.reason) {
             self.log_bad(reason);
         }
-        if !complete(state, &self.mem, self.shared(), None, ctx, result, None) {
+        if !complete(state, &self.mem, self.shared(), ctx, result) {
             self.mark_broken("the used ring is not in guest memory");
         }
     }
@@ -587,27 +561,9 @@ fn complete(
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     mem: &GuestMemoryMmap,
     shared: &QueueShared,
-    mirror: Option<&MirrorTap>,
     ctx: VirtioCtx,
     result: RequestResult,
-    target_ok: Option<bool>,
 ) -> bool {
-    // A mirror copies what changed: a write that went to both nodes is
-    // counted done (its chunks copied again if either half failed); any
-    // other modification is logged for the copier once it is on the source.
-    match (&ctx.mirrored, ctx.op) {
-        (Some(tap), _) => tap.end_write(
-            ctx.offset_bytes,
-            ctx.len_bytes,
-            result.is_ok() && target_ok == Some(true),
-        ),
-        (None, Some(op)) if op.modifies() => {
-            if let Some(tap) = mirror {
-                tap.log(ctx.offset_bytes, ctx.len_bytes);
-            }
-        }
-        _ => {}
-    }
     let status = status_of(result);
     let used_len = if result.is_ok() { ctx.used_len_ok } else { 1 };
     // The address was checked against this memory map when decoded.
