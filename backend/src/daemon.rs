@@ -21,10 +21,10 @@ use crate::limits::{
 };
 use crate::node::{DiskSpec, Node};
 
-/// Why the daemon could not start.
+/// Why the daemon could not start: the first node or export that failed.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StartError(pub String);
+#[error(transparent)]
+pub struct StartError(#[from] pub OpError);
 
 /// A running daemon: the block graph, the exports, and the jobs. The monitor
 /// and the signal handler work on it through `&self`; the state sits behind
@@ -87,31 +87,123 @@ pub struct MirrorParams {
     pub max_in_flight: Option<u16>,
 }
 
-/// Why a control operation failed; each kind maps to one JSON-RPC code.
+/// Why a control operation failed. [`OpError::kind`] sorts them into what
+/// the monitor answers (one JSON-RPC code each).
 #[derive(Debug, thiserror::Error)]
 pub enum OpError {
-    /// The request names something that does not exist.
-    #[error("{0}")]
-    NotFound(String),
-    /// The request conflicts with the current state (name taken, in use).
-    #[error("{0}")]
-    Conflict(String),
-    /// The request's parameters are wrong.
-    #[error("{0}")]
-    Invalid(String),
-    /// The operation was attempted and failed.
-    #[error("{0}")]
-    Failed(String),
+    /// No export has that name.
+    #[error("no export named {0:?}")]
+    NoSuchExport(String),
+    /// No job has that id.
+    #[error("no job named {0:?}")]
+    NoSuchJob(String),
+    /// The export name is taken.
+    #[error("an export named {0:?} already exists")]
+    ExportExists(String),
+    /// Another client is adding or removing that export.
+    #[error("export {0:?} is being added or removed right now")]
+    ExportBusy(String),
+    /// Another export serves that socket.
+    #[error("socket {} is export {export}'s socket; choose another path", socket.display())]
+    SocketTaken {
+        /// The socket asked for.
+        socket: PathBuf,
+        /// The export that has it.
+        export: String,
+    },
+    /// The job id is taken.
+    #[error("a job named {0:?} already exists")]
+    JobExists(String),
+    /// `job_complete` before the job is ready.
+    #[error("job {id:?} is not ready yet ({done_bytes} of {total_bytes} bytes in sync)")]
+    JobNotReady {
+        /// The job.
+        id: String,
+        /// Bytes in sync.
+        done_bytes: u64,
+        /// Bytes to copy.
+        total_bytes: u64,
+    },
+    /// A pivot could not pause an export of the source.
+    #[error("export {export} did not drain: queues {queues:?} busy")]
+    NotDrained {
+        /// The export.
+        export: String,
+        /// Its queues that stayed busy.
+        queues: Vec<usize>,
+    },
+    /// An image file could not be created.
+    #[error("create image {}: {source}", path.display())]
+    CreateImage {
+        /// The image.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The block graph refused (no such node, name taken, in use).
+    #[error(transparent)]
+    Graph(#[from] GraphError),
+    /// A node could not be opened.
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
+    /// An export could not start or stop.
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
+    /// A job could not start, complete or cancel.
+    #[error(transparent)]
+    Job(#[from] crate::jobs::JobError),
+    /// A node's flush failed.
+    #[error(transparent)]
+    Flush(#[from] crate::graph::FlushError),
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     ShuttingDown,
 }
 
-impl From<GraphError> for OpError {
-    fn from(e: GraphError) -> Self {
-        match e {
-            GraphError::NoSuchNode(_) => OpError::NotFound(e.to_string()),
-            _ => OpError::Conflict(e.to_string()),
+/// What kind of failure an [`OpError`] is, for the monitor's error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpErrorKind {
+    /// The request names something that does not exist.
+    NotFound,
+    /// The request conflicts with the current state (name taken, in use).
+    Conflict,
+    /// The request's parameters are wrong.
+    Invalid,
+    /// The operation was attempted and failed.
+    Failed,
+    /// The daemon is shutting down.
+    ShuttingDown,
+}
+
+impl OpError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> OpErrorKind {
+        use crate::jobs::JobError;
+        match self {
+            OpError::NoSuchExport(_)
+            | OpError::NoSuchJob(_)
+            | OpError::Graph(GraphError::NoSuchNode(_)) => OpErrorKind::NotFound,
+            OpError::ExportExists(_)
+            | OpError::ExportBusy(_)
+            | OpError::SocketTaken { .. }
+            | OpError::JobExists(_)
+            | OpError::JobNotReady { .. }
+            | OpError::Graph(_) => OpErrorKind::Conflict,
+            OpError::Job(
+                JobError::OntoItself
+                | JobError::ChunkBytes(_)
+                | JobError::MaxInFlight(_)
+                | JobError::TargetTooSmall { .. }
+                | JobError::TargetReadOnly(_),
+            ) => OpErrorKind::Invalid,
+            OpError::ShuttingDown => OpErrorKind::ShuttingDown,
+            OpError::NotDrained { .. }
+            | OpError::CreateImage { .. }
+            | OpError::Node(_)
+            | OpError::Export(_)
+            | OpError::Job(_)
+            | OpError::Flush(_) => OpErrorKind::Failed,
         }
     }
 }
@@ -163,7 +255,7 @@ impl Drop for CreatedFiles {
     }
 }
 
-fn create_image_if_missing(disk: &DiskConfig, created: &mut CreatedFiles) -> Result<(), String> {
+fn create_image_if_missing(disk: &DiskConfig, created: &mut CreatedFiles) -> Result<(), OpError> {
     let (Some(size), DiskSpec::Path(path)) = (disk.create_size_bytes, &disk.spec) else {
         return Ok(());
     };
@@ -174,13 +266,18 @@ fn create_image_if_missing(disk: &DiskConfig, created: &mut CreatedFiles) -> Res
     {
         Ok(f) => {
             created.0.push(path.clone());
-            f.set_len(size)
-                .map_err(|e| format!("create image {}: cannot size it: {e}", path.display()))?;
+            f.set_len(size).map_err(|source| OpError::CreateImage {
+                path: path.clone(),
+                source,
+            })?;
             tracing::info!("created sparse image {} ({} bytes)", path.display(), size);
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(format!("create image {}: {e}", path.display())),
+        Err(source) => Err(OpError::CreateImage {
+            path: path.clone(),
+            source,
+        }),
     }
 }
 
@@ -214,7 +311,7 @@ impl Daemon {
             // Undo quietly: the error line is what the user reads.
             daemon.set_quiet();
             let _ = daemon.close_all();
-            return Err(StartError(e.to_string()));
+            return Err(StartError(e));
         }
         Ok((daemon, created))
     }
@@ -242,11 +339,8 @@ impl Daemon {
         if self.state().graph.contains(&disk.name) {
             return Err(GraphError::NameTaken(disk.name.clone()).into());
         }
-        create_image_if_missing(disk, created).map_err(OpError::Failed)?;
-        let node = Arc::new(
-            Node::open(&disk.name, &disk.spec, read_only)
-                .map_err(|e| OpError::Failed(e.to_string()))?,
-        );
+        create_image_if_missing(disk, created)?;
+        let node = Arc::new(Node::open(&disk.name, &disk.spec, read_only)?);
         {
             let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
             opened.retain(|n| n.strong_count() > 0);
@@ -271,7 +365,10 @@ impl Daemon {
     pub fn remove_node(&self, name: &str) -> Result<(), OpError> {
         self.check_open()?;
         let node = self.state().graph.remove_by_monitor(name)?;
-        flush_bounded(node, Duration::from_millis(FLUSH_TIMEOUT_MS)).map_err(OpError::Failed)
+        Ok(flush_bounded(
+            node,
+            Duration::from_millis(FLUSH_TIMEOUT_MS),
+        )?)
     }
 
     /// `export-add`: starts an export on an existing node, which it holds.
@@ -281,16 +378,10 @@ impl Daemon {
         let node = {
             let mut state = self.state();
             if state.exports.contains_key(&config.name) {
-                return Err(OpError::Conflict(format!(
-                    "an export named {:?} already exists",
-                    config.name
-                )));
+                return Err(OpError::ExportExists(config.name.clone()));
             }
             if state.exports_busy.contains(&config.name) {
-                return Err(OpError::Conflict(format!(
-                    "export {:?} is being added or removed right now",
-                    config.name
-                )));
+                return Err(OpError::ExportBusy(config.name.clone()));
             }
             if let crate::config::ExportKind::VhostUser { socket, .. } = &config.kind {
                 // One socket spelt two ways (`a/../x.sock`, a symlinked
@@ -301,11 +392,10 @@ impl Daemon {
                     Export::Ublk(_) => false,
                 });
                 if let Some(other) = taken {
-                    return Err(OpError::Conflict(format!(
-                        "socket {} is export {}'s socket; choose another path",
-                        socket.display(),
-                        other.name()
-                    )));
+                    return Err(OpError::SocketTaken {
+                        socket: socket.clone(),
+                        export: other.name().to_owned(),
+                    });
                 }
             }
             let node = state.graph.hold(&config.disk, holder.clone())?;
@@ -333,7 +423,7 @@ impl Daemon {
             }
             Err(e) => {
                 let _ = state.graph.release(&config.disk, &holder);
-                Err(OpError::Failed(e.to_string()))
+                Err(e.into())
             }
         }
     }
@@ -348,7 +438,7 @@ impl Daemon {
             let x = state
                 .exports
                 .remove(name)
-                .ok_or_else(|| OpError::NotFound(format!("no export named {name:?}")))?;
+                .ok_or_else(|| OpError::NoSuchExport(name.to_owned()))?;
             state.exports_busy.insert(name.to_owned());
             x
         };
@@ -376,15 +466,15 @@ impl Daemon {
         }
         let totals = x.totals();
         let detached = self.detach_one(x, timeout);
-        detached.map(|()| totals).map_err(OpError::Failed)
+        detached.map(|()| totals)
     }
 
     /// Detaches one export and gives its node reference back; closes the
     /// node if that was the last reference.
-    fn detach_one(&self, x: Export, timeout: Duration) -> Result<(), String> {
+    fn detach_one(&self, x: Export, timeout: Duration) -> Result<(), OpError> {
         let name = x.name().to_owned();
         let node = x.node().name().to_owned();
-        let result = x.detach(timeout).map(|_| ()).map_err(|e| e.to_string());
+        let result = x.detach(timeout).map(|_| ()).map_err(OpError::from);
         let released = self.state().graph.release(&node, &Holder::Export(name));
         match released {
             Ok(Some(last)) => flush_bounded(last, Duration::from_millis(FLUSH_TIMEOUT_MS))?,
@@ -400,11 +490,7 @@ impl Daemon {
         self.check_open()?;
         let mut state = self.state();
         let id = match &p.id {
-            Some(id) if state.jobs.contains_key(id) => {
-                return Err(OpError::Conflict(format!(
-                    "a job named {id:?} already exists"
-                )))
-            }
+            Some(id) if state.jobs.contains_key(id) => return Err(OpError::JobExists(id.clone())),
             Some(id) => id.clone(),
             None => loop {
                 let id = format!("mirror{}", state.next_job);
@@ -435,8 +521,7 @@ impl Daemon {
             target,
             p.chunk_bytes.unwrap_or(MIRROR_CHUNK_BYTES),
             p.max_in_flight.unwrap_or(MIRROR_MAX_IN_FLIGHT),
-        )
-        .map_err(OpError::Invalid)?;
+        )?;
         let holder = Holder::Job(id.clone());
         state.graph.hold(&p.node, holder.clone())?;
         state.graph.hold(&p.target, holder)?;
@@ -450,7 +535,7 @@ impl Daemon {
             let holder = Holder::Job(id.clone());
             let _ = state.graph.release(&p.node, &holder);
             let _ = state.graph.release(&p.target, &holder);
-            return Err(OpError::Failed(e));
+            return Err(e.into());
         }
         let status = job.status();
         state.jobs.insert(id, job);
@@ -468,19 +553,19 @@ impl Daemon {
             .jobs
             .get(id)
             .map(MirrorJob::status)
-            .ok_or_else(|| OpError::NotFound(format!("no job named {id:?}")))
+            .ok_or_else(|| OpError::NoSuchJob(id.to_owned()))
     }
 
     fn take_job(&self, id: &str) -> Result<MirrorJob, OpError> {
         self.state()
             .jobs
             .remove(id)
-            .ok_or_else(|| OpError::NotFound(format!("no job named {id:?}")))
+            .ok_or_else(|| OpError::NoSuchJob(id.to_owned()))
     }
 
     /// Gives a finished job's node references back, closing nodes it held
     /// last.
-    fn release_job(&self, job: &MirrorJob) -> Result<(), String> {
+    fn release_job(&self, job: &MirrorJob) -> Result<(), crate::graph::FlushError> {
         let holder = Holder::Job(job.id().to_owned());
         let mut closing = Vec::new();
         {
@@ -510,7 +595,8 @@ impl Daemon {
         let cancelled = job.cancel(Instant::now() + Duration::from_millis(JOB_CANCEL_TIMEOUT_MS));
         let released = self.release_job(&job);
         tracing::info!(job = id, "mirror cancelled");
-        cancelled.and(released).map_err(OpError::Failed)?;
+        cancelled?;
+        released?;
         Ok(status)
     }
 
@@ -528,10 +614,11 @@ impl Daemon {
             let st = job.status();
             return put_back(
                 job,
-                OpError::Conflict(format!(
-                    "job {id:?} is not ready yet ({} of {} bytes in sync)",
-                    st.done_bytes, st.total_bytes
-                )),
+                OpError::JobNotReady {
+                    id: id.to_owned(),
+                    done_bytes: st.done_bytes,
+                    total_bytes: st.total_bytes,
+                },
             );
         }
         // The pivot happens under the state lock, so no export comes or goes
@@ -554,7 +641,7 @@ impl Daemon {
         };
         let mut status = job.status();
         status.done_bytes = status.total_bytes;
-        self.release_job(&job).map_err(OpError::Failed)?;
+        self.release_job(&job)?;
         tracing::info!(job = id, exports = ?names, target = job.target().name(), "mirror completed: exports switched to the target");
         Ok(status)
     }
@@ -588,7 +675,7 @@ impl Daemon {
         let x = state
             .exports
             .get(name)
-            .ok_or_else(|| OpError::NotFound(format!("no export named {name:?}")))?;
+            .ok_or_else(|| OpError::NoSuchExport(name.to_owned()))?;
         Ok(serde_json::json!({
             "name": name,
             "node": x.node().name(),
@@ -858,15 +945,15 @@ fn pivot_exports(state: &State, job: &mut MirrorJob) -> Result<Vec<String>, OpEr
     for (i, x) in exports.iter().enumerate() {
         if let Err(stuck) = x.pause(timeout) {
             exports[..i].iter().for_each(|x| x.resume());
-            return Err(OpError::Failed(format!(
-                "export {} did not drain: queues {stuck:?} busy",
-                x.name()
-            )));
+            return Err(OpError::NotDrained {
+                export: x.name().to_owned(),
+                queues: stuck,
+            });
         }
     }
     if let Err(e) = job.finish_copy() {
         exports.iter().for_each(|x| x.resume());
-        return Err(OpError::Failed(e));
+        return Err(e.into());
     }
     for x in &exports {
         x.switch_node(job.target().clone());
@@ -924,7 +1011,13 @@ impl Daemon {
             // Its nodes are let go even if the copier is stuck: the loop
             // goes on to the next job either way.
             let released = self.release_job(&job);
-            if let Err(e) = cancelled.and(released) {
+            for e in [
+                cancelled.err().map(OpError::from),
+                released.err().map(OpError::from),
+            ]
+            .into_iter()
+            .flatten()
+            {
                 tracing::error!("close-all: cancel job {id}: {e}");
                 clean = false;
             }

@@ -208,7 +208,7 @@ impl Graph {
 /// Flushes `node` on a helper thread and waits at most `timeout`: a device
 /// that never answers costs a thread, never the caller. Closing a node that
 /// left the graph is this flush; its descriptor goes with the last reference.
-pub fn flush_bounded(node: Arc<Node>, timeout: Duration) -> Result<(), String> {
+pub fn flush_bounded(node: Arc<Node>, timeout: Duration) -> Result<(), FlushError> {
     let name = node.name().to_owned();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -216,12 +216,28 @@ pub fn flush_bounded(node: Arc<Node>, timeout: Duration) -> Result<(), String> {
     });
     match rx.recv_timeout(timeout) {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(format!(
-            "flush of node {name:?} did not finish within {} ms",
-            timeout.as_millis()
-        )),
+        Ok(Err(e)) => Err(FlushError::Failed(e)),
+        Err(_) => Err(FlushError::Timeout {
+            node: name,
+            timeout_ms: timeout.as_millis(),
+        }),
     }
+}
+
+/// Why a node's flush did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// The device or file answered with an error.
+    #[error(transparent)]
+    Failed(#[from] crate::node::NodeError),
+    /// It did not answer in time (the flush is left running on its thread).
+    #[error("flush of node {node:?} did not finish within {timeout_ms} ms")]
+    Timeout {
+        /// The node.
+        node: String,
+        /// How long it was given.
+        timeout_ms: u128,
+    },
 }
 
 #[cfg(test)]

@@ -66,13 +66,16 @@ pub struct BlockRequest<'a> {
 
 /// Why a request failed, as far as the front needs to know: each front maps
 /// this to its protocol status in exactly one function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// The request is malformed or out of range (guest error).
+    #[error("invalid request")]
     Invalid,
     /// The operation is not supported by this export or node.
+    #[error("operation not supported")]
     Unsupported,
     /// The backing device failed it; the errno says how.
+    #[error("{}", std::io::Error::from_raw_os_error(*.0))]
     Io(i32),
 }
 

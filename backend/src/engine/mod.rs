@@ -30,7 +30,7 @@ use crate::node::Node;
 use crate::request::{BlockRequest, RequestError, RequestResult};
 
 pub use bounce::{gather, scatter, zero};
-pub use slots::{Half, Prepared, SlotTable};
+pub use slots::{Half, NodeFile, Prepared, SlotTable};
 
 /// `user_data` bit of the target half of a mirrored write.
 const MIRROR_HALF: u64 = 1 << 32;
@@ -107,7 +107,7 @@ impl<C> Engine<C> {
         let completion_event = event.try_clone()?;
         ring.submitter()
             .register_eventfd(completion_event.as_raw_fd())?;
-        let mut table = SlotTable::new(node, queue_depth, types::Fixed(0))?;
+        let mut table = SlotTable::new(node, queue_depth, NodeFile::Fixed(0))?;
         if let Some(binding) = binding {
             table = table.with_binding(binding);
         }

@@ -106,13 +106,44 @@ const EMPTY_IOVEC: libc::iovec = libc::iovec {
     iov_len: 0,
 };
 
+/// How the SQEs of a [`SlotTable`] name its node on the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeFile {
+    /// Registered at this index of the ring's file table (saves a file
+    /// lookup per request; for rings whose table is built once).
+    Fixed(u32),
+    /// By its descriptor. For a ring with requests that stay pending
+    /// indefinitely (ublk's FETCH commands): before Linux 6.13 a file
+    /// removed from a ring's table is released only once every request
+    /// issued before the removal completed, so a pivot could never let
+    /// the old drive go.
+    Descriptor,
+}
+
+/// The node as an SQE names it: one arm per kind, each building `$sqe`
+/// with `$f` bound to that kind's target type.
+macro_rules! on_node {
+    ($file:expr, $f:ident => $sqe:expr) => {
+        match $file {
+            Target::Fixed($f) => $sqe,
+            Target::Fd($f) => $sqe,
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Fixed(types::Fixed),
+    Fd(types::Fd),
+}
+
 /// In-flight slots of one queue and the op table that fills them.
 pub struct SlotTable<C> {
     slots: Box<[Slot<C>]>,
     bounce: BounceRegion,
     node: Arc<Node>,
-    /// The node's index in the ring's registered-file table.
-    file: types::Fixed,
+    /// How SQEs name the node.
+    file: NodeFile,
     in_flight: u32,
     mem_align_mask: u64,
     offset_align_mask: u64,
@@ -139,7 +170,7 @@ impl<C> std::fmt::Debug for SlotTable<C> {
 impl<C> SlotTable<C> {
     /// `depth` slots for `node`, whose descriptor the ring registered at
     /// index `file`.
-    pub fn new(node: Arc<Node>, depth: u16, file: types::Fixed) -> io::Result<Self> {
+    pub fn new(node: Arc<Node>, depth: u16, file: NodeFile) -> io::Result<Self> {
         assert!(depth > 0);
         let depth = usize::from(depth);
         let slots = (0..depth)
@@ -254,7 +285,11 @@ impl<C> SlotTable<C> {
     }
 
     fn prepare(&mut self, i: usize, req: &BlockRequest<'_>) -> Result<Prepared, RequestError> {
-        let file = self.file;
+        let file = match self.file {
+            NodeFile::Fixed(i) => Target::Fixed(types::Fixed(i)),
+            // A null node has no descriptor, and no SQE is built for it.
+            NodeFile::Descriptor => Target::Fd(types::Fd(self.node.raw_fd().unwrap_or(-1))),
+        };
         let aligned = self.is_dio_aligned(req);
         let slot = &mut self.slots[i];
         slot.op = req.op;
@@ -292,14 +327,14 @@ impl<C> SlotTable<C> {
                     let iov = slot.iovecs.as_ptr();
                     let n = slot.iov_count as u32;
                     if is_write {
-                        opcode::Writev::new(file, iov, n)
+                        on_node!(file, f => opcode::Writev::new(f, iov, n)
                             .offset(req.offset_bytes)
                             .rw_flags(rw_flags)
-                            .build()
+                            .build())
                     } else {
-                        opcode::Readv::new(file, iov, n)
+                        on_node!(file, f => opcode::Readv::new(f, iov, n)
                             .offset(req.offset_bytes)
-                            .build()
+                            .build())
                     }
                 } else {
                     // Bounce: widen to the offset alignment (reads only; a
@@ -325,19 +360,19 @@ impl<C> SlotTable<C> {
                         // bounce buffer holds `span` >= len bytes and is ours.
                         unsafe { gather(slot.segments(), buf) };
                         slot.bounce = BounceUse::Write;
-                        opcode::Writev::new(file, &slot.bounce_iov, 1)
+                        on_node!(file, f => opcode::Writev::new(f, &slot.bounce_iov, 1)
                             .offset(start)
                             .rw_flags(rw_flags)
-                            .build()
+                            .build())
                     } else {
                         slot.bounce = BounceUse::ReadCopyOut {
                             skip: (req.offset_bytes - start) as usize,
                             len: req.len_bytes as usize,
                         };
                         slot.expected_bytes = span as u64;
-                        opcode::Readv::new(file, &slot.bounce_iov, 1)
+                        on_node!(file, f => opcode::Readv::new(f, &slot.bounce_iov, 1)
                             .offset(start)
-                            .build()
+                            .build())
                     }
                 }
             }
@@ -345,18 +380,18 @@ impl<C> SlotTable<C> {
                 if self.node.read_only() {
                     return Ok(Prepared::Done(0));
                 }
-                opcode::Fsync::new(file)
+                on_node!(file, f => opcode::Fsync::new(f)
                     .flags(types::FsyncFlags::DATASYNC)
-                    .build()
+                    .build())
             }
             BlockOp::Discard => match self.node.backing() {
                 Backing::BlockDevice(_) if self.uring_discard => {
                     let mut cmd = [0u8; 16];
                     cmd[..8].copy_from_slice(&req.len_bytes.to_ne_bytes());
-                    opcode::UringCmd16::new(file, BLOCK_URING_CMD_DISCARD)
+                    on_node!(file, f => opcode::UringCmd16::new(f, BLOCK_URING_CMD_DISCARD)
                         .addr(Some(req.offset_bytes))
                         .cmd(cmd)
-                        .build()
+                        .build())
                 }
                 Backing::BlockDevice(f) => {
                     return Ok(Prepared::Done(blk_discard_sync(
@@ -365,10 +400,10 @@ impl<C> SlotTable<C> {
                         req.len_bytes,
                     )));
                 }
-                _ => opcode::Fallocate::new(file, req.len_bytes)
+                _ => on_node!(file, f => opcode::Fallocate::new(f, req.len_bytes)
                     .offset(req.offset_bytes)
                     .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                    .build(),
+                    .build()),
             },
             BlockOp::WriteZeroes { unmap } => {
                 // On a block device both modes become a zero-out; PUNCH_HOLE
@@ -378,10 +413,10 @@ impl<C> SlotTable<C> {
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE
                 } | libc::FALLOC_FL_KEEP_SIZE;
-                opcode::Fallocate::new(file, req.len_bytes)
+                on_node!(file, f => opcode::Fallocate::new(f, req.len_bytes)
                     .offset(req.offset_bytes)
                     .mode(mode)
-                    .build()
+                    .build())
             }
         };
         Ok(Prepared::Sqe(entry))

@@ -220,21 +220,33 @@ pub enum ExportError {
         /// What to do.
         hint: &'static str,
     },
-    /// The vhost-user library refused to start.
-    #[error("export {export}: {reason}")]
-    Start {
+    /// An eventfd or a thread could not be made.
+    #[error("export {export}: {what}: {source}")]
+    Os {
+        /// The export.
+        export: String,
+        /// What was being made.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A ublk device could not be created, started or stopped.
+    #[error("export {export}: {source}")]
+    Ublk {
         /// The export.
         export: String,
         /// What failed.
-        reason: String,
+        #[source]
+        source: ublk::UblkFailure,
     },
-    /// Detaching did not finish (in time).
-    #[error("export {export}: cannot detach: {reason}")]
-    Stop {
+    /// The vhost-user frontend connection did not close in time.
+    #[error("export {export}: cannot detach: the frontend connection did not close within {timeout_ms} ms")]
+    FrontendStuck {
         /// The export.
         export: String,
-        /// What did not finish.
-        reason: String,
+        /// How long it was given.
+        timeout_ms: u128,
     },
 }
 

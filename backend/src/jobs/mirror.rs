@@ -18,9 +18,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::binding::MirrorTap;
-use crate::engine::Engine;
+use crate::engine::{Engine, SubmitError};
+use crate::graph::FlushError;
 use crate::node::Node;
-use crate::request::{BlockOp, BlockRequest, RequestResult};
+use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
 /// Default copy chunk: also the dirty-bitmap granularity. Small, because a
 /// 4 KiB guest write dirties a whole chunk and costs a whole chunk's copy.
@@ -82,6 +83,107 @@ struct Shared {
     error: Mutex<Option<String>>,
 }
 
+/// Why a mirror job cannot start, complete or cancel.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Source and target are the same node.
+    #[error("a node cannot be mirrored to itself")]
+    OntoItself,
+    /// `chunk_bytes` out of range.
+    #[error("chunk_bytes must be a power of two from 4096 to {MIRROR_MAX_CHUNK_BYTES}, not {0}")]
+    ChunkBytes(u64),
+    /// `max_in_flight` out of range.
+    #[error("max_in_flight must be 1..={MIRROR_MAX_IN_FLIGHT_LIMIT}, not {0}")]
+    MaxInFlight(u16),
+    /// The target cannot hold the source.
+    #[error("target {target} ({target_bytes} bytes) is smaller than source {source_node} ({source_bytes} bytes)")]
+    TargetTooSmall {
+        /// The target node.
+        target: String,
+        /// Its capacity.
+        target_bytes: u64,
+        /// The source node.
+        source_node: String,
+        /// Its capacity.
+        source_bytes: u64,
+    },
+    /// The target cannot be written.
+    #[error("target {0} is read-only")]
+    TargetReadOnly(String),
+    /// The copier thread could not be made.
+    #[error("cannot spawn the copier: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// The copier did not stop in time (a node does not answer); it is
+    /// left running with its buffers.
+    #[error("job {id}: the copier did not stop within {timeout_ms} ms (a node does not answer); left running")]
+    CopierStuck {
+        /// The job.
+        id: String,
+        /// How long it was given.
+        timeout_ms: u128,
+    },
+    /// The background copy had failed before.
+    #[error("job {id} failed earlier: {error}")]
+    FailedEarlier {
+        /// The job.
+        id: String,
+        /// What failed then (as `job_status` reports it).
+        error: String,
+    },
+    /// The pivot's last copy failed.
+    #[error("the last copy: {0}")]
+    Copy(#[from] CopyError),
+    /// The target's flush failed.
+    #[error(transparent)]
+    Flush(#[from] FlushError),
+}
+
+/// Why copying chunks failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// The copy buffers could not be allocated.
+    #[error("cannot allocate {0} bytes of copy buffers")]
+    Buffers(usize),
+    /// An engine could not be built.
+    #[error("{node} ring: {source}")]
+    Ring {
+        /// `source` or `target`.
+        node: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The engine refused a copy.
+    #[error("chunk {chunk}: {source}")]
+    Submit {
+        /// The chunk.
+        chunk: usize,
+        /// Why.
+        #[source]
+        source: SubmitError,
+    },
+    /// `io_uring_enter` failed.
+    #[error("{what}: {source}")]
+    Enter {
+        /// What the copier was doing.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading a chunk of the source failed.
+    #[error("read chunk {0} of the source: {1}")]
+    Read(usize, #[source] RequestError),
+    /// Writing a chunk to the target failed.
+    #[error("write chunk {0} of the target: {1}")]
+    Write(usize, #[source] RequestError),
+    /// The pivot's last copy ran out of time.
+    #[error(
+        "the last copy did not finish within {MIRROR_FINISH_TIMEOUT_MS} ms ({0} copies in flight)"
+    )]
+    FinishTimeout(u32),
+}
+
 /// A running mirror job.
 #[derive(Debug)]
 pub struct MirrorJob {
@@ -106,34 +208,31 @@ impl MirrorJob {
         target: Arc<Node>,
         chunk_bytes: u64,
         max_in_flight: u16,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, JobError> {
         if Arc::ptr_eq(&source, &target) {
-            return Err("a node cannot be mirrored to itself".into());
+            return Err(JobError::OntoItself);
         }
         if !chunk_bytes.is_power_of_two() || !(4096..=MIRROR_MAX_CHUNK_BYTES).contains(&chunk_bytes)
         {
-            return Err(format!(
-                "chunk_bytes must be a power of two from 4096 to {MIRROR_MAX_CHUNK_BYTES}, not {chunk_bytes}"
-            ));
+            return Err(JobError::ChunkBytes(chunk_bytes));
         }
         if !(1..=MIRROR_MAX_IN_FLIGHT_LIMIT).contains(&max_in_flight) {
-            return Err(format!(
-                "max_in_flight must be 1..={MIRROR_MAX_IN_FLIGHT_LIMIT}, not {max_in_flight}"
-            ));
+            return Err(JobError::MaxInFlight(max_in_flight));
         }
         let (src_cap, tgt_cap) = (
             source.limits().capacity_bytes,
             target.limits().capacity_bytes,
         );
         if tgt_cap < src_cap {
-            return Err(format!(
-                "target {} ({tgt_cap} bytes) is smaller than source {} ({src_cap} bytes)",
-                target.name(),
-                source.name()
-            ));
+            return Err(JobError::TargetTooSmall {
+                target: target.name().to_owned(),
+                target_bytes: tgt_cap,
+                source_node: source.name().to_owned(),
+                source_bytes: src_cap,
+            });
         }
         if target.read_only() {
-            return Err(format!("target {} is read-only", target.name()));
+            return Err(JobError::TargetReadOnly(target.name().to_owned()));
         }
         // Write-blocking from the start (see the module docs).
         let tap = Arc::new(MirrorTap::new(src_cap, chunk_bytes, target.clone()));
@@ -150,7 +249,7 @@ impl MirrorJob {
     }
 
     /// Starts the background copy.
-    pub fn start_copier(&mut self) -> Result<(), String> {
+    pub fn start_copier(&mut self) -> Result<(), JobError> {
         let (chunk_bytes, max_in_flight) = (self.chunk_bytes, self.max_in_flight);
         let (source, target, tap, shared) = (
             self.source.clone(),
@@ -165,16 +264,16 @@ impl MirrorJob {
                 {
                     Ok(c) => c,
                     Err(e) => {
-                        *shared.error.lock().unwrap() = Some(e);
+                        *shared.error.lock().unwrap() = Some(e.to_string());
                         return;
                     }
                 };
                 if let Err(e) = copier.run(&shared, None) {
                     tracing::error!("mirror job: {e}");
-                    *shared.error.lock().unwrap() = Some(e);
+                    *shared.error.lock().unwrap() = Some(e.to_string());
                 }
             })
-            .map_err(|e| format!("cannot spawn the copier: {e}"))?;
+            .map_err(JobError::Spawn)?;
         self.copier = Some(copier);
         tracing::info!(
             job = %self.id,
@@ -260,15 +359,18 @@ impl MirrorJob {
 
     /// Completion, once nothing writes the source any more (its exports are
     /// paused): copies every chunk still dirty and flushes the target.
-    pub fn finish_copy(&mut self) -> Result<(), String> {
+    pub fn finish_copy(&mut self) -> Result<(), JobError> {
         if !self.stop_copier(Instant::now() + Duration::from_millis(COPIER_STOP_TIMEOUT_MS)) {
-            return Err(format!(
-                "job {}: the copier did not stop within {COPIER_STOP_TIMEOUT_MS} ms (a node does not answer)",
-                self.id
-            ));
+            return Err(JobError::CopierStuck {
+                id: self.id.clone(),
+                timeout_ms: u128::from(COPIER_STOP_TIMEOUT_MS),
+            });
         }
-        if let Some(e) = self.shared.error.lock().unwrap().clone() {
-            return Err(format!("job {} failed earlier: {e}", self.id));
+        if let Some(error) = self.shared.error.lock().unwrap().clone() {
+            return Err(JobError::FailedEarlier {
+                id: self.id.clone(),
+                error,
+            });
         }
         let mut copier = Copier::new(
             self.source.clone(),
@@ -281,26 +383,27 @@ impl MirrorJob {
         let deadline = Instant::now() + Duration::from_millis(MIRROR_FINISH_TIMEOUT_MS);
         copier.run(&shared, Some(deadline))?;
         drop(copier);
-        crate::graph::flush_bounded(
+        Ok(crate::graph::flush_bounded(
             self.target.clone(),
             std::time::Duration::from_millis(crate::limits::FLUSH_TIMEOUT_MS),
-        )
+        )?)
     }
 
     /// Cancellation: stop copying and flush what reached the target, both
     /// by `deadline`.
-    pub fn cancel(&mut self, deadline: Instant) -> Result<(), String> {
+    pub fn cancel(&mut self, deadline: Instant) -> Result<(), JobError> {
+        let started = Instant::now();
         if !self.stop_copier(deadline) {
-            return Err(format!(
-                "job {}: the copier did not stop in time (a node does not answer); left running",
-                self.id
-            ));
+            return Err(JobError::CopierStuck {
+                id: self.id.clone(),
+                timeout_ms: started.elapsed().as_millis(),
+            });
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        crate::graph::flush_bounded(
+        Ok(crate::graph::flush_bounded(
             self.target.clone(),
             Duration::from_millis(crate::limits::FLUSH_TIMEOUT_MS).min(left),
-        )
+        )?)
     }
 }
 
@@ -333,16 +436,13 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(count: usize, chunk_bytes: usize) -> Result<Self, String> {
-        let layout =
-            Layout::from_size_align(count * chunk_bytes, 4096).map_err(|e| e.to_string())?;
+    fn new(count: usize, chunk_bytes: usize) -> Result<Self, CopyError> {
+        let bytes = count * chunk_bytes;
+        let layout = Layout::from_size_align(bytes, 4096).map_err(|_| CopyError::Buffers(bytes))?;
         // SAFETY: the layout has a non-zero size (count and chunk are >= 1).
         let ptr = unsafe { alloc_zeroed(layout) };
         if ptr.is_null() {
-            return Err(format!(
-                "cannot allocate {} bytes of copy buffers",
-                layout.size()
-            ));
+            return Err(CopyError::Buffers(bytes));
         }
         Ok(Buffers {
             ptr,
@@ -422,11 +522,17 @@ impl Copier {
         tap: Arc<MirrorTap>,
         chunk_bytes: u64,
         max_in_flight: u16,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, CopyError> {
         let n = usize::from(max_in_flight);
         Ok(Copier {
-            reads: Engine::new(source, max_in_flight).map_err(|e| format!("source ring: {e}"))?,
-            writes: Engine::new(target, max_in_flight).map_err(|e| format!("target ring: {e}"))?,
+            reads: Engine::new(source, max_in_flight).map_err(|source| CopyError::Ring {
+                node: "source",
+                source,
+            })?,
+            writes: Engine::new(target, max_in_flight).map_err(|source| CopyError::Ring {
+                node: "target",
+                source,
+            })?,
             buffers: std::mem::ManuallyDrop::new(Buffers::new(n, chunk_bytes as usize)?),
             capacity_bytes: tap.bitmap().chunks() as u64 * chunk_bytes,
             tap,
@@ -444,7 +550,7 @@ impl Copier {
         op: BlockOp,
         offset: u64,
         c: Copy,
-    ) -> Result<(), String> {
+    ) -> Result<(), CopyError> {
         let iov = [buffers.iov(c.buf, c.len)];
         let req = BlockRequest {
             op,
@@ -457,13 +563,16 @@ impl Copier {
         // one copy at a time (`busy`). The copier owns the buffers for as
         // long as its engines live, and `Drop for Copier` never frees them
         // while a copy is in flight.
-        unsafe { engine.submit(&req, c) }.map_err(|e| format!("chunk {}: {e}", c.chunk))
+        unsafe { engine.submit(&req, c) }.map_err(|source| CopyError::Submit {
+            chunk: c.chunk,
+            source,
+        })
     }
 
     /// Copies dirty chunks until told to stop; with `until_clean` (a
     /// deadline), returns as soon as nothing is dirty or in flight, or fails
     /// at the deadline.
-    fn run(&mut self, shared: &Shared, until_clean: Option<Instant>) -> Result<(), String> {
+    fn run(&mut self, shared: &Shared, until_clean: Option<Instant>) -> Result<(), CopyError> {
         let source_capacity = self
             .reads
             .node()
@@ -475,9 +584,8 @@ impl Copier {
                 break;
             }
             if until_clean.is_some_and(|d| Instant::now() >= d) {
-                return Err(format!(
-                    "the last copy did not finish within {MIRROR_FINISH_TIMEOUT_MS} ms ({} copies in flight)",
-                    self.reads.in_flight() + self.writes.in_flight()
+                return Err(CopyError::FinishTimeout(
+                    self.reads.in_flight() + self.writes.in_flight(),
                 ));
             }
             // Start copies while buffers are free.
@@ -514,12 +622,15 @@ impl Copier {
             }
             self.reads
                 .submit_pending()
-                .map_err(|e| format!("submit reads: {e}"))?;
+                .map_err(|source| CopyError::Enter {
+                    what: "submit reads",
+                    source,
+                })?;
             // Reads that landed become writes.
             let mut landed = Vec::new();
             self.reads.reap(|c, r: RequestResult| landed.push((c, r)));
             for (c, r) in landed {
-                r.map_err(|e| format!("read chunk {} of the source: {e:?}", c.chunk))?;
+                r.map_err(|e| CopyError::Read(c.chunk, e))?;
                 let offset = c.chunk as u64 * self.chunk_bytes;
                 Self::submit(
                     &mut self.writes,
@@ -531,11 +642,14 @@ impl Copier {
             }
             self.writes
                 .submit_pending()
-                .map_err(|e| format!("submit writes: {e}"))?;
+                .map_err(|source| CopyError::Enter {
+                    what: "submit writes",
+                    source,
+                })?;
             let mut written = Vec::new();
             self.writes.reap(|c, r: RequestResult| written.push((c, r)));
             for (c, r) in written {
-                r.map_err(|e| format!("write chunk {} of the target: {e:?}", c.chunk))?;
+                r.map_err(|e| CopyError::Write(c.chunk, e))?;
                 if self.tap.copy_raced(c.chunk, c.generation) {
                     // A guest write to both nodes started during the copy
                     // and may have reached the target before it.
@@ -565,7 +679,10 @@ impl Copier {
                 } else {
                     self.reads.wait_for_completion(wait)
                 };
-                r.map_err(|e| format!("waiting for copies: {e}"))?;
+                r.map_err(|source| CopyError::Enter {
+                    what: "waiting for copies",
+                    source,
+                })?;
             }
         }
         // Stopped: let the copies in flight land; a chunk read but not

@@ -2,4 +2,6 @@
 
 mod mirror;
 
-pub use mirror::{JobPhase, JobStatus, MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT};
+pub use mirror::{
+    CopyError, JobError, JobPhase, JobStatus, MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT,
+};

@@ -55,12 +55,13 @@ impl RpcError {
 
 impl From<OpError> for RpcError {
     fn from(e: OpError) -> Self {
-        let c = match e {
-            OpError::NotFound(_) => code::NOT_FOUND,
-            OpError::Conflict(_) => code::CONFLICT,
-            OpError::Invalid(_) => code::INVALID_PARAMS,
-            OpError::Failed(_) => code::FAILED,
-            OpError::ShuttingDown => code::SHUTTING_DOWN,
+        use crate::daemon::OpErrorKind;
+        let c = match e.kind() {
+            OpErrorKind::NotFound => code::NOT_FOUND,
+            OpErrorKind::Conflict => code::CONFLICT,
+            OpErrorKind::Invalid => code::INVALID_PARAMS,
+            OpErrorKind::Failed => code::FAILED,
+            OpErrorKind::ShuttingDown => code::SHUTTING_DOWN,
         };
         RpcError::new(c, e.to_string())
     }

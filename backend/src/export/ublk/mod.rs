@@ -25,7 +25,7 @@ pub use self::op::{
 use super::error_log::BackingErrorLog;
 use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::binding::Binding;
-use crate::engine::{Half, Prepared, SlotTable};
+use crate::engine::{Half, NodeFile, Prepared, SlotTable};
 use crate::limits::DATA_PATH_LOG_INTERVAL_MS;
 use crate::logging::Throttle;
 use crate::node::Node;
@@ -38,9 +38,10 @@ pub const UBLK_CONTROL: &str = "/dev/ublk-control";
 pub const UBLK_MAX_IO_BYTES: u32 = 1 << 20;
 /// How long start-up waits for the device to appear.
 pub const UBLK_START_TIMEOUT_MS: u64 = 30_000;
-/// The node's index among the queue ring's registered files (0 is the ublk
-/// char device).
-const NODE_FIXED_FILE: types::Fixed = types::Fixed(1);
+/// How the queue ring's SQEs name the node: by descriptor, not as a
+/// registered file, since libublk's FETCH commands stay pending on that ring
+/// and would keep a replaced file registered (see [`NodeFile::Descriptor`]).
+const NODE_FILE: NodeFile = NodeFile::Descriptor;
 
 /// How one ublk export is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,36 +94,100 @@ impl std::fmt::Debug for UblkExport {
     }
 }
 
-fn start_err(config: &UblkConfig, reason: String) -> ExportError {
-    ExportError::Start {
-        export: config.name.clone(),
-        reason,
+/// What went wrong with a ublk device.
+#[derive(Debug, thiserror::Error)]
+pub enum UblkFailure {
+    /// No control device: the driver is not loaded.
+    #[error("{UBLK_CONTROL} not found: modprobe ublk_drv (Linux 6.0+)")]
+    NoDriver,
+    /// The driver predates GET_FEATURES.
+    #[error("{UBLK_CONTROL} does not answer GET_FEATURES: ublk_drv from Linux 6.5+ is needed")]
+    OldDriver,
+    /// libublk's per-thread control ring could not be built.
+    #[error("cannot set up the ublk control ring: {0}")]
+    ControlRing(#[source] libublk::UblkError),
+    /// The id asked for is in use.
+    #[error(
+        "ublk device {0} already exists (another server, or left over by a crashed one): \
+         choose another id, or stop its server (a dead one's device is removed when its \
+         char device is closed: check `ls -l /proc/*/fd | grep ublkc{0}`)"
+    )]
+    IdTaken(u32),
+    /// ADD_DEV failed.
+    #[error("cannot add ublk device: {0}")]
+    Add(#[source] libublk::UblkError),
+    /// The device was added but did not start.
+    #[error("cannot start ublk device {dev_id}: {source}")]
+    Run {
+        /// The device id.
+        dev_id: u32,
+        /// libublk's error.
+        #[source]
+        source: libublk::UblkError,
+    },
+    /// The serving thread died before the device started.
+    #[error("ublk device {0}: the serving thread ended before the device started")]
+    ThreadEnded(u32),
+    /// START_DEV did not finish.
+    #[error("ublk device {0} did not start within {UBLK_START_TIMEOUT_MS} ms")]
+    StartTimeout(u32),
+    /// A control command (STOP_DEV, DEL_DEV) got no answer in time.
+    #[error("{command} of ublk device {dev_id}: no answer within {timeout_ms} ms")]
+    ControlTimeout {
+        /// The command.
+        command: &'static str,
+        /// The device id.
+        dev_id: u32,
+        /// How long it was given.
+        timeout_ms: u128,
+    },
+    /// The queue threads did not end after STOP_DEV.
+    #[error("ublk device {dev_id} queues did not stop within {timeout_ms} ms")]
+    QueuesStuck {
+        /// The device id.
+        dev_id: u32,
+        /// How long they were given.
+        timeout_ms: u128,
+    },
+    /// A thread or an eventfd could not be made.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being made.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl UblkFailure {
+    fn of(self, config: &UblkConfig) -> ExportError {
+        ExportError::Ublk {
+            export: config.name.clone(),
+            source: self,
+        }
     }
 }
 
 /// Checks that the ublk driver is there and answers, before anything is
 /// created.
-pub fn probe_driver() -> Result<u64, String> {
+pub fn probe_driver() -> Result<u64, UblkFailure> {
     if !Path::new(UBLK_CONTROL).exists() {
-        return Err(format!(
-            "{UBLK_CONTROL} not found: modprobe ublk_drv (Linux 6.0+)"
-        ));
+        return Err(UblkFailure::NoDriver);
     }
-    UblkCtrl::get_features().ok_or_else(|| {
-        format!("{UBLK_CONTROL} does not answer GET_FEATURES: ublk_drv from Linux 6.5+ is needed")
-    })
+    UblkCtrl::get_features().ok_or(UblkFailure::OldDriver)
 }
 
 /// libublk sends control commands through a ring that lives in a
 /// thread-local; every thread that touches a `UblkCtrl` needs one.
-fn ensure_ctrl_ring() -> Result<(), String> {
+fn ensure_ctrl_ring() -> Result<(), UblkFailure> {
     libublk::ctrl::ublk_init_ctrl_task_ring(|ring| {
         if ring.is_none() {
             *ring = Some(io_uring::IoUring::<io_uring::squeue::Entry128>::builder().build(32)?);
         }
         Ok(())
     })
-    .map_err(|e| format!("cannot set up the ublk control ring: {e}"))
+    .map_err(UblkFailure::ControlRing)
 }
 
 /// ublk devices that exist now (ids of `/sys/class/ublk-char/ublkcN`).
@@ -140,20 +205,13 @@ pub fn existing_devices() -> Vec<u32> {
 impl UblkExport {
     /// Creates and starts the device; returns once `/dev/ublkbN` exists.
     pub fn start(node: Arc<Node>, config: UblkConfig) -> Result<Self, ExportError> {
-        let features = probe_driver().map_err(|r| start_err(&config, r))?;
-        ensure_ctrl_ring().map_err(|r| start_err(&config, r))?;
+        let features = probe_driver().map_err(|e| e.of(&config))?;
+        ensure_ctrl_ring().map_err(|e| e.of(&config))?;
         tracing::debug!(export = %config.name, "ublk driver features {features:#x}");
         let leftovers = existing_devices();
         if let Some(id) = config.id {
             if leftovers.contains(&id) {
-                return Err(start_err(
-                    &config,
-                    format!(
-                        "ublk device {id} already exists (another server, or left over by a crashed one): \
-                         choose another id, or stop its server (a dead one's device is removed when its \
-                         char device is closed: check `ls -l /proc/*/fd | grep ublkc{id}`)"
-                    ),
-                ));
+                return Err(UblkFailure::IdTaken(id).of(&config));
             }
         } else if !leftovers.is_empty() {
             tracing::warn!(
@@ -173,13 +231,19 @@ impl UblkExport {
             .io_buf_bytes(io_buf_bytes)
             .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
             .build()
-            .map_err(|e| start_err(&config, format!("cannot add ublk device: {e}")))?;
+            .map_err(|e| UblkFailure::Add(e).of(&config))?;
         let ctrl = Arc::new(ctrl);
         let dev_id = ctrl.dev_info().dev_id;
         let wakers = (0..config.queues)
             .map(|_| EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC))
             .collect::<std::io::Result<Box<[EventFd]>>>()
-            .map_err(|e| start_err(&config, format!("eventfd: {e}")))?;
+            .map_err(|source| {
+                UblkFailure::Os {
+                    what: "eventfd",
+                    source,
+                }
+                .of(&config)
+            })?;
         let shared = Arc::new(UblkShared {
             binding: Arc::new(Binding::new(node.clone())),
             queues: (0..config.queues).map(|_| QueueShared::default()).collect(),
@@ -188,7 +252,11 @@ impl UblkExport {
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = {
             let ctrl = ctrl.clone();
-            let node = node.clone();
+            let shape = DeviceShape {
+                limits: *node.limits(),
+                rotational: node.profile().is_some_and(|p| p.rotational),
+                read_only,
+            };
             let shared = shared.clone();
             let name = config.name.clone();
             let depth = config.queue_depth;
@@ -202,7 +270,7 @@ impl UblkExport {
                     let q_name = name.clone();
                     let failed_tx = ready_tx.clone();
                     let result = ctrl.run_target(
-                        move |dev: &mut UblkDev| set_params(dev, &node, read_only),
+                        move |dev: &mut UblkDev| set_params(dev, &shape),
                         move |qid: u16, dev: &UblkDev| {
                             serve_queue(qid, dev, &q_name, &shared, depth)
                         },
@@ -212,35 +280,30 @@ impl UblkExport {
                     );
                     if let Err(e) = result {
                         tracing::error!(export = %name, "ublk device {dev_id} failed: {e}");
-                        let _ = failed_tx.send(Err(e.to_string()));
+                        let _ = failed_tx.send(Err(UblkFailure::Run { dev_id, source: e }));
                     }
                 })
-                .map_err(|e| start_err(&config, format!("cannot spawn ublk thread: {e}")))?
+                .map_err(|source| {
+                    UblkFailure::Os {
+                        what: "cannot spawn the ublk thread",
+                        source,
+                    }
+                    .of(&config)
+                })?
         };
         match ready_rx.recv_timeout(Duration::from_millis(UBLK_START_TIMEOUT_MS)) {
             Ok(Ok(path)) => tracing::info!(export = %config.name, "serving {path}"),
             Ok(Err(e)) => {
                 let _ = thread.join();
-                return Err(start_err(
-                    &config,
-                    format!("cannot start ublk device {dev_id}: {e}"),
-                ));
+                return Err(e.of(&config));
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let _ = thread.join();
-                return Err(start_err(
-                    &config,
-                    format!(
-                        "ublk device {dev_id}: the serving thread ended before the device started"
-                    ),
-                ));
+                return Err(UblkFailure::ThreadEnded(dev_id).of(&config));
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = ctrl.kill_dev();
-                return Err(start_err(
-                    &config,
-                    format!("ublk device {dev_id} did not start within {UBLK_START_TIMEOUT_MS} ms"),
-                ));
+                return Err(UblkFailure::StartTimeout(dev_id).of(&config));
             }
         }
         Ok(UblkExport {
@@ -356,42 +419,41 @@ impl UblkExport {
     /// for the queue threads, then delete the device.
     pub fn detach(mut self, timeout: Duration) -> Result<Arc<Node>, ExportError> {
         let deadline = std::time::Instant::now() + timeout;
-        let stop_err = |reason: String| ExportError::Stop {
-            export: self.config.name.clone(),
-            reason,
-        };
         // STOP_DEV waits in the kernel for in-flight I/O, which our queues
         // serve meanwhile; a device that never finishes must not hang us.
         let dev_id = self.dev_id;
-        match ctrl_bounded(&self.ctrl, UblkCtrl::stop_dev, timeout) {
+        match ctrl_bounded(&self.ctrl, "STOP_DEV", UblkCtrl::stop_dev, dev_id, timeout) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::warn!(export = %self.config.name, "stopping ublk device {dev_id}: {e}")
             }
-            Err(e) => return Err(stop_err(format!("STOP_DEV of ublk device {dev_id}: {e}"))),
+            Err(e) => return Err(e.of(&self.config)),
         }
         let thread = self.thread.take().expect("detached twice");
         while !thread.is_finished() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         if !thread.is_finished() {
-            return Err(stop_err(format!(
-                "ublk device {dev_id} queues did not stop within {} ms",
-                timeout.as_millis()
-            )));
+            return Err(UblkFailure::QueuesStuck {
+                dev_id,
+                timeout_ms: timeout.as_millis(),
+            }
+            .of(&self.config));
         }
         let _ = thread.join();
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match ctrl_bounded(
             &self.ctrl,
+            "DEL_DEV",
             UblkCtrl::del_dev,
+            dev_id,
             left.max(Duration::from_millis(UBLK_DEL_MIN_MS)),
         ) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::warn!(export = %self.config.name, "deleting ublk device {dev_id}: {e}")
             }
-            Err(e) => return Err(stop_err(format!("DEL_DEV of ublk device {dev_id}: {e}"))),
+            Err(e) => return Err(e.of(&self.config)),
         }
         Ok(self.node())
     }
@@ -407,9 +469,11 @@ const UBLK_DEL_MIN_MS: u64 = 1_000;
 /// device.
 fn ctrl_bounded(
     ctrl: &Arc<UblkCtrl>,
+    name: &'static str,
     command: fn(&UblkCtrl) -> Result<i32, libublk::UblkError>,
+    dev_id: u32,
     timeout: Duration,
-) -> Result<Result<i32, libublk::UblkError>, String> {
+) -> Result<Result<i32, libublk::UblkError>, UblkFailure> {
     let (tx, rx) = mpsc::channel();
     let ctrl = ctrl.clone();
     std::thread::Builder::new()
@@ -423,20 +487,30 @@ fn ctrl_bounded(
             };
             let _ = tx.send(result);
         })
-        .map_err(|e| format!("cannot spawn a control thread: {e}"))?;
+        .map_err(|source| UblkFailure::Os {
+            what: "cannot spawn a control thread",
+            source,
+        })?;
     rx.recv_timeout(timeout)
-        .map_err(|_| format!("no answer within {} ms", timeout.as_millis()))
+        .map_err(|_| UblkFailure::ControlTimeout {
+            command: name,
+            dev_id,
+            timeout_ms: timeout.as_millis(),
+        })
+}
+
+/// What the device's parameters are made of: taken from the node when the
+/// export starts, so that libublk's set-up closure (which lives as long as
+/// the device) does not keep the node itself open after a pivot.
+struct DeviceShape {
+    limits: crate::node::NodeLimits,
+    rotational: bool,
+    read_only: bool,
 }
 
 /// Device parameters from the node's profile.
-fn set_params(dev: &mut UblkDev, node: &Node, read_only: bool) -> Result<(), libublk::UblkError> {
-    let l = node.limits();
-    // The node is registered file 1 on every queue's ring; a node without a
-    // descriptor (null) leaves the slot sparse (-1), so a pivot to a real
-    // node can fill it.
-    let tgt = &mut dev.tgt;
-    tgt.fds[tgt.nr_fds as usize] = node.raw_fd().unwrap_or(-1);
-    tgt.nr_fds += 1;
+fn set_params(dev: &mut UblkDev, shape: &DeviceShape) -> Result<(), libublk::UblkError> {
+    let (l, read_only) = (&shape.limits, shape.read_only);
     let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
     let mut attrs = 0;
     if l.volatile_write_cache {
@@ -450,7 +524,7 @@ fn set_params(dev: &mut UblkDev, node: &Node, read_only: bool) -> Result<(), lib
     if read_only {
         attrs |= sys::UBLK_ATTR_READ_ONLY;
     }
-    if node.profile().is_some_and(|p| p.rotational) {
+    if shape.rotational {
         attrs |= sys::UBLK_ATTR_ROTATIONAL;
     }
     let shift = |bytes: u32| bytes.max(512).trailing_zeros() as u8;
@@ -581,8 +655,7 @@ impl<'a> QueueServer<'a> {
             shared,
             queue: &shared.queues[usize::from(qid)],
             bufs,
-            table: SlotTable::new(node, depth, NODE_FIXED_FILE)?
-                .with_binding(shared.binding.clone()),
+            table: SlotTable::new(node, depth, NODE_FILE)?.with_binding(shared.binding.clone()),
             depth,
             io_limits,
             parked: Vec::with_capacity(usize::from(depth)),
@@ -646,23 +719,16 @@ impl<'a> QueueServer<'a> {
         self.start(q, tag);
     }
 
-    /// Follows a pivot: once idle, a slot table on the binding's node, whose
-    /// descriptor replaces the old one in the ring's registered files (the
-    /// old node's file is let go once nothing uses it).
+    /// Follows a pivot: once idle, a slot table on the binding's node (the
+    /// old table, and with it this queue's reference to the old node, goes).
     fn follow_node(&mut self) {
         let binding = &self.shared.binding;
         if binding.serves(self.table.node()) || self.table.in_flight() > 0 {
             return;
         }
         let node = binding.node();
-        let fd = node.raw_fd().unwrap_or(-1);
-        let switched = SlotTable::new(node.clone(), self.depth, NODE_FIXED_FILE).and_then(|t| {
-            libublk::io::with_task_io_ring_mut(|ring| {
-                ring.submitter()
-                    .register_files_update(NODE_FIXED_FILE.0, &[fd])
-            })?;
-            Ok(t.with_binding(binding.clone()))
-        });
+        let switched = SlotTable::new(node.clone(), self.depth, NODE_FILE)
+            .map(|t| t.with_binding(binding.clone()));
         match switched {
             Ok(table) => {
                 tracing::info!(

@@ -272,13 +272,13 @@ impl VhostUserExport {
         // io_uring is reported at start, not at the first frontend.
         let first = Connection::new(&config, geometry, &shared)?;
         let listener = bind_socket(&config.socket, config.socket_mode)?;
-        let stop =
-            Arc::new(
-                EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|e| ExportError::Start {
-                    export: config.name.clone(),
-                    reason: format!("eventfd: {e}"),
-                })?,
-            );
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|source| {
+            ExportError::Os {
+                export: config.name.clone(),
+                what: "eventfd",
+                source,
+            }
+        })?);
         let stopping = Arc::new(AtomicBool::new(false));
         let connection = Arc::new(Mutex::new(None));
         let thread = {
@@ -293,9 +293,10 @@ impl VhostUserExport {
             std::thread::Builder::new()
                 .name(format!("vu-{}", config.name))
                 .spawn(move || ctx.serve(listener, first))
-                .map_err(|e| ExportError::Start {
+                .map_err(|source| ExportError::Os {
                     export: config.name.clone(),
-                    reason: format!("cannot spawn listener thread: {e}"),
+                    what: "cannot spawn the listener thread",
+                    source,
                 })?
         };
         Ok(VhostUserExport {
@@ -463,12 +464,9 @@ impl VhostUserExport {
         }
         let _ = std::fs::remove_file(&self.config.socket);
         if !thread.is_finished() {
-            return Err(ExportError::Stop {
+            return Err(ExportError::FrontendStuck {
                 export: self.config.name.clone(),
-                reason: format!(
-                    "frontend connection did not close within {} ms",
-                    timeout.as_millis()
-                ),
+                timeout_ms: timeout.as_millis(),
             });
         }
         let _ = thread.join();
@@ -495,9 +493,10 @@ impl Connection {
         let mut workers = Vec::with_capacity(usize::from(config.queues));
         let mut exit_events = Vec::with_capacity(usize::from(config.queues));
         let mut wakers = Vec::with_capacity(usize::from(config.queues));
-        let eventfd_err = |e: io::Error| ExportError::Start {
+        let eventfd_err = |source: io::Error| ExportError::Os {
             export: config.name.clone(),
-            reason: format!("eventfd: {e}"),
+            what: "eventfd",
+            source,
         };
         for q in 0..config.queues {
             let completion_event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(eventfd_err)?;
@@ -527,13 +526,9 @@ impl Connection {
                 usize::from(q),
                 Duration::from_micros(u64::from(config.poll_window_us)),
             )));
-            let (consumer, notifier) = new_event_consumer_and_notifier(
-                EventFlag::NONBLOCK | EventFlag::CLOEXEC,
-            )
-            .map_err(|e| ExportError::Start {
-                export: config.name.clone(),
-                reason: format!("eventfd: {e}"),
-            })?;
+            let (consumer, notifier) =
+                new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
+                    .map_err(eventfd_err)?;
             exit_events.push((Mutex::new(Some(consumer)), notifier));
         }
         *shared.wakers.lock().unwrap() = wakers;
@@ -584,7 +579,7 @@ impl ListenerCtx {
                 None => Connection::new(&self.config, self.geometry, &self.shared),
             };
             let served = conn
-                .map_err(|e| e.to_string())
+                .map_err(|e| ConnectionError::Setup(Box::new(e)))
                 .and_then(|conn| self.serve_one(&mut listener, conn));
             match served {
                 Ok(()) => failures.reset(&self.config.name),
@@ -599,7 +594,7 @@ impl ListenerCtx {
 
     /// Accepts one frontend and serves it until it leaves. Errors: the
     /// frontend could not be accepted or set up.
-    fn serve_one(&self, listener: &mut Listener, conn: Connection) -> Result<(), String> {
+    fn serve_one(&self, listener: &mut Listener, conn: Connection) -> Result<(), ConnectionError> {
         let name = &self.config.name;
         let backend = conn.backend;
         let completion_fds: Vec<_> = backend
@@ -608,16 +603,14 @@ impl ListenerCtx {
             .map(|w| w.lock().unwrap().completion_fd())
             .collect();
         let mut daemon = VhostUserDaemon::new(name.clone(), backend.clone(), backend.mem.clone())
-            .map_err(|e| format!("cannot create vhost-user daemon: {e}"))?;
+            .map_err(ConnectionError::Daemon)?;
         let event_id = completion_event_id(usize::from(self.config.queues));
         for (handler, fd) in daemon.get_epoll_handlers().iter().zip(&completion_fds) {
             handler
                 .register_listener(*fd, EventSet::IN, event_id)
-                .map_err(|e| format!("cannot watch engine completions: {e}"))?;
+                .map_err(ConnectionError::WatchCompletions)?;
         }
-        daemon
-            .start(listener)
-            .map_err(|e| format!("accepting a frontend failed: {e}"))?;
+        daemon.start(listener).map_err(ConnectionError::Accept)?;
         *self.connection.lock().unwrap() = daemon.shutdown_handle();
         tracing::info!(export = %name, "frontend connected");
         if self.stopping.load(Ordering::SeqCst) {
@@ -634,6 +627,19 @@ impl ListenerCtx {
         drop(backend);
         Ok(())
     }
+}
+
+/// Why a frontend could not be taken.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error(transparent)]
+    Setup(Box<ExportError>),
+    #[error("cannot create vhost-user daemon: {0}")]
+    Daemon(vhost_user_backend::Error),
+    #[error("cannot watch engine completions: {0}")]
+    WatchCompletions(#[source] io::Error),
+    #[error("accepting a frontend failed: {0}")]
+    Accept(vhost_user_backend::Error),
 }
 
 /// Consecutive failures to take a frontend: backs off (bounded) and logs the
@@ -653,7 +659,7 @@ impl Default for AcceptFailures {
 }
 
 impl AcceptFailures {
-    fn failed(&mut self, export: &str, error: &str, stop: &EventFd) {
+    fn failed(&mut self, export: &str, error: &ConnectionError, stop: &EventFd) {
         self.count += 1;
         if let Some(suppressed) = self.log.allow() {
             tracing::error!(
