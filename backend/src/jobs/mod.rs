@@ -2,4 +2,5 @@
 
 mod mirror;
 
-pub use mirror::{JobPhase, JobStatus, MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT};
+pub use crate::api::{JobPhase, JobStatus};
+pub use mirror::{MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT};

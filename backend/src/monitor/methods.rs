@@ -8,8 +8,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::rpc::{code, RpcError, StopRequest};
-use crate::config::{DiskConfig, DiskParams, ExportConfig, ExportParams};
-use crate::daemon::{Daemon, MirrorParams};
+use crate::api::{DiskParams, ExportParams, MirrorParams};
+use crate::config::{DiskConfig, ExportConfig};
+use crate::daemon::Daemon;
 
 /// Every method with a one-line description (`rpc_methods` lists them).
 pub const METHODS: &[(&str, &str)] = &[
@@ -233,7 +234,7 @@ pub fn run(
             Ok(json!({"removed": name}))
         }
         Call::NodeList => Ok(json!(daemon.list_nodes())),
-        Call::ExportAdd(export) => Ok(daemon.add_export(&export)?),
+        Call::ExportAdd(export) => Ok(json!(daemon.add_export(&export)?)),
         Call::ExportRemove { name, force } => {
             let totals = daemon.remove_export(&name, force)?;
             Ok(json!({"removed": name, "stats": totals}))
