@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::api::{DiskParams, ExportParams};
 use crate::limits::{
     DEFAULT_POLL_WINDOW_US, DEFAULT_QUEUES, DEFAULT_QUEUE_DEPTH, MAX_POLL_WINDOW_US, MAX_QUEUES,
     MAX_QUEUE_DEPTH,
@@ -106,41 +107,6 @@ struct FileConfig {
 struct DaemonSection {
     poll_us: Option<u64>,
     control: Option<PathBuf>,
-}
-
-/// A disk as written in the config file (`[[disk]]`) or given to the
-/// monitor's `node_add`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskParams {
-    name: String,
-    path: String,
-    #[serde(default)]
-    read_only: bool,
-    create_size: Option<String>,
-}
-
-/// An export as written in the config file (`[[export]]`) or given to the
-/// monitor's `export_add` (where the disk is called `node`).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExportParams {
-    name: String,
-    #[serde(alias = "node")]
-    disk: String,
-    #[serde(rename = "type")]
-    kind: String,
-    socket: Option<PathBuf>,
-    socket_mode: Option<u32>,
-    ublk_id: Option<u32>,
-    // Wide integers, so a value out of range is refused with the real range
-    // rather than the range of the field's type.
-    queues: Option<u64>,
-    queue_depth: Option<u64>,
-    #[serde(default)]
-    read_only: bool,
-    serial: Option<String>,
-    poll_us: Option<u64>,
 }
 
 /// Default socket mode: owner only.

@@ -1,6 +1,7 @@
 //! `sluice ctl`: the monitor's command-line client. It sends one JSON-RPC
 //! request per line and prints a human table, or the JSON result with
-//! `--json`.
+//! `--json`. Requests are built from the [`api`](crate::api) params and
+//! answers read into its result types.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -8,7 +9,15 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
+
+use crate::api::{
+    DaemonStats, ExportDescription, ExportEndpoint, ExportInfo, ExportRemoved, ExportStats,
+    JobIdParams, JobPhase, JobStatus, MethodInfo, NodeInfo, NodeRemoved, ShutdownAnswer,
+};
+use crate::graph::Holder;
 
 /// How long `ctl` waits for an answer (export removal may wait for the
 /// drain, bounded by the daemon's own timeouts).
@@ -50,6 +59,29 @@ pub enum CtlError {
         /// The daemon's message.
         message: String,
     },
+    /// The daemon's result is not what the method returns.
+    #[error("unexpected answer to {method} from {path}: {reason}")]
+    Answer {
+        /// The method called.
+        method: String,
+        /// The socket.
+        path: PathBuf,
+        /// Why it does not read as the method's result.
+        reason: String,
+    },
+}
+
+/// Reads `result`, the daemon at `path`'s answer to `method`, as `R`.
+pub fn read_answer<R: DeserializeOwned>(
+    method: &str,
+    path: &Path,
+    result: &Value,
+) -> Result<R, CtlError> {
+    R::deserialize(result).map_err(|e| CtlError::Answer {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 impl CtlClient {
@@ -104,6 +136,24 @@ impl CtlClient {
         }
         Ok(reply.get("result").cloned().unwrap_or(Value::Null))
     }
+
+    /// Calls `method` with typed `params`; returns the result as it came.
+    pub fn call_with(&mut self, method: &str, params: &impl Serialize) -> Result<Value, CtlError> {
+        let params = serde_json::to_value(params).map_err(|e| CtlError::Io {
+            path: self.path.clone(),
+            reason: format!("params of {method}: {e}"),
+        })?;
+        self.call(method, params)
+    }
+
+    /// Reads `result`, this daemon's answer to `method`, as `R`.
+    pub fn read_answer<R: DeserializeOwned>(
+        &self,
+        method: &str,
+        result: &Value,
+    ) -> Result<R, CtlError> {
+        read_answer(method, &self.path, result)
+    }
 }
 
 fn table(header: &[&str]) -> Table {
@@ -112,41 +162,35 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
+/// A latency in µs as the JSON has it (`-` for one beyond every bucket,
+/// which JSON writes as `null`).
+fn micros(us: f64) -> String {
+    match Value::from(us) {
         Value::Null => "-".into(),
-        other => other.to_string(),
+        n => n.to_string(),
     }
 }
 
-fn holders(v: &Value) -> String {
-    let list: Vec<String> = v
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(
-                    |h| match (h.get("kind").and_then(Value::as_str), h.get("name")) {
-                        (Some("monitor"), _) => "monitor".to_owned(),
-                        (Some(kind), Some(name)) => format!("{kind} {}", s(name)),
-                        _ => h.to_string(),
-                    },
-                )
-                .collect()
-        })
-        .unwrap_or_default();
+fn holders(list: &[Holder]) -> String {
     if list.is_empty() {
-        "-".into()
-    } else {
-        list.join(", ")
+        return "-".into();
     }
+    let names: Vec<String> = list
+        .iter()
+        .map(|h| match h {
+            Holder::Monitor => "monitor".to_owned(),
+            Holder::Export(name) => format!("export {name}"),
+            Holder::Job(name) => format!("job {name}"),
+        })
+        .collect();
+    names.join(", ")
 }
 
 /// How often `--wait` asks for a job's progress.
 pub const CTL_JOB_POLL_MS: u64 = 200;
 
 /// Polls `job_status` until the job is ready (or failed), drawing a progress
-/// bar on stderr when `show` is set. Returns the last status.
+/// bar on stderr when `show` is set. Returns the last status as it came.
 pub fn wait_for_job(client: &mut CtlClient, id: &str, show: bool) -> Result<Value, CtlError> {
     let bar = indicatif::ProgressBar::new(0);
     if show {
@@ -161,44 +205,74 @@ pub fn wait_for_job(client: &mut CtlClient, id: &str, show: bool) -> Result<Valu
     } else {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    let params = JobIdParams { id: id.to_owned() };
     loop {
-        let st = client.call("job_status", json!({"id": id}))?;
-        bar.set_length(st["total_bytes"].as_u64().unwrap_or(0));
-        bar.set_position(st["done_bytes"].as_u64().unwrap_or(0));
-        match st["phase"].as_str() {
-            Some("ready") => {
+        let raw = client.call_with("job_status", &params)?;
+        let st: JobStatus = client.read_answer("job_status", &raw)?;
+        bar.set_length(st.total_bytes);
+        bar.set_position(st.done_bytes);
+        match st.phase {
+            JobPhase::Ready => {
                 bar.finish_with_message(format!("job {id} ready"));
-                return Ok(st);
+                return Ok(raw);
             }
-            Some("failed") => {
+            JobPhase::Failed => {
                 bar.abandon_with_message(format!("job {id} failed"));
                 return Err(CtlError::Rpc {
                     code: 0,
-                    message: format!("job {id} failed: {}", s(&st["error"])),
+                    message: format!("job {id} failed: {}", st.error.as_deref().unwrap_or("-")),
                 });
             }
-            _ => std::thread::sleep(Duration::from_millis(CTL_JOB_POLL_MS)),
+            JobPhase::Running => std::thread::sleep(Duration::from_millis(CTL_JOB_POLL_MS)),
         }
     }
 }
 
-/// Renders a method's result for a person.
-pub fn render(method: &str, result: &Value) -> String {
-    match method {
+fn jobs_table(jobs: &[JobStatus]) -> String {
+    let mut t = table(&[
+        "job", "type", "source", "target", "phase", "progress", "dirty",
+    ]);
+    for j in jobs {
+        let pct = if j.total_bytes > 0 {
+            j.done_bytes as f64 * 100.0 / j.total_bytes as f64
+        } else {
+            100.0
+        };
+        t.add_row(vec![
+            j.id.clone(),
+            j.kind.clone(),
+            j.source.clone(),
+            j.target.clone(),
+            j.phase.as_str().to_owned(),
+            format!("{pct:.1}% of {}", crate::size::HumanBytes(j.total_bytes)),
+            crate::size::HumanBytes(j.dirty_bytes).to_string(),
+        ]);
+    }
+    t.to_string()
+}
+
+/// Renders a method's result, the daemon at `path`'s answer, for a person:
+/// a table, or the JSON for answers that are not lists. A result that is not
+/// what the method returns is an error.
+pub fn render(method: &str, result: &Value, path: &Path) -> Result<String, CtlError> {
+    let pretty = || serde_json::to_string_pretty(result).unwrap_or_default();
+    Ok(match method {
         "node_list" => {
+            let nodes: Vec<NodeInfo> = read_answer(method, path, result)?;
             let mut t = table(&["node", "disk", "capacity", "ro", "holders"]);
-            for n in result.as_array().into_iter().flatten() {
+            for n in &nodes {
                 t.add_row(vec![
-                    s(&n["name"]),
-                    s(&n["disk"]),
-                    crate::size::HumanBytes(n["capacity_bytes"].as_u64().unwrap_or(0)).to_string(),
-                    s(&n["read_only"]),
-                    holders(&n["holders"]),
+                    n.name.clone(),
+                    n.disk.clone(),
+                    crate::size::HumanBytes(n.capacity_bytes).to_string(),
+                    n.read_only.to_string(),
+                    holders(&n.holders),
                 ]);
             }
             t.to_string()
         }
         "export_list" => {
+            let exports: Vec<ExportInfo> = read_answer(method, path, result)?;
             let mut t = table(&[
                 "export",
                 "type",
@@ -209,27 +283,32 @@ pub fn render(method: &str, result: &Value) -> String {
                 "errors",
                 "in flight",
             ]);
-            for x in result.as_array().into_iter().flatten() {
-                let endpoint = x
-                    .get("socket")
-                    .or_else(|| x.get("device"))
-                    .unwrap_or(&Value::Null);
+            for x in &exports {
+                let d = &x.description;
+                let (kind, endpoint) = match &d.endpoint {
+                    ExportEndpoint::VhostUser { socket } => ("vhost-user", socket.display()),
+                    ExportEndpoint::Ublk { device, .. } => ("ublk", device.display()),
+                };
                 t.add_row(vec![
-                    s(&x["export"]),
-                    s(&x["type"]),
-                    s(endpoint),
-                    s(&x["node"]),
-                    s(&x["queues"]),
-                    s(&x["stats"]["requests"]),
-                    s(&x["stats"]["errors"]),
-                    s(&x["stats"]["in_flight"]),
+                    d.export.clone(),
+                    kind.to_owned(),
+                    endpoint.to_string(),
+                    x.node.clone(),
+                    d.queues.to_string(),
+                    x.stats.requests.to_string(),
+                    x.stats.errors.to_string(),
+                    x.stats.in_flight.to_string(),
                 ]);
             }
             t.to_string()
         }
         "export_stats" => {
-            let st = &result["stats"];
-            let lat = &result["latency"];
+            let ExportStats {
+                name,
+                stats: st,
+                latency: lat,
+                ..
+            } = read_answer(method, path, result)?;
             let mut t = table(&[
                 "export",
                 "requests",
@@ -243,56 +322,56 @@ pub fn render(method: &str, result: &Value) -> String {
                 "p99.9 µs",
             ]);
             t.add_row(vec![
-                s(&result["name"]),
-                s(&st["requests"]),
-                s(&st["errors"]),
-                crate::size::HumanBytes(st["bytes_read"].as_u64().unwrap_or(0)).to_string(),
-                crate::size::HumanBytes(st["bytes_written"].as_u64().unwrap_or(0)).to_string(),
-                s(&st["flushes"]),
-                s(&st["in_flight"]),
-                s(&lat["p50_us"]),
-                s(&lat["p99_us"]),
-                s(&lat["p999_us"]),
+                name,
+                st.requests.to_string(),
+                st.errors.to_string(),
+                crate::size::HumanBytes(st.bytes_read).to_string(),
+                crate::size::HumanBytes(st.bytes_written).to_string(),
+                st.flushes.to_string(),
+                st.in_flight.to_string(),
+                micros(lat.p50_us),
+                micros(lat.p99_us),
+                micros(lat.p999_us),
             ]);
             t.to_string()
         }
-        "job_list" | "job_status" | "job_mirror" | "job_cancel" | "job_complete" => {
-            let jobs = match result {
-                Value::Array(a) => a.clone(),
-                one => vec![one.clone()],
-            };
-            let mut t = table(&[
-                "job", "type", "source", "target", "phase", "progress", "dirty",
-            ]);
-            for j in &jobs {
-                let (done, total) = (
-                    j["done_bytes"].as_u64().unwrap_or(0),
-                    j["total_bytes"].as_u64().unwrap_or(0),
-                );
-                let pct = if total > 0 {
-                    done as f64 * 100.0 / total as f64
-                } else {
-                    100.0
-                };
-                t.add_row(vec![
-                    s(&j["id"]),
-                    s(&j["type"]),
-                    s(&j["source"]),
-                    s(&j["target"]),
-                    s(&j["phase"]),
-                    format!("{pct:.1}% of {}", crate::size::HumanBytes(total)),
-                    crate::size::HumanBytes(j["dirty_bytes"].as_u64().unwrap_or(0)).to_string(),
-                ]);
-            }
-            t.to_string()
+        "job_list" => jobs_table(&read_answer::<Vec<JobStatus>>(method, path, result)?),
+        "job_status" | "job_mirror" | "job_cancel" | "job_complete" => {
+            jobs_table(&[read_answer::<JobStatus>(method, path, result)?])
         }
         "rpc_methods" => {
+            let methods: Vec<MethodInfo> = read_answer(method, path, result)?;
             let mut t = table(&["method", "description"]);
-            for m in result.as_array().into_iter().flatten() {
-                t.add_row(vec![s(&m["method"]), s(&m["description"])]);
+            for m in methods {
+                t.add_row(vec![m.method, m.description]);
             }
             t.to_string()
         }
-        _ => serde_json::to_string_pretty(result).unwrap_or_default(),
-    }
+        // Shown as the JSON they are, once they read as what they should be.
+        "node_add" => {
+            read_answer::<NodeInfo>(method, path, result)?;
+            pretty()
+        }
+        "node_remove" => {
+            read_answer::<NodeRemoved>(method, path, result)?;
+            pretty()
+        }
+        "export_add" => {
+            read_answer::<ExportDescription>(method, path, result)?;
+            pretty()
+        }
+        "export_remove" => {
+            read_answer::<ExportRemoved>(method, path, result)?;
+            pretty()
+        }
+        "daemon_stats" => {
+            read_answer::<DaemonStats>(method, path, result)?;
+            pretty()
+        }
+        "shutdown" => {
+            read_answer::<ShutdownAnswer>(method, path, result)?;
+            pretty()
+        }
+        _ => pretty(),
+    })
 }

@@ -10,6 +10,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use crate::api::{ExportDescription, ExportInfo, ExportStats, MirrorParams, NodeInfo};
 use crate::config::{DiskConfig, ExportConfig, ServeConfig};
 use crate::export::vhost_user::VhostUserExport;
 use crate::export::{start_export, DrainBounds, Export, ExportTotals};
@@ -69,22 +70,6 @@ impl State {
             .values()
             .filter(move |x| x.node().name() == name)
     }
-}
-
-/// What `job_mirror` asks for.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MirrorParams {
-    /// Job id (default: mirrorN).
-    pub id: Option<String>,
-    /// Source node.
-    pub node: String,
-    /// Target node (opened with `node_add`; served by no export).
-    pub target: String,
-    /// Copy chunk and bitmap granularity.
-    pub chunk_bytes: Option<u64>,
-    /// Chunk copies in flight.
-    pub max_in_flight: Option<u16>,
 }
 
 /// Why a control operation failed. [`OpError::kind`] sorts them into what
@@ -206,33 +191,6 @@ impl OpError {
             | OpError::Flush(_) => OpErrorKind::Failed,
         }
     }
-}
-
-/// A node as the monitor lists it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct NodeInfo {
-    /// Name.
-    pub name: String,
-    /// What it was opened from.
-    pub disk: String,
-    /// Size.
-    pub capacity_bytes: u64,
-    /// Opened without write access.
-    pub read_only: bool,
-    /// Who holds it.
-    pub holders: Vec<Holder>,
-}
-
-/// An export as the monitor lists it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ExportInfo {
-    /// The ready-line description (type, endpoint, queues...).
-    #[serde(flatten)]
-    pub description: serde_json::Value,
-    /// The node it serves.
-    pub node: String,
-    /// Counters.
-    pub stats: ExportTotals,
 }
 
 /// Image files a start created, removed again (on drop) unless the start
@@ -372,7 +330,7 @@ impl Daemon {
     }
 
     /// `export-add`: starts an export on an existing node, which it holds.
-    pub fn add_export(&self, config: &ExportConfig) -> Result<serde_json::Value, OpError> {
+    pub fn add_export(&self, config: &ExportConfig) -> Result<ExportDescription, OpError> {
         self.check_open()?;
         let holder = Holder::Export(config.name.clone());
         let node = {
@@ -670,18 +628,18 @@ impl Daemon {
     }
 
     /// `export_stats`: counters and latency percentiles of one export.
-    pub fn export_stats(&self, name: &str) -> Result<serde_json::Value, OpError> {
+    pub fn export_stats(&self, name: &str) -> Result<ExportStats, OpError> {
         let state = self.state();
         let x = state
             .exports
             .get(name)
             .ok_or_else(|| OpError::NoSuchExport(name.to_owned()))?;
-        Ok(serde_json::json!({
-            "name": name,
-            "node": x.node().name(),
-            "stats": x.totals(),
-            "latency": x.latency(),
-        }))
+        Ok(ExportStats {
+            name: name.to_owned(),
+            node: x.node().name().to_owned(),
+            stats: x.totals(),
+            latency: x.latency(),
+        })
     }
 
     /// One JSON line per export, printed when it accepts its consumer

@@ -14,7 +14,9 @@ use std::time::Duration;
 use crate::node::Node;
 
 /// Who holds a reference to a node.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(tag = "kind", content = "name", rename_all = "kebab-case")]
 pub enum Holder {
     /// The monitor: the node was created by configuration or `node-add`.

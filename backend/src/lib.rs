@@ -9,12 +9,15 @@
 //!   it owns every buffer handed to the kernel until its completion is reaped.
 //! - [`node`]: backing stores (block device or file opened `O_DIRECT`, or a
 //!   null node) with the device profile probed by `sluice-hw`.
+//! - [`api`]: the control plane's params and results as serde types, shared
+//!   by the config file, the monitor and `sluice ctl`.
 //! - [`daemon`]: `sluice serve`: configuration, start-up, readiness and the
 //!   shutdown that drains, detaches and flushes.
 //! - `fuzzing` (tests and the `fuzzing` feature): the fuzz targets' entry
 //!   points, shared by `cargo fuzz` and the corpus replay test.
 
 pub mod alloc;
+pub mod api;
 pub mod binding;
 pub mod config;
 pub mod ctl;

@@ -65,11 +65,11 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
         for line in daemon.ready_lines() {
             let _ = writeln!(out, "{line}");
         }
-        let _ = writeln!(
-            out,
-            "{}",
-            serde_json::json!({"event": "ready", "control": monitor.path()})
-        );
+        let control = crate::api::ControlReady {
+            event: crate::api::ReadyEvent::Ready,
+            control: monitor.path().to_owned(),
+        };
+        let _ = writeln!(out, "{control}");
         let _ = out.flush();
     }
     if std::env::var_os("NOTIFY_SOCKET").is_some() {

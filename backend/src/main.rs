@@ -5,6 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use sluice::api::{
+    DiskParams, ExportParams, ExportRemoveParams, JobIdParams, JobStatus, MirrorParams, NameParams,
+    NoParams, RemoveMode,
+};
 use sluice::config::{
     DiskConfig, ExportConfig, ExportKind, ServeConfig, DEFAULT_SOCKET_MODE, EMBEDDED_DEFAULT,
 };
@@ -363,9 +367,10 @@ fn ctl(args: CtlArgs) -> ExitCode {
         let v = c.call(&call_method, params)?;
         match wait_for {
             Some(id) => {
-                let id = id
-                    .or_else(|| v["id"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
+                let id = match id {
+                    Some(id) => id,
+                    None => c.read_answer::<JobStatus>(&call_method, &v)?.id,
+                };
                 sluice::ctl::wait_for_job(&mut c, &id, !args.json)
             }
             None => Ok(v),
@@ -376,13 +381,18 @@ fn ctl(args: CtlArgs) -> ExitCode {
     } else {
         method
     };
-    match result {
-        Ok(v) => {
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-            } else {
-                println!("{}", sluice::ctl::render(&method, &v));
-            }
+    // --json prints the result as it came; a table needs it to read as the
+    // method's result.
+    let shown = result.and_then(|v| {
+        if args.json {
+            Ok(serde_json::to_string_pretty(&v).unwrap_or_default())
+        } else {
+            sluice::ctl::render(&method, &v, &path)
+        }
+    });
+    match shown {
+        Ok(text) => {
+            println!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -392,32 +402,51 @@ fn ctl(args: CtlArgs) -> ExitCode {
     }
 }
 
+/// `p` as the params of a request.
+fn params(p: &impl serde::Serialize) -> Result<serde_json::Value, String> {
+    serde_json::to_value(p).map_err(|e| format!("params: {e}"))
+}
+
+/// `p` as a string, for params that carry a path as text.
+fn path_text(p: PathBuf) -> Result<String, String> {
+    p.into_os_string()
+        .into_string()
+        .map_err(|p| format!("{}: not a UTF-8 path", PathBuf::from(p).display()))
+}
+
 fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), String> {
-    use serde_json::json;
     let abs = |p: &PathBuf| {
         std::env::current_dir()
             .map(|d| d.join(p))
             .unwrap_or_else(|_| p.clone())
     };
+    let job = |id: &String| params(&JobIdParams { id: id.clone() });
     Ok(match cmd {
-        CtlCommand::Nodes => ("node_list".into(), json!({})),
+        CtlCommand::Nodes => ("node_list".into(), params(&NoParams {})?),
         CtlCommand::NodeAdd {
             name,
             disk,
             read_only,
             create_size,
         } => {
-            let mut p = json!({"name": name, "path": disk, "read_only": read_only});
-            if !disk.starts_with("null:") {
-                p["path"] = json!(abs(&PathBuf::from(disk)));
-            }
-            if let Some(size) = create_size {
-                p["create_size"] = json!(size);
-            }
-            ("node_add".into(), p)
+            let path = if disk.starts_with("null:") {
+                disk.clone()
+            } else {
+                path_text(abs(&PathBuf::from(disk)))?
+            };
+            let p = DiskParams {
+                name: name.clone(),
+                path,
+                read_only: *read_only,
+                create_size: create_size.clone(),
+            };
+            ("node_add".into(), params(&p)?)
         }
-        CtlCommand::NodeRemove { name } => ("node_remove".into(), json!({"name": name})),
-        CtlCommand::Exports => ("export_list".into(), json!({})),
+        CtlCommand::NodeRemove { name } => (
+            "node_remove".into(),
+            params(&NameParams { name: name.clone() })?,
+        ),
+        CtlCommand::Exports => ("export_list".into(), params(&NoParams {})?),
         CtlCommand::ExportAdd {
             name,
             node,
@@ -429,41 +458,47 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), String> 
             serial,
             poll_us,
         } => {
-            let mut p = json!({"name": name, "node": node, "read_only": read_only});
-            match (vhost_user, ublk) {
-                (Some(sock), None) => {
-                    p["type"] = json!("vhost-user");
-                    p["socket"] = json!(abs(sock));
-                }
+            let (kind, socket, ublk_id) = match (vhost_user, ublk) {
+                (Some(sock), None) => ("vhost-user", Some(abs(sock)), None),
+                (None, Some(id)) if id == "auto" => ("ublk", None, None),
                 (None, Some(id)) => {
-                    p["type"] = json!("ublk");
-                    if id != "auto" {
-                        p["ublk_id"] = json!(id
-                            .parse::<u32>()
-                            .map_err(|_| format!("--ublk {id:?}: expected a device number"))?);
-                    }
+                    let id = id
+                        .parse::<u32>()
+                        .map_err(|_| format!("--ublk {id:?}: expected a device number"))?;
+                    ("ublk", None, Some(id))
                 }
                 _ => return Err("export-add needs --vhost-user SOCKET or --ublk [ID]".into()),
-            }
-            for (k, v) in [
-                ("queues", queues.map(u32::from)),
-                ("queue_depth", queue_depth.map(u32::from)),
-                ("poll_us", *poll_us),
-            ] {
-                if let Some(v) = v {
-                    p[k] = json!(v);
-                }
-            }
-            if let Some(s) = serial {
-                p["serial"] = json!(s);
-            }
-            ("export_add".into(), p)
+            };
+            let p = ExportParams {
+                name: name.clone(),
+                disk: node.clone(),
+                kind: kind.into(),
+                socket,
+                socket_mode: None,
+                ublk_id,
+                queues: queues.map(u64::from),
+                queue_depth: queue_depth.map(u64::from),
+                read_only: *read_only,
+                serial: serial.clone(),
+                poll_us: poll_us.map(u64::from),
+            };
+            ("export_add".into(), params(&p)?)
         }
-        CtlCommand::ExportRemove { name, force } => (
-            "export_remove".into(),
-            json!({"name": name, "mode": if *force { "force" } else { "safe" }}),
+        CtlCommand::ExportRemove { name, force } => {
+            let p = ExportRemoveParams {
+                name: name.clone(),
+                mode: if *force {
+                    RemoveMode::Force
+                } else {
+                    RemoveMode::Safe
+                },
+            };
+            ("export_remove".into(), params(&p)?)
+        }
+        CtlCommand::Stats { name } => (
+            "export_stats".into(),
+            params(&NameParams { name: name.clone() })?,
         ),
-        CtlCommand::Stats { name } => ("export_stats".into(), json!({"name": name})),
         CtlCommand::Mirror {
             node,
             target,
@@ -472,28 +507,25 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), String> 
             max_in_flight,
             ..
         } => {
-            let mut p = json!({"node": node, "target": target});
-            if let Some(id) = id {
-                p["id"] = json!(id);
-            }
-            if let Some(c) = chunk_bytes {
-                p["chunk_bytes"] = json!(c);
-            }
-            if let Some(m) = max_in_flight {
-                p["max_in_flight"] = json!(m);
-            }
-            ("job_mirror".into(), p)
+            let p = MirrorParams {
+                id: id.clone(),
+                node: node.clone(),
+                target: target.clone(),
+                chunk_bytes: *chunk_bytes,
+                max_in_flight: *max_in_flight,
+            };
+            ("job_mirror".into(), params(&p)?)
         }
-        CtlCommand::Jobs => ("job_list".into(), json!({})),
-        CtlCommand::JobStatus { id, .. } => ("job_status".into(), json!({"id": id})),
-        CtlCommand::JobCancel { id } => ("job_cancel".into(), json!({"id": id})),
-        CtlCommand::JobComplete { id } => ("job_complete".into(), json!({"id": id})),
-        CtlCommand::Shutdown => ("shutdown".into(), json!({})),
-        CtlCommand::Methods => ("rpc_methods".into(), json!({})),
+        CtlCommand::Jobs => ("job_list".into(), params(&NoParams {})?),
+        CtlCommand::JobStatus { id, .. } => ("job_status".into(), job(id)?),
+        CtlCommand::JobCancel { id } => ("job_cancel".into(), job(id)?),
+        CtlCommand::JobComplete { id } => ("job_complete".into(), job(id)?),
+        CtlCommand::Shutdown => ("shutdown".into(), params(&NoParams {})?),
+        CtlCommand::Methods => ("rpc_methods".into(), params(&NoParams {})?),
         CtlCommand::Call { method, params } => {
             let p = match params {
                 Some(text) => serde_json::from_str(text).map_err(|e| format!("params: {e}"))?,
-                None => json!({}),
+                None => serde_json::json!({}),
             };
             (method.clone(), p)
         }

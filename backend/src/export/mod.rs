@@ -11,8 +11,13 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::api::{ExportDescription, ExportEndpoint, ReadyEvent};
 use crate::node::Node;
 use crate::request::BlockOp;
+
+// The counters' types are control-plane results (api.rs); how they are
+// summed over the queues is here.
+pub use crate::api::{ExportTotals, LatencyPercentiles};
 
 /// Starts the export `config` describes on `node`.
 pub fn start_export(
@@ -156,43 +161,45 @@ impl Export {
         }
     }
 
-    /// The JSON object of the ready line.
-    pub fn describe(&self) -> serde_json::Value {
+    /// What the ready line, `export_add` and `export_list` say of it.
+    pub fn describe(&self) -> ExportDescription {
         let node = self.node();
         let limits = node.limits();
-        let mut v = serde_json::json!({
-            "event": "ready",
-            "export": self.name(),
-            "disk": node.spec().to_string(),
-            "capacity_bytes": limits.capacity_bytes,
-            "logical_block_size_bytes": limits.logical_block_size_bytes,
-            "physical_block_size_bytes": limits.physical_block_size_bytes,
-            "write_cache": limits.volatile_write_cache,
-            "fua": limits.fua,
-            "discard_max_bytes": limits.discard_max_bytes,
-            "write_zeroes_max_bytes": limits.write_zeroes_max_bytes,
-        });
-        let extra = match self {
-            Export::VhostUser(x) => serde_json::json!({
-                "type": "vhost-user",
-                "socket": x.config().socket,
-                "queues": x.config().queues,
-                "queue_depth": x.config().queue_depth,
-                "read_only": x.read_only(),
-            }),
-            Export::Ublk(x) => serde_json::json!({
-                "type": "ublk",
-                "dev_id": x.dev_id(),
-                "device": x.bdev_path(),
-                "queues": x.config().queues,
-                "queue_depth": x.config().queue_depth,
-                "read_only": x.read_only(),
-            }),
+        let (endpoint, queues, queue_depth, read_only) = match self {
+            Export::VhostUser(x) => (
+                ExportEndpoint::VhostUser {
+                    socket: x.config().socket.clone(),
+                },
+                x.config().queues,
+                x.config().queue_depth,
+                x.read_only(),
+            ),
+            Export::Ublk(x) => (
+                ExportEndpoint::Ublk {
+                    dev_id: x.dev_id(),
+                    device: x.bdev_path(),
+                },
+                x.config().queues,
+                x.config().queue_depth,
+                x.read_only(),
+            ),
         };
-        if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
-            v.extend(extra);
+        ExportDescription {
+            event: ReadyEvent::Ready,
+            export: self.name().to_owned(),
+            endpoint,
+            disk: node.spec().to_string(),
+            capacity_bytes: limits.capacity_bytes,
+            logical_block_size_bytes: limits.logical_block_size_bytes,
+            physical_block_size_bytes: limits.physical_block_size_bytes,
+            write_cache: limits.volatile_write_cache,
+            fua: limits.fua,
+            discard_max_bytes: limits.discard_max_bytes,
+            write_zeroes_max_bytes: limits.write_zeroes_max_bytes,
+            queues,
+            queue_depth,
+            read_only,
         }
-        v
     }
 }
 
@@ -327,20 +334,6 @@ impl Default for QueueShared {
     }
 }
 
-/// Completion latency percentiles of an export, in microseconds (upper
-/// bounds of 1/8-octave buckets).
-#[derive(Debug, Default, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct LatencyPercentiles {
-    /// Requests measured.
-    pub samples: u64,
-    /// Median.
-    pub p50_us: f64,
-    /// 99th percentile.
-    pub p99_us: f64,
-    /// 99.9th percentile.
-    pub p999_us: f64,
-}
-
 impl LatencyPercentiles {
     /// Percentiles over the histograms of `queues`.
     pub fn of(queues: &[QueueShared]) -> Self {
@@ -431,23 +424,6 @@ impl QueueShared {
             _ => {}
         }
     }
-}
-
-/// Cumulative counters of one export.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct ExportTotals {
-    /// Requests completed.
-    pub requests: u64,
-    /// Requests that completed with an error status.
-    pub errors: u64,
-    /// Bytes read.
-    pub bytes_read: u64,
-    /// Bytes written.
-    pub bytes_written: u64,
-    /// Flushes completed.
-    pub flushes: u64,
-    /// Requests in flight now.
-    pub in_flight: u32,
 }
 
 impl ExportTotals {

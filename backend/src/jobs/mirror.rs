@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::api::{JobPhase, JobStatus};
 use crate::binding::MirrorTap;
 use crate::engine::{Engine, SubmitError};
 use crate::graph::FlushError;
@@ -34,46 +35,6 @@ pub const MIRROR_MAX_CHUNK_BYTES: u64 = 16 << 20;
 pub const MIRROR_MAX_IN_FLIGHT_LIMIT: u16 = 64;
 /// How long an idle copier sleeps before it looks for new dirty chunks.
 pub const MIRROR_IDLE_POLL_MS: u64 = 2;
-
-/// Where a job is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum JobPhase {
-    /// Copying; not yet in sync.
-    Running,
-    /// In sync once; keeps copying new changes.
-    Ready,
-    /// Stopped on an I/O error (see `error`).
-    Failed,
-}
-
-/// What `job_status` reports.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct JobStatus {
-    /// Job id.
-    pub id: String,
-    /// Job type.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    /// Source node.
-    pub source: String,
-    /// Target node.
-    pub target: String,
-    /// Phase.
-    pub phase: JobPhase,
-    /// Bytes known to be in sync.
-    pub done_bytes: u64,
-    /// Size of the copy.
-    pub total_bytes: u64,
-    /// Bytes waiting to be (re)copied.
-    pub dirty_bytes: u64,
-    /// Chunk size.
-    pub chunk_bytes: u64,
-    /// Chunk copies allowed in flight.
-    pub max_in_flight: u16,
-    /// Why the job failed.
-    pub error: Option<String>,
-}
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -319,7 +280,7 @@ impl MirrorJob {
         let error = self.shared.error.lock().unwrap().clone();
         JobStatus {
             id: self.id.clone(),
-            kind: "mirror",
+            kind: "mirror".into(),
             source: self.source.name().to_owned(),
             target: self.target.name().to_owned(),
             phase: if error.is_some() {

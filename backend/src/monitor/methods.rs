@@ -4,12 +4,16 @@ use std::path::Path;
 use std::sync::mpsc;
 
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::rpc::{code, RpcError, StopRequest};
-use crate::config::{DiskConfig, DiskParams, ExportConfig, ExportParams};
-use crate::daemon::{Daemon, MirrorParams};
+use crate::api::{
+    DaemonStats, DiskParams, ExportParams, ExportRemoveParams, ExportRemoved, JobIdParams,
+    MethodInfo, MirrorParams, NameParams, NoParams, NodeRemoved, RemoveMode, ShutdownAnswer,
+};
+use crate::config::{DiskConfig, ExportConfig};
+use crate::daemon::Daemon;
 
 /// Every method with a one-line description (`rpc_methods` lists them).
 pub const METHODS: &[(&str, &str)] = &[
@@ -36,36 +40,14 @@ fn params<T: DeserializeOwned>(v: Value) -> Result<T, RpcError> {
         .map_err(|e| RpcError::new(code::INVALID_PARAMS, format!("invalid params: {e}")))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Named {
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RemoveExport {
-    name: String,
-    #[serde(default)]
-    mode: RemoveMode,
-}
-
-#[derive(Deserialize, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum RemoveMode {
-    #[default]
-    Safe,
-    Force,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoParams {}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobId {
-    id: String,
+/// A result as the JSON the monitor answers with.
+fn answer(result: &impl Serialize) -> Result<Value, RpcError> {
+    serde_json::to_value(result).map_err(|e| {
+        RpcError::new(
+            code::FAILED,
+            format!("the answer cannot be written as JSON: {e}"),
+        )
+    })
 }
 
 fn invalid(e: impl std::fmt::Display) -> RpcError {
@@ -158,7 +140,7 @@ pub fn parse_call(method: &str, p: Value, cwd: &Path) -> Result<Call, RpcError> 
     Ok(match method {
         "node_add" => Call::NodeAdd(params::<DiskParams>(p)?.resolve(cwd).map_err(invalid)?),
         "node_remove" => {
-            let Named { name } = params(p)?;
+            let NameParams { name } = params(p)?;
             Call::NodeRemove { name }
         }
         "node_list" => {
@@ -171,7 +153,7 @@ pub fn parse_call(method: &str, p: Value, cwd: &Path) -> Result<Call, RpcError> 
                 .map_err(invalid)?,
         ),
         "export_remove" => {
-            let RemoveExport { name, mode } = params(p)?;
+            let ExportRemoveParams { name, mode } = params(p)?;
             Call::ExportRemove {
                 name,
                 force: mode == RemoveMode::Force,
@@ -182,7 +164,7 @@ pub fn parse_call(method: &str, p: Value, cwd: &Path) -> Result<Call, RpcError> 
             Call::ExportList
         }
         "export_stats" => {
-            let Named { name } = params(p)?;
+            let NameParams { name } = params(p)?;
             Call::ExportStats { name }
         }
         "job_mirror" => Call::JobMirror(params(p)?),
@@ -191,15 +173,15 @@ pub fn parse_call(method: &str, p: Value, cwd: &Path) -> Result<Call, RpcError> 
             Call::JobList
         }
         "job_status" => {
-            let JobId { id } = params(p)?;
+            let JobIdParams { id } = params(p)?;
             Call::JobStatus { id }
         }
         "job_cancel" => {
-            let JobId { id } = params(p)?;
+            let JobIdParams { id } = params(p)?;
             Call::JobCancel { id }
         }
         "job_complete" => {
-            let JobId { id } = params(p)?;
+            let JobIdParams { id } = params(p)?;
             Call::JobComplete { id }
         }
         "daemon_stats" => {
@@ -227,32 +209,44 @@ pub fn run(
     stop: &mpsc::Sender<StopRequest>,
 ) -> Result<Value, RpcError> {
     match call {
-        Call::NodeAdd(disk) => Ok(json!(daemon.add_node(&disk)?)),
+        Call::NodeAdd(disk) => answer(&daemon.add_node(&disk)?),
         Call::NodeRemove { name } => {
             daemon.remove_node(&name)?;
-            Ok(json!({"removed": name}))
+            answer(&NodeRemoved { removed: name })
         }
-        Call::NodeList => Ok(json!(daemon.list_nodes())),
-        Call::ExportAdd(export) => Ok(daemon.add_export(&export)?),
+        Call::NodeList => answer(&daemon.list_nodes()),
+        Call::ExportAdd(export) => answer(&daemon.add_export(&export)?),
         Call::ExportRemove { name, force } => {
-            let totals = daemon.remove_export(&name, force)?;
-            Ok(json!({"removed": name, "stats": totals}))
+            let stats = daemon.remove_export(&name, force)?;
+            answer(&ExportRemoved {
+                removed: name,
+                stats,
+            })
         }
-        Call::ExportList => Ok(json!(daemon.list_exports())),
-        Call::ExportStats { name } => Ok(json!(daemon.export_stats(&name)?)),
-        Call::JobMirror(p) => Ok(json!(daemon.start_mirror(&p)?)),
-        Call::JobList => Ok(json!(daemon.list_jobs())),
-        Call::JobStatus { id } => Ok(json!(daemon.job_status(&id)?)),
-        Call::JobCancel { id } => Ok(json!(daemon.cancel_job(&id)?)),
-        Call::JobComplete { id } => Ok(json!(daemon.complete_job(&id)?)),
-        Call::DaemonStats => Ok(json!({"heap_allocations": crate::alloc::allocations()})),
-        Call::RpcMethods => Ok(json!(METHODS
-            .iter()
-            .map(|(m, d)| json!({"method": m, "description": d}))
-            .collect::<Vec<_>>())),
+        Call::ExportList => answer(&daemon.list_exports()),
+        Call::ExportStats { name } => answer(&daemon.export_stats(&name)?),
+        Call::JobMirror(p) => answer(&daemon.start_mirror(&p)?),
+        Call::JobList => answer(&daemon.list_jobs()),
+        Call::JobStatus { id } => answer(&daemon.job_status(&id)?),
+        Call::JobCancel { id } => answer(&daemon.cancel_job(&id)?),
+        Call::JobComplete { id } => answer(&daemon.complete_job(&id)?),
+        Call::DaemonStats => answer(&DaemonStats {
+            heap_allocations: crate::alloc::allocations(),
+        }),
+        Call::RpcMethods => answer(
+            &METHODS
+                .iter()
+                .map(|(method, description)| MethodInfo {
+                    method: (*method).to_owned(),
+                    description: (*description).to_owned(),
+                })
+                .collect::<Vec<_>>(),
+        ),
         Call::Shutdown => {
             let _ = stop.send(StopRequest::Monitor);
-            Ok(json!({"shutting_down": true}))
+            answer(&ShutdownAnswer {
+                shutting_down: true,
+            })
         }
     }
 }
