@@ -199,6 +199,12 @@ fn mirror_while_writing_then_pivot_onto_the_target() {
     let mut client = Client::connect(&s.sock, 1, 4).expect("connect after pivot");
     assert_eq!(client.write(0, &pattern(0, BLOCK, 0xFEED)), 0);
     drop(client);
+    // Once the monitor lets go of the source, nothing in the daemon keeps
+    // it open: every queue left it at the pivot.
+    assert!(holds_open(daemon.pid(), &s.source), "the monitor holds src");
+    rpc(&daemon.control, "node_remove", json!({"name": "src"})).expect("node_remove src");
+    let held = holds_open(daemon.pid(), &s.source);
+    assert!(!held, "the daemon still has {} open", s.source.display());
     let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
     daemon.assert_exit_ok(status);
 
@@ -229,6 +235,15 @@ fn mirror_while_writing_then_pivot_onto_the_target() {
     }
     let counts = phase_counts.into_inner().unwrap();
     eprintln!("client wrote {} batches during the test", counts.len());
+}
+
+/// Whether process `pid` has a descriptor open on `path`.
+fn holds_open(pid: u32, path: &std::path::Path) -> bool {
+    let path = std::fs::canonicalize(path).unwrap();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|p| p == path))
 }
 
 /// Starts a mirror of 128 MiB that is slow on purpose (small chunks, one at
