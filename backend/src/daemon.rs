@@ -345,9 +345,9 @@ impl Daemon {
                 // One socket spelt two ways (`a/../x.sock`, a symlinked
                 // directory) is still one socket.
                 let key = crate::unix_socket::path_key(socket);
-                let taken = state.exports.values().find(|x| match x {
-                    Export::VhostUser(v) => crate::unix_socket::path_key(&v.config().socket) == key,
-                    Export::Ublk(_) => false,
+                let taken = state.exports.values().find(|x| {
+                    x.socket()
+                        .is_some_and(|s| crate::unix_socket::path_key(s) == key)
                 });
                 if let Some(other) = taken {
                     return Err(OpError::SocketTaken {

@@ -83,6 +83,14 @@ impl Export {
         }
     }
 
+    /// The vhost-user socket it listens on (`None` for ublk).
+    pub fn socket(&self) -> Option<&std::path::Path> {
+        match self {
+            Export::VhostUser(x) => Some(&x.config().socket),
+            Export::Ublk(_) => None,
+        }
+    }
+
     /// The node, mirror tap and pause its queues share.
     pub fn binding(&self) -> &Arc<crate::binding::Binding> {
         match self {
