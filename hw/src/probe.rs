@@ -2,7 +2,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -25,32 +24,6 @@ const SECTOR_BYTES: u32 = 512;
 /// The largest block size the kernel accepts (`blk_validate_block_size`
 /// with 4 KiB pages); used to bound the filesystem block size of a file.
 const MAX_BLOCK_BYTES: u32 = 64 * 1024;
-
-/// `_IOC_READ` placed in the direction bits: architectures with a 3-bit
-/// direction field at bit 29 use 2 << 29, the rest 2 << 30.
-#[cfg(any(
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-))]
-const IOC_READ: u32 = 2 << 29;
-#[cfg(not(any(
-    target_arch = "mips",
-    target_arch = "mips64",
-    target_arch = "powerpc",
-    target_arch = "powerpc64",
-    target_arch = "sparc",
-    target_arch = "sparc64"
-)))]
-const IOC_READ: u32 = 2 << 30;
-
-/// `BLKGETSIZE64` is `_IOR(0x12, 114, size_t)` in `<linux/fs.h>`; libc does
-/// not export it. The kernel writes a u64 whatever `size_t` is.
-const BLKGETSIZE64: libc::Ioctl =
-    (IOC_READ | ((std::mem::size_of::<usize>() as u32) << 16) | (0x12 << 8) | 114) as libc::Ioctl;
 
 /// Filesystems whose `fallocate` implements `FALLOC_FL_ZERO_RANGE`, by
 /// `statfs.f_type`: ext4, xfs, btrfs, f2fs, bcachefs.
@@ -128,26 +101,34 @@ fn probe_block(
     let err = |kind| ProbeError::new(path, kind);
     let (major, minor) = (libc::major(rdev), libc::minor(rdev));
 
-    let mut capacity_bytes: u64 = 0;
-    // SAFETY: BLKGETSIZE64 writes one u64 (the device size in bytes) through
-    // its argument, which points to the live, aligned local `capacity_bytes`;
-    // `file` is borrowed, so the fd stays open for the call.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut capacity_bytes) };
-    check_ioctl(rc, "BLKGETSIZE64").map_err(err)?;
+    // A block device's size is where its end is (the kernel answers
+    // lseek(SEEK_END) with the BLKGETSIZE64 value); nothing reads through
+    // this descriptor's position.
+    let capacity_bytes = {
+        use std::io::Seek;
+        let mut f = file;
+        f.seek(io::SeekFrom::End(0)).map_err(|error| {
+            err(ProbeErrorKind::Ioctl {
+                name: "lseek(SEEK_END) for the size",
+                error,
+            })
+        })?
+    };
 
-    let mut logical_ioctl: libc::c_int = 0;
-    // SAFETY: BLKSSZGET writes one int (the logical block size) through its
-    // argument, which points to the live, aligned local `logical_ioctl`.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut logical_ioctl) };
-    check_ioctl(rc, "BLKSSZGET").map_err(err)?;
+    let logical_ioctl = rustix::fs::ioctl_blksszget(file).map_err(|e| {
+        err(ProbeErrorKind::Ioctl {
+            name: "BLKSSZGET",
+            error: e.into(),
+        })
+    })?;
     let logical_ioctl = block_size_from_ioctl(logical_ioctl, "BLKSSZGET").map_err(err)?;
 
-    let mut physical_ioctl: libc::c_uint = 0;
-    // SAFETY: BLKPBSZGET writes one unsigned int (the physical block size)
-    // through its argument, which points to the live, aligned local
-    // `physical_ioctl`.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKPBSZGET, &mut physical_ioctl) };
-    check_ioctl(rc, "BLKPBSZGET").map_err(err)?;
+    let physical_ioctl = rustix::fs::ioctl_blkpbszget(file).map_err(|e| {
+        err(ProbeErrorKind::Ioctl {
+            name: "BLKPBSZGET",
+            error: e.into(),
+        })
+    })?;
     let physical_ioctl = block_size_from_ioctl(physical_ioctl, "BLKPBSZGET").map_err(err)?;
 
     let dir = sysfs_root
@@ -329,17 +310,6 @@ fn whole_blocks(bytes: u64, block: u32) -> u64 {
     bytes & !(u64::from(block) - 1)
 }
 
-fn check_ioctl(rc: libc::c_int, name: &'static str) -> Result<(), ProbeErrorKind> {
-    if rc < 0 {
-        Err(ProbeErrorKind::Ioctl {
-            name,
-            error: io::Error::last_os_error(),
-        })
-    } else {
-        Ok(())
-    }
-}
-
 fn block_size_from_ioctl<T>(value: T, name: &'static str) -> Result<u32, ProbeErrorKind>
 where
     T: Copy + std::fmt::Display + TryInto<u32>,
@@ -364,33 +334,21 @@ where
 /// (the file does not support `O_DIRECT`), or when statx itself is missing
 /// (old kernel, seccomp).
 fn statx_dio_align(file: &File) -> Result<Option<(u32, u32)>, ProbeErrorKind> {
-    // SAFETY: `libc::statx` is a C struct of integers (padding included);
-    // all-zero bytes are a valid value of it.
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: the path is a valid NUL-terminated empty string and
-    // AT_EMPTY_PATH makes the kernel stat the fd itself, which `file` keeps
-    // open for the call; `stx` is a live, writable `struct statx` that the
-    // call fills and does not keep.
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
+    use rustix::fs::{AtFlags, StatxFlags};
+    let stx = match rustix::fs::statx(file, c"", AtFlags::EMPTY_PATH, StatxFlags::DIOALIGN) {
+        Ok(stx) => stx,
+        Err(e) => {
+            let error = io::Error::from(e);
+            return match error.raw_os_error() {
+                Some(libc::ENOSYS | libc::EINVAL | libc::EPERM | libc::EOPNOTSUPP) => {
+                    tracing::debug!(%error, "statx unavailable: DIO alignment falls back to the logical block size");
+                    Ok(None)
+                }
+                _ => Err(ProbeErrorKind::Statx { error }),
+            };
+        }
     };
-    if rc != 0 {
-        let error = io::Error::last_os_error();
-        return match error.raw_os_error() {
-            Some(libc::ENOSYS | libc::EINVAL | libc::EPERM | libc::EOPNOTSUPP) => {
-                tracing::debug!(%error, "statx unavailable: DIO alignment falls back to the logical block size");
-                Ok(None)
-            }
-            _ => Err(ProbeErrorKind::Statx { error }),
-        };
-    }
-    if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+    if stx.stx_mask & StatxFlags::DIOALIGN.bits() == 0 {
         return Ok(None);
     }
     let (mem, offset) = (stx.stx_dio_mem_align, stx.stx_dio_offset_align);
@@ -412,14 +370,8 @@ fn statx_dio_align(file: &File) -> Result<Option<(u32, u32)>, ProbeErrorKind> {
 /// `FALLOC_FL_ZERO_RANGE`. The flag cannot be probed without writing (a
 /// zero-length fallocate fails with `EINVAL` before the filesystem sees it).
 fn zero_range_supported(file: &File) -> bool {
-    // SAFETY: `libc::statfs` is a C struct of integers (padding included);
-    // all-zero bytes are a valid value of it.
-    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `file` keeps the fd open for the call; `sfs` is a live,
-    // writable `struct statfs` that the call fills and does not keep.
-    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &mut sfs) };
     // f_type's width differs by architecture; every magic fits in 32 bits.
-    rc == 0 && ZERO_RANGE_FILESYSTEMS.contains(&(sfs.f_type as u32))
+    rustix::fs::fstatfs(file).is_ok_and(|sfs| ZERO_RANGE_FILESYSTEMS.contains(&(sfs.f_type as u32)))
 }
 
 /// The invariants promised on [`Profile`]; a violation is a bug here.

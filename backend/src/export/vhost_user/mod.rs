@@ -12,7 +12,7 @@ mod queue;
 pub mod virtio_blk;
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rustix::event::{PollFd, PollFlags};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
@@ -233,7 +234,7 @@ impl VhostUserBackend for BlkBackend {
 pub struct VhostUserExport {
     config: VhostUserConfig,
     shared: Arc<ExportShared>,
-    stop: Arc<EventFd>,
+    stop: Arc<StopEvent>,
     stopping: Arc<AtomicBool>,
     connection: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
@@ -272,12 +273,10 @@ impl VhostUserExport {
         // io_uring is reported at start, not at the first frontend.
         let first = Connection::new(&config, geometry, &shared)?;
         let listener = bind_socket(&config.socket, config.socket_mode)?;
-        let stop = Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(|source| {
-            ExportError::Os {
-                export: config.name.clone(),
-                what: "eventfd",
-                source,
-            }
+        let stop = Arc::new(StopEvent::new().map_err(|source| ExportError::Os {
+            export: config.name.clone(),
+            what: "eventfd",
+            source,
         })?);
         let stopping = Arc::new(AtomicBool::new(false));
         let connection = Arc::new(Mutex::new(None));
@@ -453,7 +452,7 @@ impl VhostUserExport {
     /// the node reference back. The frontend sees the socket close.
     pub fn detach(mut self, timeout: Duration) -> Result<Arc<Node>, ExportError> {
         self.stopping.store(true, Ordering::SeqCst);
-        let _ = self.stop.write(1);
+        self.stop.fire();
         if let Some(handle) = self.connection.lock().unwrap().take() {
             handle.shutdown();
         }
@@ -554,19 +553,49 @@ struct ListenerCtx {
     config: VhostUserConfig,
     geometry: Geometry,
     shared: Arc<ExportShared>,
-    stop: Arc<EventFd>,
+    stop: Arc<StopEvent>,
     stopping: Arc<AtomicBool>,
     connection: Arc<Mutex<Option<ShutdownHandle>>>,
+}
+
+/// An eventfd that tells the listener to stop: written once, polled (never
+/// read) by the listener and the accept back-off.
+#[derive(Debug)]
+struct StopEvent(std::os::fd::OwnedFd);
+
+impl StopEvent {
+    fn new() -> io::Result<Self> {
+        use rustix::event::EventfdFlags;
+        Ok(StopEvent(rustix::event::eventfd(
+            0,
+            EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK,
+        )?))
+    }
+
+    fn fire(&self) {
+        // A full counter (impossible from one write) is the only failure,
+        // and it leaves the eventfd readable anyway.
+        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
+    }
 }
 
 impl ListenerCtx {
     /// Serves one frontend after another until the export is stopped.
     fn serve(self, listener: UnixListener, first: Connection) {
+        // The same socket, watched for pending frontends (vhost's Listener
+        // owns the other descriptor and lends it only as a raw fd).
+        let watch = match listener.try_clone() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(export = %self.config.name, "cannot watch the socket: {e}");
+                return;
+            }
+        };
         let mut listener = Listener::from(listener);
         let mut next = Some(first);
         let mut failures = AcceptFailures::default();
         while !self.stopping.load(Ordering::SeqCst) {
-            match wait_readable(listener.as_raw_fd(), self.stop.as_raw_fd()) {
+            match wait_readable(&watch, &self.stop.0) {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
@@ -659,7 +688,7 @@ impl Default for AcceptFailures {
 }
 
 impl AcceptFailures {
-    fn failed(&mut self, export: &str, error: &ConnectionError, stop: &EventFd) {
+    fn failed(&mut self, export: &str, error: &ConnectionError, stop: &StopEvent) {
         self.count += 1;
         if let Some(suppressed) = self.log.allow() {
             tracing::error!(
@@ -671,13 +700,13 @@ impl AcceptFailures {
         // 10 ms, doubling up to the limit; a stop request ends the pause.
         let shift = self.count.min(16) as u32;
         let pause_ms = (10u64 << shift).min(ACCEPT_RETRY_MAX_MS);
-        let mut fd = libc::pollfd {
-            fd: stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let mut fds = [PollFd::new(&stop.0, PollFlags::IN)];
+        let timeout = rustix::event::Timespec {
+            tv_sec: (pause_ms / 1000) as i64,
+            tv_nsec: ((pause_ms % 1000) * 1_000_000) as i64,
         };
-        // SAFETY: one live pollfd, count 1; a timeout or EINTR just ends the pause.
-        unsafe { libc::poll(&mut fd, 1, pause_ms as libc::c_int) };
+        // A timeout or EINTR just ends the pause.
+        let _ = rustix::event::poll(&mut fds, Some(&timeout));
     }
 
     fn reset(&mut self, export: &str) {
@@ -688,35 +717,23 @@ impl AcceptFailures {
     }
 }
 
-/// Waits until `listen_fd` has a pending connection (true) or `stop_fd`
+/// Waits until `listener` has a pending connection (true) or `stop`
 /// fires (false).
-fn wait_readable(listen_fd: i32, stop_fd: i32) -> io::Result<bool> {
+fn wait_readable(listener: impl AsFd, stop: impl AsFd) -> io::Result<bool> {
     let mut fds = [
-        libc::pollfd {
-            fd: listen_fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: stop_fd,
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        PollFd::new(&listener, PollFlags::IN),
+        PollFd::new(&stop, PollFlags::IN),
     ];
     loop {
-        // SAFETY: `fds` is a live array of two pollfd and we pass its length.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
         }
-        if fds[1].revents != 0 {
+        if !fds[1].revents().is_empty() {
             return Ok(false);
         }
-        if fds[0].revents != 0 {
+        if !fds[0].revents().is_empty() {
             return Ok(true);
         }
     }
