@@ -26,6 +26,7 @@ pub mod engine;
 pub mod export;
 pub mod fuzzing;
 pub mod graph;
+pub mod iovec;
 pub mod jobs;
 pub mod lifecycle;
 pub mod limits;

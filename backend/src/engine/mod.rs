@@ -29,7 +29,6 @@ use crate::limits::DRAIN_TIMEOUT_MS;
 use crate::node::Node;
 use crate::request::{BlockRequest, RequestError, RequestResult};
 
-pub use bounce::{gather, scatter, zero};
 pub use slots::{Half, NodeFile, Prepared, SlotTable};
 
 /// `user_data` bit of the target half of a mirrored write.

@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
 
-use super::bounce::{gather, scatter, zero, BounceRegion};
+use super::bounce::BounceRegion;
 use crate::binding::{Binding, MirrorTap};
+use crate::iovec::{gather, scatter, zero};
 use crate::limits::{BOUNCE_SLOT_BYTES, MAX_SEGMENTS};
 use crate::node::{Backing, Node};
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};

@@ -13,9 +13,10 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 use super::virtio_blk::{decode, status_of, Command, Decoded, Geometry};
 use crate::binding::Binding;
-use crate::engine::{scatter, Engine, SubmitError};
+use crate::engine::{Engine, SubmitError};
 use crate::export::error_log::BackingErrorLog;
 use crate::export::QueueShared;
+use crate::iovec::scatter;
 use crate::limits::{
     BAD_REQUEST_LOG_INTERVAL_MS, DATA_PATH_LOG_INTERVAL_MS, MAX_SEGMENTS, POLL_YIELD_INTERVAL_US,
     SERIAL_MAX_BYTES,
