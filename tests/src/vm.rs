@@ -62,6 +62,39 @@ since() { awk "BEGIN { printf \"%.1f\", $(date +%s.%N) - $1 }"; }
 # lap NAME: reports NAME.seconds, the time since the previous lap (or the start).
 lap_t=$(date +%s.%N)
 lap() { local t=$lap_t; lap_t=$(date +%s.%N); report "$1.seconds" "$(since "$t")"; }
+# The sluice binary for start: `S=...` in the job (set before the first start).
+# start NAME READY_LINES ARGS...: sluice serve ARGS in the background (pid in $pid), waits
+# for READY_LINES ready lines on its stdout.
+start() {
+    local name=$1 want=$2; shift 2
+    "$S" serve "$@" >/tmp/$name.out 2>/tmp/$name.err &
+    pid=$!
+    for _ in $(seq 300); do
+        if [ "$(ready $name | wc -l)" -ge "$want" ]; then
+            cat /tmp/$name.out
+            report "$name.started" yes
+            return 0
+        fi
+        kill -0 $pid 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "sluice $name did not get ready"; cat /tmp/$name.out /tmp/$name.err
+    report "$name.started" no
+    exit 1
+}
+# stop NAME PID: SIGTERM, waits (30 s at most, then SIGKILL); reports NAME.exit.
+stop() {
+    kill -TERM $2
+    if ! timeout 30 tail --pid=$2 -f /dev/null; then
+        echo "sluice $1 still running 30 s after SIGTERM: SIGKILL"
+        kill -KILL $2
+    fi
+    wait $2
+    report "$1.exit" $?
+    echo "--- sluice $1 stderr ---"; cat /tmp/$1.err
+}
+# ready NAME: the ready lines of exports (not of the control socket) sluice NAME printed.
+ready() { grep '"event":"ready"' /tmp/$1.out | grep '"export":'; }
 # hung_task_watch: has the kernel report a task blocked for 3 s (the default is 120 s);
 # reports hung_task_timeout (none: the kernel has no hung-task detector).
 hung_task_watch() {

@@ -75,36 +75,6 @@ S=@SLUICE@
 W=$SLUICE_VM_WORK
 T=/sys/kernel/tracing
 [ -e $T/events/block ] || mount -t tracefs nodev $T
-# start NAME READY_LINES ARGS...: sluice serve ARGS in the background (pid in $pid), waits
-# for READY_LINES ready lines on its stdout.
-start() {
-    local name=$1 want=$2; shift 2
-    "$S" serve "$@" >/tmp/$name.out 2>/tmp/$name.err &
-    pid=$!
-    for _ in $(seq 300); do
-        if [ "$(ready $name | wc -l)" -ge "$want" ]; then
-            cat /tmp/$name.out
-            report "$name.started" yes
-            return 0
-        fi
-        kill -0 $pid 2>/dev/null || break
-        sleep 0.1
-    done
-    echo "sluice $name did not get ready"; cat /tmp/$name.out /tmp/$name.err
-    report "$name.started" no
-    exit 1
-}
-# stop NAME PID: SIGTERM, waits (30 s at most, then SIGKILL); reports NAME.exit.
-stop() {
-    kill -TERM $2
-    if ! timeout 30 tail --pid=$2 -f /dev/null; then
-        echo "sluice $1 still running 30 s after SIGTERM: SIGKILL"
-        kill -KILL $2
-    fi
-    wait $2
-    report "$1.exit" $?
-    echo "--- sluice $1 stderr ---"; cat /tmp/$1.err
-}
 # gone NAME DEV: reports NAME.gone yes when neither /dev/DEV nor /sys/block/DEV exists.
 gone() {
     if [ -e /dev/$2 ] || [ -e /sys/block/$2 ]; then report "$1.gone" no; else report "$1.gone" yes; fi
@@ -122,8 +92,6 @@ same() {
     local name=$1 file=$2; shift 2
     if dd "$@" status=none | cmp - "$file"; then report "$name" same; else report "$name" differs; fi
 }
-# ready NAME: the ready lines of exports (not of the control socket) sluice NAME printed.
-ready() { grep '"event":"ready"' /tmp/$1.out | grep '"export":'; }
 "#;
 
 const JOB_NVME_SATA: &str = r#"

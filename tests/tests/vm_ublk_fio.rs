@@ -87,32 +87,13 @@ fio_run() {
     lap "$1"
 }
 
-"$S" serve --disk /dev/nvme0n1 --ublk 0 --queues 2 >/tmp/sluice.out 2>/tmp/sluice.err &
-pid=$!
-for _ in $(seq 300); do
-    grep -q '"export":' /tmp/sluice.out && [ -b /dev/ublkb0 ] && break
-    kill -0 $pid 2>/dev/null || break
-    sleep 0.1
-done
-if ! [ -b /dev/ublkb0 ]; then
-    echo "sluice did not get ready"; cat /tmp/sluice.out /tmp/sluice.err
-    report started no
-    exit 1
-fi
-report started yes
-report ready "$(grep '"export":' /tmp/sluice.out)"
+start sluice 1 --disk /dev/nvme0n1 --ublk 0 --queues 2
+report ready "$(ready sluice)"
 lap start
 
 @RUNS@
 
-kill -TERM $pid
-if ! timeout 30 tail --pid=$pid -f /dev/null; then
-    echo "sluice still running 30 s after SIGTERM: SIGKILL"
-    kill -KILL $pid
-fi
-wait $pid
-report sluice.exit $?
-echo "--- sluice stderr ---"; cat /tmp/sluice.err
+stop sluice $pid
 lap stop
 report done yes
 "#;

@@ -57,19 +57,7 @@ exclusive() {
         && echo free || echo claimed
 }
 
-"$S" serve --disk /dev/nvme0n1 --ublk 0 --queues 2 --control $C >/tmp/sluice.out 2>/tmp/sluice.err &
-pid=$!
-for _ in $(seq 300); do
-    grep -q '"export":' /tmp/sluice.out && [ -b /dev/ublkb0 ] && break
-    kill -0 $pid 2>/dev/null || break
-    sleep 0.1
-done
-if ! [ -b /dev/ublkb0 ]; then
-    echo "sluice did not get ready"; cat /tmp/sluice.out /tmp/sluice.err
-    report started no
-    exit 1
-fi
-report started yes
+start sluice 1 --disk /dev/nvme0n1 --ublk 0 --queues 2 --control $C
 report dev.before "$(cat /sys/block/ublkb0/dev)"
 report nvme0.while_served "$(exclusive /dev/nvme0n1)"
 lap start
@@ -137,14 +125,7 @@ report back.ublk.sum "$(dd if=/dev/ublkb0 bs=1M iflag=direct status=none | sha25
 lap cancel
 
 # ---- 6. stop; the second drive on its own ----
-kill -TERM $pid
-if ! timeout 60 tail --pid=$pid -f /dev/null; then
-    echo "sluice still running 60 s after SIGTERM: SIGKILL"
-    kill -KILL $pid
-fi
-wait $pid
-report sluice.exit $?
-echo "--- sluice stderr ---"; cat /tmp/sluice.err
+stop sluice $pid
 report switched "$(grep -c 'queue switched node' /tmp/sluice.err)"
 report nvme1.sum "$(dd if=/dev/nvme1n1 bs=1M iflag=direct status=none | sha256sum | cut -d' ' -f1)"
 if fsck.ext4 -fn /dev/nvme1n1; then report nvme1.fsck clean; else report nvme1.fsck "failed:$?"; fi
