@@ -393,7 +393,8 @@ mod tests {
         assert!(matches!(err, SpecError::NullSize { .. }), "{err:?}");
         assert_eq!(
             err.to_string(),
-            "disk \"null:12Q\": invalid size \"12Q\": unknown suffix (examples: 4096, 64K, 512M, 1G)"
+            "disk \"null:12Q\": invalid size \"12Q\": unknown suffix (examples: 4096, 64K, \
+             512M, 1G)"
         );
         assert_eq!(DiskSpec::parse(""), Err(SpecError::EmptyPath));
         assert_eq!(SpecError::EmptyPath.to_string(), "disk \"\": empty path");
