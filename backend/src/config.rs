@@ -12,8 +12,8 @@ use crate::limits::{
     MAX_QUEUE_DEPTH,
 };
 use crate::monitor::default_control_path;
-use crate::node::DiskSpec;
-use crate::size::parse_size_bytes;
+use crate::node::{DiskSpec, SpecError};
+use crate::size::{parse_size_bytes, SizeError};
 use crate::unix_socket::path_key;
 
 /// The configuration `sluice serve` runs when given no arguments: a sparse
@@ -82,13 +82,149 @@ pub enum ExportKind {
     },
 }
 
-/// Why a configuration was refused.
+/// Why a configuration was refused: one variant per refusal, each message
+/// naming the disk or export and what to change.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The TOML does not parse, or has a field that does not belong or lacks
+    /// one that must be there.
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    /// A disk's `path` is not a path or `null:SIZE`.
+    #[error("{0}")]
+    DiskSpec(#[from] SpecError),
+    /// A disk has an empty name.
+    #[error("a disk needs a name")]
+    DiskWithoutName,
+    /// Two disks have the same name.
+    #[error("disk name {disk:?} used twice")]
+    DuplicateDisk {
+        /// The name.
+        disk: String,
+    },
+    /// A disk's `create_size` does not parse.
+    #[error("disk {disk:?}: create_size: {source}")]
+    CreateSize {
+        /// The disk.
+        disk: String,
+        /// Why the size does not parse.
+        #[source]
+        source: SizeError,
+    },
+    /// A null disk has a `create_size`.
+    #[error("disk {disk:?}: create_size makes no sense for a null disk")]
+    CreateSizeOnNull {
+        /// The disk.
+        disk: String,
+    },
+    /// An export has an empty name.
+    #[error("an export needs a name")]
+    ExportWithoutName,
+    /// Two exports have the same name.
+    #[error("export {export:?}: name used twice")]
+    DuplicateExport {
+        /// The name.
+        export: String,
+    },
+    /// An export's `type` is not one sluice serves.
+    #[error("export {export:?}: unknown type {kind:?} (supported: \"vhost-user\", \"ublk\")")]
+    UnknownType {
+        /// The export.
+        export: String,
+        /// The type it asks for.
+        kind: String,
+    },
+    /// A vhost-user export has no `socket`.
+    #[error("export {export:?}: type vhost-user needs socket = \"PATH\"")]
+    MissingSocket {
+        /// The export.
+        export: String,
+    },
+    /// An export serves a disk that is not configured.
+    #[error("export {export:?}: no disk named {disk:?}")]
+    NoSuchDisk {
+        /// The export.
+        export: String,
+        /// The disk it names.
+        disk: String,
+    },
+    /// A number an export sets is outside its range.
+    #[error("export {export:?}: {source}")]
+    ExportSetting {
+        /// The export.
+        export: String,
+        /// The setting and its range.
+        #[source]
+        source: OutOfRange,
+    },
+    /// An export's polling window is longer than the longest allowed.
+    #[error("export {export:?}: poll_us must be at most {MAX_POLL_WINDOW_US}, not {poll_us}")]
+    PollWindowTooLong {
+        /// The export.
+        export: String,
+        /// The window asked for.
+        poll_us: u32,
+    },
+    /// An export's `socket_mode` has bits beyond the permission bits.
+    #[error("export {export:?}: socket_mode {mode:o} is not a permission mode")]
+    SocketMode {
+        /// The export.
+        export: String,
+        /// The mode asked for.
+        mode: u32,
+    },
+    /// An export's socket is the control socket.
+    #[error(
+        "export {export:?}: socket {socket} is also the control socket {control}; give one of \
+         them another path"
+    )]
+    SocketIsControl {
+        /// The export.
+        export: String,
+        /// Its socket, as given.
+        socket: PathBuf,
+        /// The control socket, as given (or the default).
+        control: PathBuf,
+    },
+    /// Two exports name the same socket, however spelt.
+    #[error(
+        "export {export:?}: socket {socket} used twice (export {first:?} has it too, spelt \
+         differently perhaps); give each export its own socket"
+    )]
+    DuplicateSocket {
+        /// The second export.
+        export: String,
+        /// Its socket, as given.
+        socket: PathBuf,
+        /// The export that has it first.
+        first: String,
+    },
+    /// Two ublk exports ask for the same device id.
+    #[error("export {export:?}: ublk id {id} used twice")]
+    DuplicateUblkId {
+        /// The second export.
+        export: String,
+        /// The id.
+        id: u32,
+    },
+    /// A number in `[daemon]` is outside its range.
+    #[error("[daemon] {0}")]
+    DaemonSetting(#[source] OutOfRange),
+}
 
-fn bad<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError(msg.into()))
+/// A number outside the range its setting accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{setting} must be {min}..={max}, not {value}")]
+pub struct OutOfRange {
+    /// The setting, as the file spells it (`queues`, `poll_us`, ...).
+    pub setting: &'static str,
+    /// Smallest value accepted.
+    pub min: u64,
+    /// Largest value accepted.
+    pub max: u64,
+    /// The value given.
+    pub value: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,19 +251,23 @@ pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 /// `value` (or `default` when absent) if it is in `min..=max`; else an error
 /// that names the setting and the range.
 fn in_range<T: TryFrom<u64>>(
-    ctx: &str,
-    what: &str,
+    setting: &'static str,
     value: Option<u64>,
     default: T,
     min: u64,
     max: u64,
-) -> Result<T, ConfigError> {
+) -> Result<T, OutOfRange> {
     let Some(v) = value else {
         return Ok(default);
     };
     match T::try_from(v) {
         Ok(t) if (min..=max).contains(&v) => Ok(t),
-        _ => bad(format!("{ctx}{what} must be {min}..={max}, not {v}")),
+        _ => Err(OutOfRange {
+            setting,
+            min,
+            max,
+            value: v,
+        }),
     }
 }
 
@@ -142,7 +282,7 @@ fn resolve(base_dir: &Path, p: &Path) -> PathBuf {
 impl DiskParams {
     /// Checks and completes the disk; relative paths are taken from `base_dir`.
     pub fn resolve(self, base_dir: &Path) -> Result<DiskConfig, ConfigError> {
-        let spec = match DiskSpec::parse(&self.path).map_err(|e| ConfigError(e.to_string()))? {
+        let spec = match DiskSpec::parse(&self.path)? {
             DiskSpec::Path(p) => DiskSpec::Path(resolve(base_dir, &p)),
             null => null,
         };
@@ -151,7 +291,10 @@ impl DiskParams {
             .as_deref()
             .map(parse_size_bytes)
             .transpose()
-            .map_err(|e| ConfigError(format!("disk {:?}: create_size: {e}", self.name)))?;
+            .map_err(|source| ConfigError::CreateSize {
+                disk: self.name.clone(),
+                source,
+            })?;
         let disk = DiskConfig {
             name: self.name,
             spec,
@@ -166,13 +309,12 @@ impl DiskParams {
 impl DiskConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.name.is_empty() {
-            return bad("a disk needs a name");
+            return Err(ConfigError::DiskWithoutName);
         }
         if let (Some(_), DiskSpec::Null { .. }) = (self.create_size_bytes, &self.spec) {
-            return bad(format!(
-                "disk {:?}: create_size makes no sense for a null disk",
-                self.name
-            ));
+            return Err(ConfigError::CreateSizeOnNull {
+                disk: self.name.clone(),
+            });
         }
         Ok(())
     }
@@ -189,10 +331,7 @@ impl ExportParams {
         let kind = match self.kind.as_str() {
             "vhost-user" => {
                 let Some(socket) = self.socket else {
-                    return bad(format!(
-                        "export {:?}: type vhost-user needs socket = \"PATH\"",
-                        self.name
-                    ));
+                    return Err(ConfigError::MissingSocket { export: self.name });
                 };
                 ExportKind::VhostUser {
                     socket: resolve(base_dir, &socket),
@@ -201,38 +340,38 @@ impl ExportParams {
             }
             "ublk" => ExportKind::Ublk { id: self.ublk_id },
             other => {
-                return bad(format!(
-                    "export {:?}: unknown type {other:?} (supported: \"vhost-user\", \"ublk\")",
-                    self.name
-                ))
+                return Err(ConfigError::UnknownType {
+                    export: self.name,
+                    kind: other.to_owned(),
+                })
             }
         };
-        let ctx = format!("export {:?}: ", self.name);
+        let setting = |source| ConfigError::ExportSetting {
+            export: self.name.clone(),
+            source,
+        };
+        let queues = in_range("queues", self.queues, DEFAULT_QUEUES, 1, MAX_QUEUES.into())
+            .map_err(setting)?;
+        let queue_depth = in_range(
+            "queue_depth",
+            self.queue_depth,
+            DEFAULT_QUEUE_DEPTH,
+            1,
+            MAX_QUEUE_DEPTH.into(),
+        )
+        .map_err(setting)?;
+        let poll_window_us = in_range(
+            "poll_us",
+            self.poll_us,
+            default_poll_us.unwrap_or(DEFAULT_POLL_WINDOW_US),
+            0,
+            MAX_POLL_WINDOW_US.into(),
+        )
+        .map_err(setting)?;
         let export = ExportConfig {
-            queues: in_range(
-                &ctx,
-                "queues",
-                self.queues,
-                DEFAULT_QUEUES,
-                1,
-                MAX_QUEUES.into(),
-            )?,
-            queue_depth: in_range(
-                &ctx,
-                "queue_depth",
-                self.queue_depth,
-                DEFAULT_QUEUE_DEPTH,
-                1,
-                MAX_QUEUE_DEPTH.into(),
-            )?,
-            poll_window_us: in_range(
-                &ctx,
-                "poll_us",
-                self.poll_us,
-                default_poll_us.unwrap_or(DEFAULT_POLL_WINDOW_US),
-                0,
-                MAX_POLL_WINDOW_US.into(),
-            )?,
+            queues,
+            queue_depth,
+            poll_window_us,
             serial: self.serial.unwrap_or_else(|| self.name.clone()),
             name: self.name,
             disk: self.disk,
@@ -247,33 +386,40 @@ impl ExportParams {
 impl ExportConfig {
     /// Checks the export's own limits.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let ctx = format!("export {:?}", self.name);
         if self.name.is_empty() {
-            return bad("an export needs a name");
+            return Err(ConfigError::ExportWithoutName);
         }
+        let out_of_range = |setting, max: u16, value: u16| ConfigError::ExportSetting {
+            export: self.name.clone(),
+            source: OutOfRange {
+                setting,
+                min: 1,
+                max: max.into(),
+                value: value.into(),
+            },
+        };
         if !(1..=MAX_QUEUES).contains(&self.queues) {
-            return bad(format!(
-                "{ctx}: queues must be 1..={MAX_QUEUES}, not {}",
-                self.queues
-            ));
+            return Err(out_of_range("queues", MAX_QUEUES, self.queues));
         }
         if !(1..=MAX_QUEUE_DEPTH).contains(&self.queue_depth) {
-            return bad(format!(
-                "{ctx}: queue_depth must be 1..={MAX_QUEUE_DEPTH}, not {}",
-                self.queue_depth
+            return Err(out_of_range(
+                "queue_depth",
+                MAX_QUEUE_DEPTH,
+                self.queue_depth,
             ));
         }
         if self.poll_window_us > MAX_POLL_WINDOW_US {
-            return bad(format!(
-                "{ctx}: poll_us must be at most {MAX_POLL_WINDOW_US}, not {}",
-                self.poll_window_us
-            ));
+            return Err(ConfigError::PollWindowTooLong {
+                export: self.name.clone(),
+                poll_us: self.poll_window_us,
+            });
         }
         if let ExportKind::VhostUser { socket_mode, .. } = &self.kind {
             if *socket_mode & !0o777 != 0 {
-                return bad(format!(
-                    "{ctx}: socket_mode {socket_mode:o} is not a permission mode"
-                ));
+                return Err(ConfigError::SocketMode {
+                    export: self.name.clone(),
+                    mode: *socket_mode,
+                });
             }
         }
         Ok(())
@@ -284,21 +430,13 @@ impl ServeConfig {
     /// Parses a TOML configuration. Relative paths are taken relative to
     /// `base_dir` (the config file's directory).
     pub fn from_toml(text: &str, base_dir: &Path) -> Result<Self, ConfigError> {
-        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        let file: FileConfig = toml::from_str(text)?;
         let poll_us: Option<u32> = file
             .daemon
             .poll_us
-            .map(|v| {
-                in_range(
-                    "[daemon] ",
-                    "poll_us",
-                    Some(v),
-                    0,
-                    0,
-                    MAX_POLL_WINDOW_US.into(),
-                )
-            })
-            .transpose()?;
+            .map(|v| in_range("poll_us", Some(v), 0, 0, MAX_POLL_WINDOW_US.into()))
+            .transpose()
+            .map_err(ConfigError::DaemonSetting)?;
         let disks = file
             .disk
             .into_iter()
@@ -325,7 +463,9 @@ impl ServeConfig {
         for d in &self.disks {
             d.validate()?;
             if !names.insert(d.name.as_str()) {
-                return bad(format!("disk name {:?} used twice", d.name));
+                return Err(ConfigError::DuplicateDisk {
+                    disk: d.name.clone(),
+                });
             }
         }
         let mut export_names = HashSet::new();
@@ -336,35 +476,40 @@ impl ServeConfig {
         let mut ublk_ids = HashSet::new();
         for e in &self.exports {
             e.validate()?;
-            let ctx = format!("export {:?}", e.name);
+            let export = || e.name.clone();
             if !export_names.insert(e.name.as_str()) {
-                return bad(format!("{ctx}: name used twice"));
+                return Err(ConfigError::DuplicateExport { export: export() });
             }
             if !names.contains(e.disk.as_str()) {
-                return bad(format!("{ctx}: no disk named {:?}", e.disk));
+                return Err(ConfigError::NoSuchDisk {
+                    export: export(),
+                    disk: e.disk.clone(),
+                });
             }
             match &e.kind {
                 ExportKind::VhostUser { socket, .. } => {
                     let key = path_key(socket);
                     if key == control_key {
-                        return bad(format!(
-                            "{ctx}: socket {} is also the control socket {}; give one of them \
-                             another path",
-                            socket.display(),
-                            control.display()
-                        ));
+                        return Err(ConfigError::SocketIsControl {
+                            export: export(),
+                            socket: socket.clone(),
+                            control,
+                        });
                     }
                     if let Some(first) = sockets.insert(key, &e.name) {
-                        return bad(format!(
-                            "{ctx}: socket {} used twice (export {first:?} has it too, \
-                             spelt differently perhaps); give each export its own socket",
-                            socket.display()
-                        ));
+                        return Err(ConfigError::DuplicateSocket {
+                            export: export(),
+                            socket: socket.clone(),
+                            first: first.to_owned(),
+                        });
                     }
                 }
                 ExportKind::Ublk { id: Some(id) } => {
                     if !ublk_ids.insert(*id) {
-                        return bad(format!("{ctx}: ublk id {id} used twice"));
+                        return Err(ConfigError::DuplicateUblkId {
+                            export: export(),
+                            id: *id,
+                        });
                     }
                 }
                 ExportKind::Ublk { id: None } => {}
@@ -455,6 +600,172 @@ mod tests {
                 .to_string();
             assert!(err.contains(want), "{text:?}: {err}");
         }
+    }
+
+    /// What users read: each refusal's variant and its whole message.
+    #[test]
+    fn refusals_are_typed_and_say_what_to_change() {
+        let disk = "[[disk]]\nname='x'\npath='null:1M'\n";
+        let ublk = |name: &str, extra: &str| {
+            format!("[[export]]\nname='{name}'\ndisk='x'\ntype='ublk'\n{extra}\n")
+        };
+        let vhost = |extra: &str| {
+            format!("{disk}[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\nsocket='s'\n{extra}")
+        };
+        type Is = fn(&ConfigError) -> bool;
+        let cases: Vec<(String, Is, &str)> =
+            vec![
+            (
+                "[[disk]]\nname=''\npath='null:1M'".into(),
+                |e| matches!(e, ConfigError::DiskWithoutName),
+                "a disk needs a name",
+            ),
+            (
+                format!("{disk}{disk}"),
+                |e| matches!(e, ConfigError::DuplicateDisk { disk } if disk == "x"),
+                "disk name \"x\" used twice",
+            ),
+            (
+                "[[disk]]\nname='x'\npath='null:100'".into(),
+                |e| matches!(e, ConfigError::DiskSpec(SpecError::NullSizeNotBlocks { .. })),
+                "disk \"null:100\": a null node's size must be a non-zero multiple of 512 bytes",
+            ),
+            (
+                "[[disk]]\nname='x'\npath=''".into(),
+                |e| matches!(e, ConfigError::DiskSpec(SpecError::EmptyPath)),
+                "disk \"\": empty path",
+            ),
+            (
+                "[[disk]]\nname='x'\npath='img'\ncreate_size='12Q'".into(),
+                |e| matches!(e, ConfigError::CreateSize { disk, .. } if disk == "x"),
+                "disk \"x\": create_size: invalid size \"12Q\": unknown suffix (examples: 4096, \
+                 64K, 512M, 1G)",
+            ),
+            (
+                "[[disk]]\nname='x'\npath='null:1M'\ncreate_size='1G'".into(),
+                |e| matches!(e, ConfigError::CreateSizeOnNull { .. }),
+                "disk \"x\": create_size makes no sense for a null disk",
+            ),
+            (
+                format!("{disk}{}", ublk("", "")),
+                |e| matches!(e, ConfigError::ExportWithoutName),
+                "an export needs a name",
+            ),
+            (
+                format!("{}{}", vhost(""), ublk("a", "")),
+                |e| matches!(e, ConfigError::DuplicateExport { export } if export == "a"),
+                "export \"a\": name used twice",
+            ),
+            (
+                format!("{disk}[[export]]\nname='a'\ndisk='x'\ntype='nbd'"),
+                |e| matches!(e, ConfigError::UnknownType { kind, .. } if kind == "nbd"),
+                "export \"a\": unknown type \"nbd\" (supported: \"vhost-user\", \"ublk\")",
+            ),
+            (
+                format!("{disk}[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'"),
+                |e| matches!(e, ConfigError::MissingSocket { .. }),
+                "export \"a\": type vhost-user needs socket = \"PATH\"",
+            ),
+            (
+                "[[export]]\nname='a'\ndisk='y'\ntype='ublk'".into(),
+                |e| matches!(e, ConfigError::NoSuchDisk { disk, .. } if disk == "y"),
+                "export \"a\": no disk named \"y\"",
+            ),
+            (
+                vhost("queues=0"),
+                |e| {
+                    matches!(e, ConfigError::ExportSetting { source, .. }
+                        if *source == OutOfRange { setting: "queues", min: 1, max: 64, value: 0 })
+                },
+                "export \"a\": queues must be 1..=64, not 0",
+            ),
+            (
+                vhost("queue_depth=70000"),
+                |e| matches!(e, ConfigError::ExportSetting { .. }),
+                "export \"a\": queue_depth must be 1..=1024, not 70000",
+            ),
+            (
+                vhost("poll_us=70000000"),
+                |e| matches!(e, ConfigError::ExportSetting { .. }),
+                "export \"a\": poll_us must be 0..=1000000, not 70000000",
+            ),
+            (
+                vhost("socket_mode=0o7777"),
+                |e| matches!(e, ConfigError::SocketMode { mode: 0o7777, .. }),
+                "export \"a\": socket_mode 7777 is not a permission mode",
+            ),
+            (
+                format!(
+                    "[daemon]\ncontrol='/r/c.sock'\n{disk}[[export]]\nname='a'\ndisk='x'\n\
+                     type='vhost-user'\nsocket='/r/d/../c.sock'"
+                ),
+                |e| matches!(e, ConfigError::SocketIsControl { .. }),
+                "export \"a\": socket /r/d/../c.sock is also the control socket /r/c.sock; give \
+                 one of them another path",
+            ),
+            (
+                format!(
+                    "{}[[export]]\nname='b'\ndisk='x'\ntype='vhost-user'\nsocket='./s'",
+                    vhost("")
+                ),
+                |e| matches!(e, ConfigError::DuplicateSocket { first, .. } if first == "a"),
+                "export \"b\": socket /r/./s used twice (export \"a\" has it too, spelt \
+                 differently perhaps); give each export its own socket",
+            ),
+            (
+                format!("{disk}{}{}", ublk("a", "ublk_id=3"), ublk("b", "ublk_id=3")),
+                |e| matches!(e, ConfigError::DuplicateUblkId { id: 3, .. }),
+                "export \"b\": ublk id 3 used twice",
+            ),
+            (
+                "[daemon]\npoll_us=5000000000".into(),
+                |e| matches!(e, ConfigError::DaemonSetting(OutOfRange { setting: "poll_us", .. })),
+                "[daemon] poll_us must be 0..=1000000, not 5000000000",
+            ),
+        ];
+        for (text, is, want) in cases {
+            let err = ServeConfig::from_toml(&text, Path::new("/r")).unwrap_err();
+            assert!(is(&err), "{text:?}: {err:?}");
+            assert_eq!(err.to_string(), want, "{text:?}");
+        }
+        // TOML errors keep toml's own message and are the error's source.
+        let err = ServeConfig::from_toml("[[disk]]\nname='x'", Path::new("/r")).unwrap_err();
+        assert!(matches!(err, ConfigError::Toml(_)), "{err:?}");
+        assert!(err.to_string().contains("missing field `path`"), "{err}");
+        assert!(std::error::Error::source(&err).is_some());
+    }
+
+    #[test]
+    fn validate_refuses_what_the_command_line_builds() {
+        let export = ExportConfig {
+            name: "e".into(),
+            disk: "d".into(),
+            kind: ExportKind::Ublk { id: None },
+            queues: 1,
+            queue_depth: 1,
+            read_only: false,
+            serial: "e".into(),
+            poll_window_us: MAX_POLL_WINDOW_US + 1,
+        };
+        let err = export.validate().unwrap_err();
+        assert!(
+            matches!(err, ConfigError::PollWindowTooLong { .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "export \"e\": poll_us must be at most 1000000, not 1000001"
+        );
+        let err = ExportConfig {
+            queue_depth: 0,
+            ..export
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "export \"e\": queue_depth must be 1..=1024, not 0"
+        );
     }
 
     #[test]

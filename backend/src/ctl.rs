@@ -41,15 +41,61 @@ pub enum CtlError {
         /// The socket.
         path: PathBuf,
         /// Why.
+        #[source]
         source: std::io::Error,
     },
-    /// Talking to it failed.
-    #[error("control socket {path}: {reason}")]
-    Io {
+    /// The connection could not be duplicated for reading and writing.
+    #[error("control socket {path}: {source}")]
+    Clone {
         /// The socket.
         path: PathBuf,
-        /// What failed.
-        reason: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A request's params do not serialize.
+    #[error("control socket {path}: params of {method}: {source}")]
+    Params {
+        /// The socket.
+        path: PathBuf,
+        /// The method called.
+        method: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Sending the request failed.
+    #[error("control socket {path}: send: {source}")]
+    Send {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reading the reply failed (or timed out).
+    #[error("control socket {path}: receive: {source}")]
+    Receive {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon hung up before it answered.
+    #[error("control socket {path}: the daemon closed the connection")]
+    Closed {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// The reply is not JSON.
+    #[error("control socket {path}: bad reply: {source}")]
+    BadReply {
+        /// The socket.
+        path: PathBuf,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
     },
     /// The daemon answered with a JSON-RPC error.
     #[error("{message} (error {code})")]
@@ -60,14 +106,23 @@ pub enum CtlError {
         message: String,
     },
     /// The daemon's result is not what the method returns.
-    #[error("unexpected answer to {method} from {path}: {reason}")]
+    #[error("unexpected answer to {method} from {path}: {source}")]
     Answer {
         /// The method called.
         method: String,
         /// The socket.
         path: PathBuf,
         /// Why it does not read as the method's result.
-        reason: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The job `--wait` watched failed.
+    #[error("job {id} failed: {} (error 0)", error.as_deref().unwrap_or("-"))]
+    JobFailed {
+        /// The job.
+        id: String,
+        /// The job's error, as the daemon reports it.
+        error: Option<String>,
     },
 }
 
@@ -77,10 +132,10 @@ pub fn read_answer<R: DeserializeOwned>(
     path: &Path,
     result: &Value,
 ) -> Result<R, CtlError> {
-    R::deserialize(result).map_err(|e| CtlError::Answer {
+    R::deserialize(result).map_err(|source| CtlError::Answer {
         method: method.to_owned(),
         path: path.to_owned(),
-        reason: e.to_string(),
+        source,
     })
 }
 
@@ -92,13 +147,13 @@ impl CtlClient {
             source,
         })?;
         let _ = stream.set_read_timeout(Some(Duration::from_millis(CTL_REPLY_TIMEOUT_MS)));
-        let io = |e: std::io::Error| CtlError::Io {
+        let writer = stream.try_clone().map_err(|source| CtlError::Clone {
             path: path.to_owned(),
-            reason: e.to_string(),
-        };
+            source,
+        })?;
         Ok(CtlClient {
             path: path.to_owned(),
-            writer: stream.try_clone().map_err(io)?,
+            writer,
             reader: BufReader::new(stream),
             next_id: 1,
         })
@@ -109,21 +164,26 @@ impl CtlClient {
         let id = self.next_id;
         self.next_id += 1;
         let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let io = |reason: String| CtlError::Io {
-            path: self.path.clone(),
-            reason,
-        };
-        writeln!(self.writer, "{request}").map_err(|e| io(format!("send: {e}")))?;
+        let path = || self.path.clone();
+        writeln!(self.writer, "{request}").map_err(|source| CtlError::Send {
+            path: path(),
+            source,
+        })?;
         let mut line = String::new();
         let n = self
             .reader
             .read_line(&mut line)
-            .map_err(|e| io(format!("receive: {e}")))?;
+            .map_err(|source| CtlError::Receive {
+                path: path(),
+                source,
+            })?;
         if n == 0 {
-            return Err(io("the daemon closed the connection".into()));
+            return Err(CtlError::Closed { path: path() });
         }
-        let reply: Value =
-            serde_json::from_str(&line).map_err(|e| io(format!("bad reply: {e}")))?;
+        let reply: Value = serde_json::from_str(&line).map_err(|source| CtlError::BadReply {
+            path: path(),
+            source,
+        })?;
         if let Some(err) = reply.get("error") {
             return Err(CtlError::Rpc {
                 code: err.get("code").and_then(Value::as_i64).unwrap_or(0),
@@ -139,9 +199,10 @@ impl CtlClient {
 
     /// Calls `method` with typed `params`; returns the result as it came.
     pub fn call_with(&mut self, method: &str, params: &impl Serialize) -> Result<Value, CtlError> {
-        let params = serde_json::to_value(params).map_err(|e| CtlError::Io {
+        let params = serde_json::to_value(params).map_err(|source| CtlError::Params {
             path: self.path.clone(),
-            reason: format!("params of {method}: {e}"),
+            method: method.to_owned(),
+            source,
         })?;
         self.call(method, params)
     }
@@ -218,9 +279,9 @@ pub fn wait_for_job(client: &mut CtlClient, id: &str, show: bool) -> Result<Valu
             }
             JobPhase::Failed => {
                 bar.abandon_with_message(format!("job {id} failed"));
-                return Err(CtlError::Rpc {
-                    code: 0,
-                    message: format!("job {id} failed: {}", st.error.as_deref().unwrap_or("-")),
+                return Err(CtlError::JobFailed {
+                    id: id.to_owned(),
+                    error: st.error,
                 });
             }
             JobPhase::Running => std::thread::sleep(Duration::from_millis(CTL_JOB_POLL_MS)),
@@ -374,4 +435,38 @@ pub fn render(method: &str, result: &Value, path: &Path) -> Result<String, CtlEr
         }
         _ => pretty(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_socket_and_keep_their_cause() {
+        let path = Path::new("/run/s/control.sock");
+        let err = read_answer::<Vec<NodeInfo>>("node_list", path, &json!({"x": 1})).unwrap_err();
+        assert!(matches!(err, CtlError::Answer { .. }), "{err:?}");
+        assert!(std::error::Error::source(&err).is_some());
+        assert_eq!(
+            err.to_string(),
+            "unexpected answer to node_list from /run/s/control.sock: invalid type: map, \
+             expected a sequence"
+        );
+        let err =
+            CtlClient::connect(&std::env::temp_dir().join("sluice-no-such.sock")).unwrap_err();
+        assert!(matches!(err, CtlError::Connect { .. }), "{err:?}");
+        assert!(err
+            .to_string()
+            .ends_with("(is sluice running? pass --control PATH)"));
+        let err = CtlError::JobFailed {
+            id: "m0".into(),
+            error: Some("read error".into()),
+        };
+        assert_eq!(err.to_string(), "job m0 failed: read error (error 0)");
+        let err = CtlError::JobFailed {
+            id: "m0".into(),
+            error: None,
+        };
+        assert_eq!(err.to_string(), "job m0 failed: - (error 0)");
+    }
 }

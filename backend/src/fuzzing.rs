@@ -683,7 +683,7 @@ pub fn config_toml(data: &[u8]) {
     let config = match ServeConfig::from_toml(text, Path::new(FUZZ_CONFIG_DIR)) {
         Ok(c) => c,
         Err(e) => {
-            assert!(!e.0.is_empty(), "an empty config error");
+            assert!(!e.to_string().is_empty(), "an empty config error");
             return;
         }
     };

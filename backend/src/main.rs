@@ -1,5 +1,6 @@
 //! The `sluice` command line.
 
+use std::num::ParseIntError;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -10,7 +11,8 @@ use sluice::api::{
     NoParams, RemoveMode,
 };
 use sluice::config::{
-    DiskConfig, ExportConfig, ExportKind, ServeConfig, DEFAULT_SOCKET_MODE, EMBEDDED_DEFAULT,
+    ConfigError, DiskConfig, ExportConfig, ExportKind, ServeConfig, DEFAULT_SOCKET_MODE,
+    EMBEDDED_DEFAULT,
 };
 use sluice::limits::{
     DEFAULT_POLL_WINDOW_US, DEFAULT_QUEUES, DEFAULT_QUEUE_DEPTH, MAX_POLL_WINDOW_US, MAX_QUEUES,
@@ -207,6 +209,60 @@ struct ServeArgs {
     control: Option<PathBuf>,
 }
 
+/// Why the command line was refused before anything was started or sent:
+/// `sluice: <message>` (or `sluice ctl: <message>`) and exit code 2.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// The current directory, which relative paths are taken from, is gone.
+    #[error("current directory: {0}")]
+    CurrentDir(#[source] std::io::Error),
+    /// The `--config` file could not be read.
+    #[error("config {path}: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `--config` file was refused.
+    #[error("config {path}: {source}")]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: ConfigError,
+    },
+    /// The configuration built into the binary was refused (a bug).
+    #[error("embedded default: {0}")]
+    EmbeddedDefault(#[source] ConfigError),
+    /// The configuration the options describe was refused.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    /// `--disk` without `--vhost-user` or `--ublk`.
+    #[error("--disk needs an export: --vhost-user SOCKET and/or --ublk [ID]")]
+    DiskWithoutExport,
+    /// `ctl export-add` without `--vhost-user` or `--ublk`.
+    #[error("export-add needs --vhost-user SOCKET or --ublk [ID]")]
+    ExportWithoutEndpoint,
+    /// `--ublk ID` is not a number.
+    #[error("--ublk {given:?}: expected a device number")]
+    UblkId {
+        given: String,
+        #[source]
+        source: ParseIntError,
+    },
+    /// `--socket-mode` is not octal.
+    #[error("not an octal mode: {0}")]
+    SocketMode(#[source] ParseIntError),
+    /// A path that must go into JSON as text is not UTF-8.
+    #[error("{0}: not a UTF-8 path")]
+    NotUtf8Path(PathBuf),
+    /// The params `ctl call` was given are not JSON.
+    #[error("params: {0}")]
+    CallParams(#[source] serde_json::Error),
+    /// A request's params do not serialize.
+    #[error("params: {0}")]
+    Params(#[source] serde_json::Error),
+}
+
 /// Counts heap allocations, so the monitor can show the request path makes
 /// none (see `sluice::alloc`).
 #[global_allocator]
@@ -226,9 +282,8 @@ fn poll_us_parser() -> clap::builder::RangedI64ValueParser<u32> {
     clap::value_parser!(u32).range(0..=i64::from(MAX_POLL_WINDOW_US))
 }
 
-fn parse_mode(s: &str) -> Result<u32, String> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8)
-        .map_err(|e| format!("not an octal mode: {e}"))
+fn parse_mode(s: &str) -> Result<u32, CliError> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(CliError::SocketMode)
 }
 
 fn main() -> ExitCode {
@@ -266,36 +321,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), String> {
-    let cwd = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
+fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), CliError> {
+    let cwd = std::env::current_dir().map_err(CliError::CurrentDir)?;
     if let Some(path) = &args.config {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("config {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|source| CliError::ReadConfig {
+            path: path.clone(),
+            source,
+        })?;
         let base = path
             .parent()
             .map(|p| cwd.join(p))
             .unwrap_or_else(|| cwd.clone());
-        let mut config = ServeConfig::from_toml(&text, &base)
-            .map_err(|e| format!("config {}: {e}", path.display()))?;
+        let refused = |source| CliError::Config {
+            path: path.clone(),
+            source,
+        };
+        let mut config = ServeConfig::from_toml(&text, &base).map_err(refused)?;
         if let Some(c) = &args.control {
             config.control = Some(cwd.join(c));
-            config
-                .validate()
-                .map_err(|e| format!("config {}: {e}", path.display()))?;
+            config.validate().map_err(refused)?;
         }
         return Ok((config, false));
     }
     let Some(disk) = &args.disk else {
-        let mut config = ServeConfig::from_toml(EMBEDDED_DEFAULT, &cwd)
-            .map_err(|e| format!("embedded default: {e}"))?;
+        let mut config =
+            ServeConfig::from_toml(EMBEDDED_DEFAULT, &cwd).map_err(CliError::EmbeddedDefault)?;
         config.control = args.control.as_ref().map(|c| cwd.join(c));
-        config.validate().map_err(|e| e.to_string())?;
+        config.validate()?;
         return Ok((config, true));
     };
     if args.vhost_user.is_none() && args.ublk.is_none() {
-        return Err("--disk needs an export: --vhost-user SOCKET and/or --ublk [ID]".into());
+        return Err(CliError::DiskWithoutExport);
     }
-    let spec = DiskSpec::parse(disk).map_err(|e| e.to_string())?;
+    let spec = DiskSpec::parse(disk).map_err(ConfigError::from)?;
     let export = |name: String, kind: ExportKind| ExportConfig {
         name,
         disk: "disk0".into(),
@@ -323,10 +381,7 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), String> {
     if let Some(id) = &args.ublk {
         let id = match id.as_str() {
             "auto" => None,
-            n => Some(
-                n.parse::<u32>()
-                    .map_err(|_| format!("--ublk {n:?}: expected a device number"))?,
-            ),
+            n => Some(parse_ublk_id(n)?),
         };
         exports.push(export("ublk".into(), ExportKind::Ublk { id }));
     }
@@ -340,8 +395,16 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), String> {
         exports,
         control: args.control.as_ref().map(|c| cwd.join(c)),
     };
-    config.validate().map_err(|e| e.to_string())?;
+    config.validate()?;
     Ok((config, false))
+}
+
+/// The device number of `--ublk ID`.
+fn parse_ublk_id(given: &str) -> Result<u32, CliError> {
+    given.parse().map_err(|source| CliError::UblkId {
+        given: given.to_owned(),
+        source,
+    })
 }
 
 fn ctl(args: CtlArgs) -> ExitCode {
@@ -403,18 +466,18 @@ fn ctl(args: CtlArgs) -> ExitCode {
 }
 
 /// `p` as the params of a request.
-fn params(p: &impl serde::Serialize) -> Result<serde_json::Value, String> {
-    serde_json::to_value(p).map_err(|e| format!("params: {e}"))
+fn params(p: &impl serde::Serialize) -> Result<serde_json::Value, CliError> {
+    serde_json::to_value(p).map_err(CliError::Params)
 }
 
 /// `p` as a string, for params that carry a path as text.
-fn path_text(p: PathBuf) -> Result<String, String> {
+fn path_text(p: PathBuf) -> Result<String, CliError> {
     p.into_os_string()
         .into_string()
-        .map_err(|p| format!("{}: not a UTF-8 path", PathBuf::from(p).display()))
+        .map_err(|p| CliError::NotUtf8Path(p.into()))
 }
 
-fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), String> {
+fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), CliError> {
     let abs = |p: &PathBuf| {
         std::env::current_dir()
             .map(|d| d.join(p))
@@ -461,13 +524,8 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), String> 
             let (kind, socket, ublk_id) = match (vhost_user, ublk) {
                 (Some(sock), None) => ("vhost-user", Some(abs(sock)), None),
                 (None, Some(id)) if id == "auto" => ("ublk", None, None),
-                (None, Some(id)) => {
-                    let id = id
-                        .parse::<u32>()
-                        .map_err(|_| format!("--ublk {id:?}: expected a device number"))?;
-                    ("ublk", None, Some(id))
-                }
-                _ => return Err("export-add needs --vhost-user SOCKET or --ublk [ID]".into()),
+                (None, Some(id)) => ("ublk", None, Some(parse_ublk_id(id)?)),
+                _ => return Err(CliError::ExportWithoutEndpoint),
             };
             let p = ExportParams {
                 name: name.clone(),
@@ -524,7 +582,7 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), String> 
         CtlCommand::Methods => ("rpc_methods".into(), params(&NoParams {})?),
         CtlCommand::Call { method, params } => {
             let p = match params {
-                Some(text) => serde_json::from_str(text).map_err(|e| format!("params: {e}"))?,
+                Some(text) => serde_json::from_str(text).map_err(CliError::CallParams)?,
                 None => serde_json::json!({}),
             };
             (method.clone(), p)

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use sluice_hw::{BackingKind, Profile};
 
-use crate::size::{parse_size_bytes, HumanBytes};
+use crate::size::{parse_size_bytes, HumanBytes, SizeError};
 
 /// Where a node's data lives, as the user wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,28 +25,48 @@ pub enum DiskSpec {
 
 impl DiskSpec {
     /// Parses `PATH` or `null:SIZE`.
-    pub fn parse(spec: &str) -> Result<Self, NodeError> {
+    pub fn parse(spec: &str) -> Result<Self, SpecError> {
         if let Some(size) = spec.strip_prefix("null:") {
-            let capacity_bytes = parse_size_bytes(size).map_err(|e| NodeError::Spec {
+            let capacity_bytes = parse_size_bytes(size).map_err(|source| SpecError::NullSize {
                 spec: spec.to_owned(),
-                reason: e.to_string(),
+                source,
             })?;
             if capacity_bytes == 0 || capacity_bytes % 512 != 0 {
-                return Err(NodeError::Spec {
+                return Err(SpecError::NullSizeNotBlocks {
                     spec: spec.to_owned(),
-                    reason: "a null node's size must be a non-zero multiple of 512 bytes".into(),
                 });
             }
             return Ok(DiskSpec::Null { capacity_bytes });
         }
         if spec.is_empty() {
-            return Err(NodeError::Spec {
-                spec: spec.to_owned(),
-                reason: "empty path".into(),
-            });
+            return Err(SpecError::EmptyPath);
         }
         Ok(DiskSpec::Path(PathBuf::from(spec)))
     }
+}
+
+/// Why a disk specification (`PATH` or `null:SIZE`) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    /// The size of a `null:SIZE` disk does not parse.
+    #[error("disk {spec:?}: {source}")]
+    NullSize {
+        /// What the user wrote.
+        spec: String,
+        /// Why the size does not parse.
+        #[source]
+        source: SizeError,
+    },
+    /// The size of a `null:SIZE` disk is zero or not whole sectors.
+    #[error("disk {spec:?}: a null node's size must be a non-zero multiple of 512 bytes")]
+    NullSizeNotBlocks {
+        /// What the user wrote.
+        spec: String,
+    },
+    /// The path is empty.
+    #[error("disk \"\": empty path")]
+    EmptyPath,
 }
 
 impl std::fmt::Display for DiskSpec {
@@ -62,14 +82,6 @@ impl std::fmt::Display for DiskSpec {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
-    /// The disk specification itself is wrong.
-    #[error("disk {spec:?}: {reason}")]
-    Spec {
-        /// What the user wrote.
-        spec: String,
-        /// What is wrong with it.
-        reason: String,
-    },
     /// open(2) failed.
     #[error("open {path}: {source}{hint}")]
     Open {
@@ -83,13 +95,22 @@ pub enum NodeError {
     /// Probing the device failed.
     #[error(transparent)]
     Probe(#[from] sluice_hw::ProbeError),
-    /// The node cannot be served as it is.
-    #[error("{path}: {reason}")]
-    Unusable {
+    /// The path is neither a block device nor a regular file.
+    #[error("{path}: not a block device or regular file")]
+    NotBlockOrFile {
         /// The path.
         path: PathBuf,
-        /// Why.
-        reason: String,
+    },
+    /// The device or image is smaller than one logical block.
+    #[error(
+        "{path}: capacity {capacity_bytes} bytes is smaller than one block; grow the image \
+         (truncate -s 1G FILE)"
+    )]
+    SmallerThanABlock {
+        /// The path.
+        path: PathBuf,
+        /// Its capacity.
+        capacity_bytes: u64,
     },
     /// The final flush failed.
     #[error("flush {name}: {source}")]
@@ -198,9 +219,8 @@ impl Node {
         })?;
         let is_block = meta.file_type().is_block_device();
         if !is_block && !meta.is_file() {
-            return Err(NodeError::Unusable {
+            return Err(NodeError::NotBlockOrFile {
                 path: path.to_owned(),
-                reason: "not a block device or regular file".into(),
             });
         }
         let mut flags = libc::O_DIRECT | libc::O_CLOEXEC;
@@ -233,12 +253,9 @@ impl Node {
             })?;
         let profile = sluice_hw::probe_file(&file, path)?;
         if profile.capacity_bytes < u64::from(profile.logical_block_size_bytes) {
-            return Err(NodeError::Unusable {
+            return Err(NodeError::SmallerThanABlock {
                 path: path.to_owned(),
-                reason: format!(
-                    "capacity {} bytes is smaller than one block; grow the image (truncate -s 1G FILE)",
-                    profile.capacity_bytes
-                ),
+                capacity_bytes: profile.capacity_bytes,
             });
         }
         // A trailing partial block cannot be addressed through O_DIRECT: it is
@@ -359,9 +376,28 @@ mod tests {
             DiskSpec::parse("/dev/nvme0n1").unwrap(),
             DiskSpec::Path("/dev/nvme0n1".into())
         );
-        assert!(DiskSpec::parse("null:100").is_err());
-        assert!(DiskSpec::parse("null:0").is_err());
-        assert!(DiskSpec::parse("").is_err());
+        let err = DiskSpec::parse("null:100").unwrap_err();
+        assert!(
+            matches!(err, SpecError::NullSizeNotBlocks { .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "disk \"null:100\": a null node's size must be a non-zero multiple of 512 bytes"
+        );
+        assert!(matches!(
+            DiskSpec::parse("null:0"),
+            Err(SpecError::NullSizeNotBlocks { .. })
+        ));
+        let err = DiskSpec::parse("null:12Q").unwrap_err();
+        assert!(matches!(err, SpecError::NullSize { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "disk \"null:12Q\": invalid size \"12Q\": unknown suffix (examples: 4096, 64K, \
+             512M, 1G)"
+        );
+        assert_eq!(DiskSpec::parse(""), Err(SpecError::EmptyPath));
+        assert_eq!(SpecError::EmptyPath.to_string(), "disk \"\": empty path");
         assert_eq!(DiskSpec::parse("null:64M").unwrap().to_string(), "null:64M");
     }
 

@@ -24,12 +24,23 @@ pub enum BindError {
     /// The directory the socket goes in is missing.
     #[error("directory {0} does not exist; create it first")]
     NoDirectory(PathBuf),
-    /// A system call failed.
-    #[error("cannot {what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
+    /// Looking at what is at the path failed.
+    #[error("cannot look at the path: {0}")]
+    Inspect(#[source] io::Error),
+    /// A stale socket could not be removed.
+    #[error("cannot remove the stale socket: {0}")]
+    RemoveStale(#[source] io::Error),
+    /// `bind(2)` failed.
+    #[error("cannot bind: {0}")]
+    Bind(#[source] io::Error),
+    /// The socket was bound but its mode could not be set (it is removed
+    /// again).
+    #[error("cannot set mode {mode:o}: {source}")]
+    SetMode {
+        /// The mode asked for.
+        mode: u32,
         /// The OS error.
+        #[source]
         source: io::Error,
     },
 }
@@ -66,18 +77,10 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
                 return Err(BindError::Busy);
             }
             tracing::info!("removing stale socket {}", path.display());
-            std::fs::remove_file(path).map_err(|source| BindError::Io {
-                what: "remove the stale socket".into(),
-                source,
-            })?;
+            std::fs::remove_file(path).map_err(BindError::RemoveStale)?;
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(BindError::Io {
-                what: "look at the path".into(),
-                source,
-            })
-        }
+        Err(e) => return Err(BindError::Inspect(e)),
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.is_dir() {
@@ -94,16 +97,10 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
         unsafe { libc::umask(old) };
         bound
     };
-    let listener = bound.map_err(|source| BindError::Io {
-        what: "bind".into(),
-        source,
-    })?;
+    let listener = bound.map_err(BindError::Bind)?;
     if let Err(source) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
         let _ = std::fs::remove_file(path);
-        return Err(BindError::Io {
-            what: format!("set mode {mode:o}"),
-            source,
-        });
+        return Err(BindError::SetMode { mode, source });
     }
     Ok(listener)
 }

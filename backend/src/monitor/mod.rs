@@ -11,6 +11,7 @@
 mod methods;
 mod rpc;
 
+use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -57,6 +58,71 @@ pub fn default_control_path() -> PathBuf {
     base.join("sluice").join("control.sock")
 }
 
+/// Why the control socket could not be served. Each message names the
+/// socket (or the setting) and what to pass instead.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MonitorError {
+    /// `SLUICE_CONTROL_IDLE_TIMEOUT_MS` is not a number of milliseconds ≥ 1.
+    #[error(
+        "{CONTROL_IDLE_TIMEOUT_ENV}={}: expected a number of milliseconds, at least 1 \
+         (default {CONTROL_IDLE_TIMEOUT_MS})",
+        value.to_string_lossy()
+    )]
+    IdleTimeout {
+        /// The variable's value.
+        value: OsString,
+    },
+    /// A missing directory above the socket could not be created.
+    #[error(
+        "control socket {path}: cannot create directory {dir}: {source}; create it or pass \
+         --control PATH"
+    )]
+    CreateDir {
+        /// The socket.
+        path: PathBuf,
+        /// The directory it goes in.
+        dir: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The path is a directory: the user gave the directory, not the socket.
+    #[error(
+        "control socket {path}: is a directory, not a socket; pass the socket's own path, \
+         e.g. --control {}",
+        path.join("control.sock").display()
+    )]
+    IsADirectory {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// Another process (another sluice, most likely) serves the socket.
+    #[error("control socket {path}: busy: another sluice serves it; pass --control PATH")]
+    Busy {
+        /// The socket.
+        path: PathBuf,
+    },
+    /// The socket could not be bound for another reason.
+    #[error("control socket {path}: {source}; pass --control PATH")]
+    Bind {
+        /// The socket.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: BindError,
+    },
+    /// The thread that serves the socket could not be started.
+    #[error("control socket {path}: cannot spawn its thread: {source}")]
+    Spawn {
+        /// The socket.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// The running control socket.
 #[derive(Debug)]
 pub struct Monitor {
@@ -76,7 +142,7 @@ impl Monitor {
         path: &Path,
         daemon: Arc<Daemon>,
         stop: mpsc::Sender<StopRequest>,
-    ) -> Result<Monitor, String> {
+    ) -> Result<Monitor, MonitorError> {
         let idle_timeout = idle_timeout()?;
         let created_dirs = create_dirs(path)?;
         let listener = match bind(path) {
@@ -95,13 +161,13 @@ impl Monitor {
         };
         let thread = match spawned {
             Ok(t) => t,
-            Err(e) => {
+            Err(source) => {
                 let _ = std::fs::remove_file(path);
                 remove_dirs(&created_dirs);
-                return Err(format!(
-                    "control socket {}: cannot spawn its thread: {e}",
-                    path.display()
-                ));
+                return Err(MonitorError::Spawn {
+                    path: path.to_owned(),
+                    source,
+                });
             }
         };
         Ok(Monitor {
@@ -132,22 +198,18 @@ impl Monitor {
 
 /// How long a client may wait between requests: `CONTROL_IDLE_TIMEOUT_MS`, or
 /// the environment's `SLUICE_CONTROL_IDLE_TIMEOUT_MS`.
-fn idle_timeout() -> Result<Duration, String> {
-    let Some(v) = std::env::var_os(CONTROL_IDLE_TIMEOUT_ENV) else {
+fn idle_timeout() -> Result<Duration, MonitorError> {
+    let Some(value) = std::env::var_os(CONTROL_IDLE_TIMEOUT_ENV) else {
         return Ok(Duration::from_millis(CONTROL_IDLE_TIMEOUT_MS));
     };
-    match v.to_str().and_then(|s| s.parse::<u64>().ok()) {
+    match value.to_str().and_then(|s| s.parse::<u64>().ok()) {
         Some(ms) if ms >= 1 => Ok(Duration::from_millis(ms)),
-        _ => Err(format!(
-            "{CONTROL_IDLE_TIMEOUT_ENV}={}: expected a number of milliseconds, at least 1 \
-             (default {CONTROL_IDLE_TIMEOUT_MS})",
-            v.to_string_lossy()
-        )),
+        _ => Err(MonitorError::IdleTimeout { value }),
     }
 }
 
 /// Creates the missing directories above `path`; returns them deepest first.
-fn create_dirs(path: &Path) -> Result<Vec<PathBuf>, String> {
+fn create_dirs(path: &Path) -> Result<Vec<PathBuf>, MonitorError> {
     let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
         return Ok(Vec::new());
     };
@@ -156,12 +218,10 @@ fn create_dirs(path: &Path) -> Result<Vec<PathBuf>, String> {
         .take_while(|d| !d.as_os_str().is_empty() && std::fs::symlink_metadata(d).is_err())
         .map(Path::to_owned)
         .collect();
-    std::fs::create_dir_all(dir).map_err(|e| {
-        format!(
-            "control socket {}: cannot create directory {}: {e}; create it or pass --control PATH",
-            path.display(),
-            dir.display()
-        )
+    std::fs::create_dir_all(dir).map_err(|source| MonitorError::CreateDir {
+        path: path.to_owned(),
+        dir: dir.to_owned(),
+        source,
     })?;
     Ok(missing)
 }
@@ -176,20 +236,16 @@ fn remove_dirs(dirs: &[PathBuf]) {
     }
 }
 
-fn bind(path: &Path) -> Result<UnixListener, String> {
-    let shown = path.display();
-    unix_socket::bind(path, CONTROL_SOCKET_MODE).map_err(|e| match e {
-        BindError::NotASocket {
-            what: "a directory",
-        } => format!(
-            "control socket {shown}: is a directory, not a socket; pass the socket's own path, \
-             e.g. --control {}",
-            path.join("control.sock").display()
-        ),
-        BindError::Busy => {
-            format!("control socket {shown}: busy: another sluice serves it; pass --control PATH")
+fn bind(path: &Path) -> Result<UnixListener, MonitorError> {
+    unix_socket::bind(path, CONTROL_SOCKET_MODE).map_err(|e| {
+        let path = path.to_owned();
+        match e {
+            BindError::NotASocket {
+                what: "a directory",
+            } => MonitorError::IsADirectory { path },
+            BindError::Busy => MonitorError::Busy { path },
+            source => MonitorError::Bind { path, source },
         }
-        other => format!("control socket {shown}: {other}; pass --control PATH"),
     })
 }
 
@@ -511,4 +567,74 @@ pub fn handle_line(line: &str, daemon: &Daemon, stop: &mpsc::Sender<StopRequest>
 /// The JSON-RPC 2.0 error response for request `id`.
 pub fn error_response(id: Value, e: RpcError) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_control_sockets_say_what_to_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+
+        let err = bind(d).unwrap_err();
+        assert!(matches!(err, MonitorError::IsADirectory { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "control socket {}: is a directory, not a socket; pass the socket's own path, \
+                 e.g. --control {}/control.sock",
+                d.display(),
+                d.display()
+            )
+        );
+
+        let file = d.join("f");
+        std::fs::write(&file, b"keep").unwrap();
+        let err = bind(&file).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MonitorError::Bind {
+                    source: BindError::NotASocket { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "control socket {}: exists and is a regular file, not a socket; nothing was \
+                 removed; pass --control PATH",
+                file.display()
+            )
+        );
+
+        let sock = d.join("c.sock");
+        let _live = bind(&sock).unwrap();
+        let err = bind(&sock).unwrap_err();
+        assert!(matches!(err, MonitorError::Busy { .. }), "{err:?}");
+        assert!(err
+            .to_string()
+            .ends_with("busy: another sluice serves it; pass --control PATH"));
+
+        let under_file = file.join("sub/c.sock");
+        let err = create_dirs(&under_file).unwrap_err();
+        assert!(matches!(err, MonitorError::CreateDir { .. }), "{err:?}");
+        assert!(std::error::Error::source(&err).is_some());
+        assert!(
+            err.to_string()
+                .ends_with("; create it or pass --control PATH"),
+            "{err}"
+        );
+
+        let err = MonitorError::IdleTimeout { value: "0".into() };
+        assert_eq!(
+            err.to_string(),
+            "SLUICE_CONTROL_IDLE_TIMEOUT_MS=0: expected a number of milliseconds, at least 1 \
+             (default 300000)"
+        );
+    }
 }
