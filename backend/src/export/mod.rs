@@ -216,12 +216,13 @@ impl Export {
 #[non_exhaustive]
 pub enum ExportError {
     /// The socket path cannot be served.
-    #[error("vhost-user socket {path}: {reason}")]
+    #[error("vhost-user socket {path}: {source}; choose another path")]
     Socket {
         /// The socket path.
         path: std::path::PathBuf,
-        /// What failed and what to do.
-        reason: String,
+        /// What failed.
+        #[source]
+        source: crate::unix_socket::BindError,
     },
     /// Creating the per-queue io_uring engines failed.
     #[error("export {export}: cannot set up io_uring for queue {queue}: {source}{hint}")]

@@ -742,8 +742,8 @@ fn wait_readable(listener: impl AsFd, stop: impl AsFd) -> io::Result<bool> {
 /// Binds the socket (see [`crate::unix_socket::bind`]: only a stale socket
 /// is replaced, the mode is set before anyone can connect).
 fn bind_socket(path: &Path, mode: u32) -> Result<UnixListener, ExportError> {
-    crate::unix_socket::bind(path, mode).map_err(|e| ExportError::Socket {
+    crate::unix_socket::bind(path, mode).map_err(|source| ExportError::Socket {
         path: path.to_owned(),
-        reason: format!("{e}; choose another path"),
+        source,
     })
 }
