@@ -25,8 +25,9 @@ use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::{ExportKind, ServeConfig};
-use crate::export::ublk::{check_io, decode_op, IoLimits, IoRefusal, UBLK_IO_F_FUA};
-use crate::export::ublk::{CheckedIo, UBLK_IO_F_NOUNMAP};
+use crate::export::ublk::op::{
+    check_io, decode_op, CheckedIo, IoLimits, IoRefusal, UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP,
+};
 use crate::export::vhost_user::virtio_blk::{
     decode, Command, Decoded, Geometry, DISCARD_SEGMENT_BYTES, HEADER_BYTES, SECTOR_BYTES,
 };

@@ -17,7 +17,7 @@ mod bounce;
 mod slots;
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,11 +138,6 @@ impl<C> Engine<C> {
     /// Whether another request can be admitted.
     pub fn has_free_slot(&self) -> bool {
         !self.free.is_empty()
-    }
-
-    /// An eventfd that becomes readable when completions are posted.
-    pub fn completion_fd(&self) -> RawFd {
-        self.completion_event.as_raw_fd()
     }
 
     /// Clears the completion eventfd (after a wake-up on it).

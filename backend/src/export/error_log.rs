@@ -216,7 +216,8 @@ impl BackingErrorLog {
     }
 
     /// Errors of `op`'s kind not yet in a line.
-    pub fn pending(&self, op: BlockOp) -> u64 {
+    #[cfg(test)]
+    fn pending(&self, op: BlockOp) -> u64 {
         self.kinds[kind_of(op)].count
     }
 }

@@ -3,7 +3,7 @@
 //! same io_uring as its ublk commands, built by the engine's [`SlotTable`]
 //! (the op table the vhost-user front uses too).
 
-mod op;
+pub(crate) mod op;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -19,9 +19,7 @@ use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
 use std::os::fd::AsRawFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-pub use self::op::{
-    check_io, decode_op, CheckedIo, IoLimits, IoRefusal, UBLK_IO_F_FUA, UBLK_IO_F_NOUNMAP,
-};
+use self::op::{check_io, CheckedIo, IoLimits, IoRefusal};
 use super::error_log::BackingErrorLog;
 use super::{wait_idle, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::binding::Binding;

@@ -43,8 +43,6 @@ use crate::limits::{
 use crate::logging::Throttle;
 use crate::node::Node;
 
-pub use self::queue::VirtioCtx;
-
 /// How one vhost-user export is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VhostUserConfig {
