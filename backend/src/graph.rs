@@ -80,13 +80,13 @@ struct Entry {
 
 /// Nodes by name with their holders.
 #[derive(Debug, Default)]
-pub struct Graph {
+pub(crate) struct Graph {
     nodes: BTreeMap<String, Entry>,
 }
 
 impl Graph {
     /// Adds a node held by `holder`.
-    pub fn insert(&mut self, node: Arc<Node>, holder: Holder) -> Result<(), GraphError> {
+    pub(crate) fn insert(&mut self, node: Arc<Node>, holder: Holder) -> Result<(), GraphError> {
         let name = node.name().to_owned();
         if self.nodes.contains_key(&name) {
             return Err(GraphError::NameTaken(name));
@@ -102,12 +102,12 @@ impl Graph {
     }
 
     /// Whether a node of that name exists.
-    pub fn contains(&self, name: &str) -> bool {
+    pub(crate) fn contains(&self, name: &str) -> bool {
         self.nodes.contains_key(name)
     }
 
     /// The node called `name`.
-    pub fn get(&self, name: &str) -> Result<&Arc<Node>, GraphError> {
+    pub(crate) fn get(&self, name: &str) -> Result<&Arc<Node>, GraphError> {
         self.nodes
             .get(name)
             .map(|e| &e.node)
@@ -115,7 +115,7 @@ impl Graph {
     }
 
     /// `holder` takes a reference to node `name`.
-    pub fn hold(&mut self, name: &str, holder: Holder) -> Result<Arc<Node>, GraphError> {
+    pub(crate) fn hold(&mut self, name: &str, holder: Holder) -> Result<Arc<Node>, GraphError> {
         let e = self
             .nodes
             .get_mut(name)
@@ -127,7 +127,7 @@ impl Graph {
     /// `holder` gives its reference back. Returns the node when that was
     /// the last reference: it has left the graph and the caller closes it
     /// (see [`flush_bounded`]).
-    pub fn release(
+    pub(crate) fn release(
         &mut self,
         name: &str,
         holder: &Holder,
@@ -151,7 +151,7 @@ impl Graph {
 
     /// The monitor removes a node it created; refused while anyone else
     /// holds it, naming them.
-    pub fn remove_by_monitor(&mut self, name: &str) -> Result<Arc<Node>, GraphError> {
+    pub(crate) fn remove_by_monitor(&mut self, name: &str) -> Result<Arc<Node>, GraphError> {
         let e = self
             .nodes
             .get(name)
@@ -178,7 +178,7 @@ impl Graph {
     }
 
     /// Who holds node `name`.
-    pub fn holders(&self, name: &str) -> Vec<Holder> {
+    pub(crate) fn holders(&self, name: &str) -> Vec<Holder> {
         self.nodes
             .get(name)
             .map(|e| e.holders.iter().cloned().collect())
@@ -186,7 +186,7 @@ impl Graph {
     }
 
     /// The names of the nodes `holder` holds.
-    pub fn held_by(&self, holder: &Holder) -> Vec<String> {
+    pub(crate) fn held_by(&self, holder: &Holder) -> Vec<String> {
         self.nodes
             .iter()
             .filter(|(_, e)| e.holders.contains(holder))
@@ -195,14 +195,14 @@ impl Graph {
     }
 
     /// Every node, by name.
-    pub fn nodes(&self) -> impl Iterator<Item = (&str, &Arc<Node>, Vec<Holder>)> {
+    pub(crate) fn nodes(&self) -> impl Iterator<Item = (&str, &Arc<Node>, Vec<Holder>)> {
         self.nodes
             .iter()
             .map(|(n, e)| (n.as_str(), &e.node, e.holders.iter().cloned().collect()))
     }
 
     /// Whether the graph is empty.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }
 }
@@ -210,7 +210,7 @@ impl Graph {
 /// Flushes `node` on a helper thread and waits at most `timeout`: a device
 /// that never answers costs a thread, never the caller. Closing a node that
 /// left the graph is this flush; its descriptor goes with the last reference.
-pub fn flush_bounded(node: Arc<Node>, timeout: Duration) -> Result<(), FlushError> {
+pub(crate) fn flush_bounded(node: Arc<Node>, timeout: Duration) -> Result<(), FlushError> {
     let name = node.name().to_owned();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -7,7 +7,7 @@
 /// # Safety
 /// Every iovec must describe memory valid for reads of its length, and `dst`
 /// must be valid for writes of the total length; the ranges must not overlap.
-pub unsafe fn gather(segments: &[libc::iovec], dst: *mut u8) -> usize {
+pub(crate) unsafe fn gather(segments: &[libc::iovec], dst: *mut u8) -> usize {
     let mut done = 0;
     for seg in segments {
         let to = dst.wrapping_add(done);
@@ -23,7 +23,7 @@ pub unsafe fn gather(segments: &[libc::iovec], dst: *mut u8) -> usize {
 /// # Safety
 /// Every iovec must describe memory valid for writes of its length, and `src`
 /// must be valid for reads of the total length; the ranges must not overlap.
-pub unsafe fn scatter(src: *const u8, segments: &[libc::iovec]) -> usize {
+pub(crate) unsafe fn scatter(src: *const u8, segments: &[libc::iovec]) -> usize {
     let mut done = 0;
     for seg in segments {
         let from = src.wrapping_add(done);
@@ -38,7 +38,7 @@ pub unsafe fn scatter(src: *const u8, segments: &[libc::iovec]) -> usize {
 ///
 /// # Safety
 /// Every iovec must describe memory valid for writes of its length.
-pub unsafe fn zero(segments: &[libc::iovec]) {
+pub(crate) unsafe fn zero(segments: &[libc::iovec]) {
     for seg in segments {
         // SAFETY: the caller guarantees the range is valid for writes.
         unsafe { std::ptr::write_bytes(seg.iov_base as *mut u8, 0, seg.iov_len) };

@@ -16,6 +16,8 @@
 //! - `fuzzing` (tests and the `fuzzing` feature): the fuzz targets' entry
 //!   points, shared by `cargo fuzz` and the corpus replay test.
 
+#![warn(unreachable_pub)]
+
 pub mod alloc;
 pub mod api;
 pub(crate) mod binding;

@@ -53,7 +53,7 @@ impl BlockOp {
 /// the node; for reads and writes `segments` hold exactly `len_bytes` of
 /// memory the front vouches for until the request completes.
 #[derive(Debug, Clone, Copy)]
-pub struct BlockRequest<'a> {
+pub(crate) struct BlockRequest<'a> {
     /// What to do.
     pub op: BlockOp,
     /// Start of the range on the node.
@@ -80,4 +80,4 @@ pub enum RequestError {
 }
 
 /// The result of one request.
-pub type RequestResult = Result<(), RequestError>;
+pub(crate) type RequestResult = Result<(), RequestError>;

@@ -12,7 +12,7 @@ pub struct SizeError {
 
 /// Parses a byte count with an optional binary suffix (K, M, G, T; an optional
 /// trailing `B` or `iB` is accepted).
-pub fn parse_size_bytes(input: &str) -> Result<u64, SizeError> {
+pub(crate) fn parse_size_bytes(input: &str) -> Result<u64, SizeError> {
     let err = |reason| SizeError {
         input: input.to_owned(),
         reason,
@@ -40,7 +40,7 @@ pub fn parse_size_bytes(input: &str) -> Result<u64, SizeError> {
 }
 
 /// Formats a byte count in the largest binary unit that divides it.
-pub struct HumanBytes(pub u64);
+pub(crate) struct HumanBytes(pub u64);
 
 impl fmt::Display for HumanBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

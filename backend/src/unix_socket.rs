@@ -57,7 +57,7 @@ static UMASK_LOCK: Mutex<()> = Mutex::new(());
 /// [`BindError::NotASocket`] and stays as it is. The socket is created under
 /// umask 0o177, so it never exists with a wider mode than 0600, and then
 /// gets exactly `mode`.
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
+pub(crate) fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
             let ft = meta.file_type();
@@ -109,7 +109,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, BindError> {
 /// current directory), with the parent directory canonicalized when it
 /// exists (so `a/../s.sock`, `./s.sock` and a path through a symlinked
 /// directory all compare equal), else with `.` and `..` resolved lexically.
-pub fn path_key(path: &Path) -> PathBuf {
+pub(crate) fn path_key(path: &Path) -> PathBuf {
     let abs = if path.is_absolute() {
         path.to_owned()
     } else {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 
-pub use bitmap::DirtyBitmap;
-pub use tap::MirrorTap;
+pub(crate) use bitmap::DirtyBitmap;
+pub(crate) use tap::MirrorTap;
 
 use crate::node::Node;
 

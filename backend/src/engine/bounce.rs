@@ -10,7 +10,7 @@ use std::ptr::NonNull;
 /// Mapped `MAP_NORESERVE`: pages become resident only when a misaligned
 /// request touches them, so the reservation costs address space, not memory.
 #[derive(Debug)]
-pub struct BounceRegion {
+pub(super) struct BounceRegion {
     base: NonNull<u8>,
     slot_bytes: usize,
     len_bytes: usize,
@@ -22,7 +22,7 @@ unsafe impl Send for BounceRegion {}
 
 impl BounceRegion {
     /// Maps `slots` page-aligned buffers of `slot_bytes` each.
-    pub fn new(slots: usize, slot_bytes: usize) -> io::Result<Self> {
+    pub(super) fn new(slots: usize, slot_bytes: usize) -> io::Result<Self> {
         let len_bytes = slots
             .checked_mul(slot_bytes)
             .filter(|&n| n > 0)
@@ -50,7 +50,7 @@ impl BounceRegion {
     }
 
     /// A region with no memory, left behind when a table leaks its mapping.
-    pub fn empty() -> Self {
+    pub(super) fn empty() -> Self {
         BounceRegion {
             base: NonNull::dangling(),
             slot_bytes: 0,
@@ -59,12 +59,12 @@ impl BounceRegion {
     }
 
     /// Size of one slot's buffer.
-    pub fn slot_bytes(&self) -> usize {
+    pub(super) fn slot_bytes(&self) -> usize {
         self.slot_bytes
     }
 
     /// Start of slot `index`'s buffer (page-aligned when `slot_bytes` is).
-    pub fn slot_ptr(&self, index: usize) -> *mut u8 {
+    pub(super) fn slot_ptr(&self, index: usize) -> *mut u8 {
         assert!((index + 1) * self.slot_bytes <= self.len_bytes);
         // SAFETY: the assertion keeps the offset inside the mapping.
         unsafe { self.base.as_ptr().add(index * self.slot_bytes) }

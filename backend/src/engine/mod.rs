@@ -29,7 +29,7 @@ use crate::limits::DRAIN_TIMEOUT_MS;
 use crate::node::Node;
 use crate::request::{BlockRequest, RequestError, RequestResult};
 
-pub use slots::{Half, NodeFile, Prepared, SlotTable};
+pub(crate) use slots::{Half, NodeFile, Prepared, SlotTable};
 
 /// `user_data` bit of the target half of a mirrored write.
 const MIRROR_HALF: u64 = 1 << 32;
@@ -47,7 +47,7 @@ pub enum SubmitError {
 
 /// Per-queue I/O engine owning its ring. `C` is the front's per-request
 /// context, returned with the request's result.
-pub struct Engine<C> {
+pub(crate) struct Engine<C> {
     // Field order is drop order: the ring goes first, so the kernel holds no
     // reference to slot memory when the table is released.
     ring: IoUring,
@@ -70,7 +70,7 @@ impl<C> std::fmt::Debug for Engine<C> {
 impl<C> Engine<C> {
     /// Builds the engine of one queue: a ring of `queue_depth` entries with the
     /// node's descriptor registered as fixed file 0, and `queue_depth` slots.
-    pub fn new(node: Arc<Node>, queue_depth: u16) -> io::Result<Self> {
+    pub(crate) fn new(node: Arc<Node>, queue_depth: u16) -> io::Result<Self> {
         let completion_event = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         Self::with_completion_event(node, queue_depth, &completion_event, None)
     }
@@ -79,7 +79,7 @@ impl<C> Engine<C> {
     /// that rebuilds its engine keeps the eventfd its poller watches), and,
     /// for an export's queue, doing the data-path work of the mirror jobs
     /// on its `binding`.
-    pub fn with_completion_event(
+    pub(crate) fn with_completion_event(
         node: Arc<Node>,
         queue_depth: u16,
         event: &EventFd,
@@ -121,27 +121,27 @@ impl<C> Engine<C> {
     }
 
     /// The node this engine serves.
-    pub fn node(&self) -> &Arc<Node> {
+    pub(crate) fn node(&self) -> &Arc<Node> {
         self.table.node()
     }
 
     /// Number of in-flight slots (the queue depth).
-    pub fn depth(&self) -> u16 {
+    pub(crate) fn depth(&self) -> u16 {
         self.table.depth() as u16
     }
 
     /// Requests submitted and not yet reaped.
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.table.in_flight()
     }
 
     /// Whether another request can be admitted.
-    pub fn has_free_slot(&self) -> bool {
+    pub(crate) fn has_free_slot(&self) -> bool {
         !self.free.is_empty()
     }
 
     /// Clears the completion eventfd (after a wake-up on it).
-    pub fn clear_completion_event(&self) {
+    pub(crate) fn clear_completion_event(&self) {
         let _ = self.completion_event.read();
     }
 
@@ -155,7 +155,11 @@ impl<C> Engine<C> {
     /// length, and stay so until the request's completion is reaped; if the
     /// engine is dropped with the request still in flight, that memory must
     /// never be freed (the kernel may still use it).
-    pub unsafe fn submit(&mut self, req: &BlockRequest<'_>, ctx: C) -> Result<(), SubmitError> {
+    pub(crate) unsafe fn submit(
+        &mut self,
+        req: &BlockRequest<'_>,
+        ctx: C,
+    ) -> Result<(), SubmitError> {
         let index = self.free.pop().ok_or(SubmitError::Busy)?;
         // SAFETY: our caller's promise about `req`'s segments.
         match unsafe { self.table.begin(index, req, ctx) } {
@@ -189,7 +193,7 @@ impl<C> Engine<C> {
     }
 
     /// Hands queued SQEs to the kernel.
-    pub fn submit_pending(&mut self) -> io::Result<()> {
+    pub(crate) fn submit_pending(&mut self) -> io::Result<()> {
         if self.unsubmitted == 0 {
             return Ok(());
         }
@@ -211,7 +215,7 @@ impl<C> Engine<C> {
     }
 
     /// Hands every available completion to `on_complete`; returns how many.
-    pub fn reap(&mut self, mut on_complete: impl FnMut(C, RequestResult)) -> u32 {
+    pub(crate) fn reap(&mut self, mut on_complete: impl FnMut(C, RequestResult)) -> u32 {
         // Completion work the kernel deferred to us (COOP_TASKRUN): run it
         // so its CQEs are posted. One atomic load when there is none.
         if self.ring.submission().taskrun() {
@@ -242,7 +246,7 @@ impl<C> Engine<C> {
     }
 
     /// Blocks until at least one completion is available or `timeout` passes.
-    pub fn wait_for_completion(&mut self, timeout: Duration) -> io::Result<()> {
+    pub(crate) fn wait_for_completion(&mut self, timeout: Duration) -> io::Result<()> {
         if !self.ready.is_empty() || !self.ring.completion().is_empty() {
             return Ok(());
         }
@@ -262,7 +266,7 @@ impl<C> Engine<C> {
 
     /// Waits until nothing is in flight, reaping into `on_complete`, for at
     /// most `timeout`. Returns whether the engine is idle.
-    pub fn drain(
+    pub(crate) fn drain(
         &mut self,
         timeout: Duration,
         mut on_complete: impl FnMut(C, RequestResult),

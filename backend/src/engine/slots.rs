@@ -31,7 +31,7 @@ const BLKDISCARD: libc::c_ulong = 0x1277;
 
 /// What a slot needs from the ring after [`SlotTable::begin`].
 #[derive(Debug)]
-pub enum Prepared {
+pub(crate) enum Prepared {
     /// Push this SQE (after setting its `user_data`); the slot is in flight
     /// until [`SlotTable::finish`] is called with its CQE result.
     Sqe(squeue::Entry),
@@ -51,7 +51,7 @@ pub enum Prepared {
 
 /// Which SQE of a slot completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Half {
+pub(crate) enum Half {
     /// The request on the node (every slot has one).
     Source,
     /// The mirror target's copy of a write ([`Prepared::Mirrored`]).
@@ -109,7 +109,7 @@ const EMPTY_IOVEC: libc::iovec = libc::iovec {
 
 /// How the SQEs of a [`SlotTable`] name its node on the ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeFile {
+pub(crate) enum NodeFile {
     /// Registered at this index of the ring's file table (saves a file
     /// lookup per request; for rings whose table is built once).
     Fixed(u32),
@@ -139,7 +139,7 @@ enum Target {
 }
 
 /// In-flight slots of one queue and the op table that fills them.
-pub struct SlotTable<C> {
+pub(crate) struct SlotTable<C> {
     slots: Box<[Slot<C>]>,
     bounce: BounceRegion,
     node: Arc<Node>,
@@ -171,7 +171,7 @@ impl<C> std::fmt::Debug for SlotTable<C> {
 impl<C> SlotTable<C> {
     /// `depth` slots for `node`, whose descriptor the ring registered at
     /// index `file`.
-    pub fn new(node: Arc<Node>, depth: u16, file: NodeFile) -> io::Result<Self> {
+    pub(crate) fn new(node: Arc<Node>, depth: u16, file: NodeFile) -> io::Result<Self> {
         assert!(depth > 0);
         let depth = usize::from(depth);
         let slots = (0..depth)
@@ -211,28 +211,28 @@ impl<C> SlotTable<C> {
 
     /// Makes the table do the data-path work of the mirror jobs that run on
     /// `binding` (the export's).
-    pub fn with_binding(mut self, binding: Arc<Binding>) -> Self {
+    pub(crate) fn with_binding(mut self, binding: Arc<Binding>) -> Self {
         self.binding = Some(binding);
         self
     }
 
     /// Number of slots.
-    pub fn depth(&self) -> usize {
+    pub(crate) fn depth(&self) -> usize {
         self.slots.len()
     }
 
     /// The node.
-    pub fn node(&self) -> &Arc<Node> {
+    pub(crate) fn node(&self) -> &Arc<Node> {
         &self.node
     }
 
     /// Slots between `begin` and `finish`.
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.in_flight
     }
 
     /// Whether slot `index` is in flight.
-    pub fn is_busy(&self, index: u16) -> bool {
+    pub(crate) fn is_busy(&self, index: u16) -> bool {
         self.slots[usize::from(index)].ctx.is_some()
     }
 
@@ -247,7 +247,7 @@ impl<C> SlotTable<C> {
     /// length, and stay so until [`SlotTable::finish`] of this slot; if the
     /// table is dropped with the slot in flight, that memory must never be
     /// freed. (A null node writes zeroes into a read's segments at once.)
-    pub unsafe fn begin(
+    pub(crate) unsafe fn begin(
         &mut self,
         index: u16,
         req: &BlockRequest<'_>,
@@ -438,7 +438,12 @@ impl<C> SlotTable<C> {
     /// the slot: copies bounce data out, checks the length, settles the
     /// mirror's bookkeeping, and returns the front's context with the
     /// result; the slot is free again. `None` while a half is outstanding.
-    pub fn finish(&mut self, index: u16, half: Half, res: i32) -> Option<(C, RequestResult)> {
+    pub(crate) fn finish(
+        &mut self,
+        index: u16,
+        half: Half,
+        res: i32,
+    ) -> Option<(C, RequestResult)> {
         let slot = &mut self.slots[usize::from(index)];
         match half {
             Half::Source => slot.source_res = res,
@@ -454,7 +459,7 @@ impl<C> SlotTable<C> {
 
     /// Ends slot `index` at once with `-errno`, whatever halves are still
     /// outstanding: for SQEs that never reached the ring.
-    pub fn abort(&mut self, index: u16, errno: i32) -> (C, RequestResult) {
+    pub(crate) fn abort(&mut self, index: u16, errno: i32) -> (C, RequestResult) {
         self.end(index, -errno)
     }
 

@@ -31,7 +31,7 @@ const KIND_NAMES: [&str; KINDS] = ["read", "write", "flush", "discard", "write-z
 
 /// Symbolic names of the errnos a block device or file system answers with;
 /// others are shown as their number.
-pub fn errno_name(errno: i32) -> Option<&'static str> {
+pub(crate) fn errno_name(errno: i32) -> Option<&'static str> {
     Some(match errno {
         libc::EIO => "EIO",
         libc::ENOSPC => "ENOSPC",
@@ -91,7 +91,7 @@ struct KindState {
 
 /// One queue's backing-error reporter (see the module documentation).
 #[derive(Debug)]
-pub struct BackingErrorLog {
+pub(crate) struct BackingErrorLog {
     export: Box<str>,
     queue: usize,
     interval: Duration,
@@ -103,7 +103,7 @@ pub struct BackingErrorLog {
 
 impl BackingErrorLog {
     /// A reporter for queue `queue` of export `export`.
-    pub fn new(export: &str, queue: usize) -> Self {
+    pub(crate) fn new(export: &str, queue: usize) -> Self {
         Self::with_interval(
             export,
             queue,
@@ -112,7 +112,7 @@ impl BackingErrorLog {
     }
 
     /// As [`new`](Self::new), with another summary interval.
-    pub fn with_interval(export: &str, queue: usize, interval: Duration) -> Self {
+    pub(crate) fn with_interval(export: &str, queue: usize, interval: Duration) -> Self {
         BackingErrorLog {
             export: export.into(),
             queue,
@@ -124,7 +124,7 @@ impl BackingErrorLog {
 
     /// Counts a failed backing operation, logging if it is the first of its
     /// kind on `node` or a summary is due.
-    pub fn record(
+    pub(crate) fn record(
         &mut self,
         node: &str,
         op: BlockOp,
@@ -137,7 +137,7 @@ impl BackingErrorLog {
 
     /// [`record`](Self::record) at a given time. Returns whether a line was
     /// logged.
-    pub fn record_at(
+    pub(crate) fn record_at(
         &mut self,
         now: Instant,
         node: &str,
@@ -207,7 +207,7 @@ impl BackingErrorLog {
     }
 
     /// Logs the summary of every kind with uncounted errors.
-    pub fn flush(&mut self, now: Instant) {
+    pub(crate) fn flush(&mut self, now: Instant) {
         for k in 0..KINDS {
             if self.kinds[k].count > 0 {
                 self.summarize(k, now);

@@ -2,9 +2,9 @@
 //! requests on one node. Nothing below `export/` is known to the engine or the
 //! nodes; nothing outside it knows a wire protocol.
 
-pub mod error_log;
-pub mod ublk;
-pub mod vhost_user;
+pub(crate) mod error_log;
+pub(crate) mod ublk;
+pub(crate) mod vhost_user;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -17,10 +17,10 @@ use crate::request::BlockOp;
 
 // The counters' types are control-plane results (api.rs); how they are
 // summed over the queues is here.
-pub use crate::api::{ExportTotals, LatencyPercentiles};
+pub(crate) use crate::api::{ExportTotals, LatencyPercentiles};
 
 /// Starts the export `config` describes on `node`.
-pub fn start_export(
+pub(crate) fn start_export(
     node: Arc<Node>,
     config: &crate::config::ExportConfig,
 ) -> Result<Export, ExportError> {
@@ -59,7 +59,7 @@ pub fn start_export(
 
 /// A running export of either protocol.
 #[derive(Debug)]
-pub enum Export {
+pub(crate) enum Export {
     /// vhost-user-blk over a UNIX socket.
     VhostUser(vhost_user::VhostUserExport),
     /// `/dev/ublkbN` through the kernel's ublk driver.
@@ -68,7 +68,7 @@ pub enum Export {
 
 impl Export {
     /// The export's name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         match self {
             Export::VhostUser(x) => &x.config().name,
             Export::Ublk(x) => &x.config().name,
@@ -76,7 +76,7 @@ impl Export {
     }
 
     /// The node it serves now.
-    pub fn node(&self) -> Arc<Node> {
+    pub(crate) fn node(&self) -> Arc<Node> {
         match self {
             Export::VhostUser(x) => x.node(),
             Export::Ublk(x) => x.node(),
@@ -84,7 +84,7 @@ impl Export {
     }
 
     /// The vhost-user socket it listens on (`None` for ublk).
-    pub fn socket(&self) -> Option<&std::path::Path> {
+    pub(crate) fn socket(&self) -> Option<&std::path::Path> {
         match self {
             Export::VhostUser(x) => Some(&x.config().socket),
             Export::Ublk(_) => None,
@@ -92,7 +92,7 @@ impl Export {
     }
 
     /// The node, mirror tap and pause its queues share.
-    pub fn binding(&self) -> &Arc<crate::binding::Binding> {
+    pub(crate) fn binding(&self) -> &Arc<crate::binding::Binding> {
         match self {
             Export::VhostUser(x) => x.binding(),
             Export::Ublk(x) => x.binding(),
@@ -103,7 +103,7 @@ impl Export {
     /// leaves them in the ring, ublk parks their tags) and nothing is in
     /// flight on the node any more. On timeout the export is resumed and
     /// the busy queues are returned.
-    pub fn pause(&self, timeout: Duration) -> Result<(), Vec<usize>> {
+    pub(crate) fn pause(&self, timeout: Duration) -> Result<(), Vec<usize>> {
         match self {
             Export::VhostUser(x) => x.pause(timeout),
             Export::Ublk(x) => x.pause(timeout),
@@ -113,12 +113,12 @@ impl Export {
     /// Pivot, step two (while paused): requests go to `node` from now on;
     /// each queue moves to it before it starts anything new. The geometry
     /// the consumer sees stays as it was.
-    pub fn switch_node(&self, node: Arc<Node>) {
+    pub(crate) fn switch_node(&self, node: Arc<Node>) {
         self.binding().switch_node(node);
     }
 
     /// Pivot, step three: the queues take new requests again.
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         match self {
             Export::VhostUser(x) => x.resume(),
             Export::Ublk(x) => x.resume(),
@@ -126,7 +126,7 @@ impl Export {
     }
 
     /// Cumulative statistics.
-    pub fn totals(&self) -> ExportTotals {
+    pub(crate) fn totals(&self) -> ExportTotals {
         match self {
             Export::VhostUser(x) => x.totals(),
             Export::Ublk(x) => x.totals(),
@@ -134,7 +134,7 @@ impl Export {
     }
 
     /// Completion latency percentiles.
-    pub fn latency(&self) -> LatencyPercentiles {
+    pub(crate) fn latency(&self) -> LatencyPercentiles {
         match self {
             Export::VhostUser(x) => x.latency(),
             Export::Ublk(x) => x.latency(),
@@ -144,7 +144,7 @@ impl Export {
     /// Drain, first half: new requests fail from now on (vhost-user; ublk
     /// keeps admitting, see [`ublk::UblkExport::drain`]). Cheap and
     /// immediate, so close-all closes every export before it waits on any.
-    pub fn stop_admitting(&self) {
+    pub(crate) fn stop_admitting(&self) {
         match self {
             Export::VhostUser(x) => x.stop_admitting(),
             Export::Ublk(_) => {}
@@ -153,7 +153,7 @@ impl Export {
 
     /// Close-all step 1 (and runtime removal): stop admitting and wait, within
     /// `bounds`, until nothing is in flight. Returns the queues that stayed busy.
-    pub fn drain(&self, bounds: DrainBounds) -> Result<(), Vec<usize>> {
+    pub(crate) fn drain(&self, bounds: DrainBounds) -> Result<(), Vec<usize>> {
         match self {
             Export::VhostUser(x) => x.drain(bounds),
             Export::Ublk(x) => x.drain(bounds.in_flight),
@@ -162,7 +162,7 @@ impl Export {
 
     /// Close-all step 2 (and runtime removal): detach from the consumer and
     /// give the node reference back.
-    pub fn detach(self, timeout: Duration) -> Result<Arc<Node>, ExportError> {
+    pub(crate) fn detach(self, timeout: Duration) -> Result<Arc<Node>, ExportError> {
         match self {
             Export::VhostUser(x) => x.detach(timeout),
             Export::Ublk(x) => x.detach(timeout),
@@ -170,7 +170,7 @@ impl Export {
     }
 
     /// What the ready line, `export_add` and `export_list` say of it.
-    pub fn describe(&self) -> ExportDescription {
+    pub(crate) fn describe(&self) -> ExportDescription {
         let node = self.node();
         let limits = node.limits();
         let (endpoint, queues, queue_depth, read_only) = match self {
@@ -383,7 +383,7 @@ const LATENCY_SUB_BUCKETS: usize = 8;
 const LATENCY_MIN_SHIFT: u32 = 10;
 const LATENCY_OCTAVES: usize = 26;
 /// Number of latency buckets per queue.
-pub const LATENCY_BUCKETS: usize = LATENCY_OCTAVES * LATENCY_SUB_BUCKETS + 1;
+pub(crate) const LATENCY_BUCKETS: usize = LATENCY_OCTAVES * LATENCY_SUB_BUCKETS + 1;
 
 fn latency_bucket(ns: u64) -> usize {
     let ns = ns.max(1 << LATENCY_MIN_SHIFT);
@@ -452,7 +452,7 @@ impl ExportTotals {
 }
 
 /// Waits until `q` has nothing in flight, for at most `timeout`.
-pub fn wait_idle(q: &QueueShared, timeout: std::time::Duration) -> bool {
+pub(crate) fn wait_idle(q: &QueueShared, timeout: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + timeout;
     while q.in_flight.load(Ordering::Relaxed) > 0 {
         if std::time::Instant::now() >= deadline {

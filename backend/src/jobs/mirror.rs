@@ -26,15 +26,15 @@ use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
 /// Default copy chunk: also the dirty-bitmap granularity. Small, because a
 /// 4 KiB guest write dirties a whole chunk and costs a whole chunk's copy.
-pub const MIRROR_CHUNK_BYTES: u64 = 64 << 10;
+pub(crate) const MIRROR_CHUNK_BYTES: u64 = 64 << 10;
 /// Default number of chunk copies in flight.
-pub const MIRROR_MAX_IN_FLIGHT: u16 = 16;
+pub(crate) const MIRROR_MAX_IN_FLIGHT: u16 = 16;
 /// Largest accepted chunk.
-pub const MIRROR_MAX_CHUNK_BYTES: u64 = 16 << 20;
+pub(super) const MIRROR_MAX_CHUNK_BYTES: u64 = 16 << 20;
 /// Most chunk copies in flight accepted.
-pub const MIRROR_MAX_IN_FLIGHT_LIMIT: u16 = 64;
+pub(super) const MIRROR_MAX_IN_FLIGHT_LIMIT: u16 = 64;
 /// How long an idle copier sleeps before it looks for new dirty chunks.
-pub const MIRROR_IDLE_POLL_MS: u64 = 2;
+pub(super) const MIRROR_IDLE_POLL_MS: u64 = 2;
 
 #[derive(Debug, Default)]
 struct Shared {
@@ -147,7 +147,7 @@ pub enum CopyError {
 
 /// A running mirror job.
 #[derive(Debug)]
-pub struct MirrorJob {
+pub(crate) struct MirrorJob {
     id: String,
     source: Arc<Node>,
     target: Arc<Node>,
@@ -163,7 +163,7 @@ impl MirrorJob {
     /// [`MirrorJob::start_copier`], so that the caller can hook the bitmap
     /// into the source's exports first (a modification that lands before the
     /// hook and after a chunk's copy would otherwise be missed).
-    pub fn new(
+    pub(crate) fn new(
         id: &str,
         source: Arc<Node>,
         target: Arc<Node>,
@@ -210,7 +210,7 @@ impl MirrorJob {
     }
 
     /// Starts the background copy.
-    pub fn start_copier(&mut self) -> Result<(), JobError> {
+    pub(crate) fn start_copier(&mut self) -> Result<(), JobError> {
         let (chunk_bytes, max_in_flight) = (self.chunk_bytes, self.max_in_flight);
         let (source, target, tap, shared) = (
             self.source.clone(),
@@ -246,32 +246,32 @@ impl MirrorJob {
     }
 
     /// Job id.
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         &self.id
     }
 
     /// Source node.
-    pub fn source(&self) -> &Arc<Node> {
+    pub(crate) fn source(&self) -> &Arc<Node> {
         &self.source
     }
 
     /// Target node.
-    pub fn target(&self) -> &Arc<Node> {
+    pub(crate) fn target(&self) -> &Arc<Node> {
         &self.target
     }
 
     /// What the source's exports share with the job.
-    pub fn tap(&self) -> &Arc<MirrorTap> {
+    pub(crate) fn tap(&self) -> &Arc<MirrorTap> {
         &self.tap
     }
 
     /// Whether source and target have been in sync.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.shared.ready.load(Ordering::Acquire)
     }
 
     /// Current status.
-    pub fn status(&self) -> JobStatus {
+    pub(crate) fn status(&self) -> JobStatus {
         let total = self.source.limits().capacity_bytes;
         let pending = (self.tap.bitmap().dirty() as u64
             + self.shared.in_flight_chunks.load(Ordering::Relaxed))
@@ -320,7 +320,7 @@ impl MirrorJob {
 
     /// Completion, once nothing writes the source any more (its exports are
     /// paused): copies every chunk still dirty and flushes the target.
-    pub fn finish_copy(&mut self) -> Result<(), JobError> {
+    pub(crate) fn finish_copy(&mut self) -> Result<(), JobError> {
         if !self.stop_copier(Instant::now() + Duration::from_millis(COPIER_STOP_TIMEOUT_MS)) {
             return Err(JobError::CopierStuck {
                 id: self.id.clone(),
@@ -352,7 +352,7 @@ impl MirrorJob {
 
     /// Cancellation: stop copying and flush what reached the target, both
     /// by `deadline`.
-    pub fn cancel(&mut self, deadline: Instant) -> Result<(), JobError> {
+    pub(crate) fn cancel(&mut self, deadline: Instant) -> Result<(), JobError> {
         let started = Instant::now();
         if !self.stop_copier(deadline) {
             return Err(JobError::CopierStuck {

@@ -2,5 +2,5 @@
 
 mod mirror;
 
-pub use crate::api::JobStatus;
-pub use mirror::{JobError, MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT};
+pub(crate) use crate::api::JobStatus;
+pub(crate) use mirror::{JobError, MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT};

@@ -203,7 +203,7 @@ pub fn parse_call(method: &str, p: Value, cwd: &Path) -> Result<Call, RpcError> 
 }
 
 /// Runs a parsed call on the daemon.
-pub fn run(
+pub(super) fn run(
     call: Call,
     daemon: &Daemon,
     stop: &mpsc::Sender<StopRequest>,
@@ -253,7 +253,7 @@ pub fn run(
 
 /// Runs `method`: [`parse_call`] in the daemon's working directory, then
 /// [`run`].
-pub fn call(
+pub(super) fn call(
     method: &str,
     p: Value,
     daemon: &Daemon,

@@ -30,12 +30,12 @@ use crate::node::Node;
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
 /// The ublk control device.
-pub const UBLK_CONTROL: &str = "/dev/ublk-control";
+pub(crate) const UBLK_CONTROL: &str = "/dev/ublk-control";
 /// Largest I/O the device takes in one request (`max_sectors`); also the size
 /// of each tag's buffer.
-pub const UBLK_MAX_IO_BYTES: u32 = 1 << 20;
+pub(crate) const UBLK_MAX_IO_BYTES: u32 = 1 << 20;
 /// How long start-up waits for the device to appear.
-pub const UBLK_START_TIMEOUT_MS: u64 = 30_000;
+pub(crate) const UBLK_START_TIMEOUT_MS: u64 = 30_000;
 /// How the queue ring's SQEs name the node: by descriptor, not as a
 /// registered file, since libublk's FETCH commands stay pending on that ring
 /// and would keep a replaced file registered (see [`NodeFile::Descriptor`]).
@@ -43,7 +43,7 @@ const NODE_FILE: NodeFile = NodeFile::Descriptor;
 
 /// How one ublk export is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UblkConfig {
+pub(crate) struct UblkConfig {
     /// Export name.
     pub name: String,
     /// Device id to ask for; `None` lets the driver choose.
@@ -57,7 +57,7 @@ pub struct UblkConfig {
 }
 
 /// A running ublk export.
-pub struct UblkExport {
+pub(crate) struct UblkExport {
     config: UblkConfig,
     ctrl: Arc<UblkCtrl>,
     dev_id: u32,
@@ -169,7 +169,7 @@ impl UblkFailure {
 
 /// Checks that the ublk driver is there and answers, before anything is
 /// created.
-pub fn probe_driver() -> Result<u64, UblkFailure> {
+pub(crate) fn probe_driver() -> Result<u64, UblkFailure> {
     if !Path::new(UBLK_CONTROL).exists() {
         return Err(UblkFailure::NoDriver);
     }
@@ -189,7 +189,7 @@ fn ensure_ctrl_ring() -> Result<(), UblkFailure> {
 }
 
 /// ublk devices that exist now (ids of `/sys/class/ublk-char/ublkcN`).
-pub fn existing_devices() -> Vec<u32> {
+pub(crate) fn existing_devices() -> Vec<u32> {
     let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
         .into_iter()
         .flatten()
@@ -202,7 +202,7 @@ pub fn existing_devices() -> Vec<u32> {
 
 impl UblkExport {
     /// Creates and starts the device; returns once `/dev/ublkbN` exists.
-    pub fn start(node: Arc<Node>, config: UblkConfig) -> Result<Self, ExportError> {
+    pub(crate) fn start(node: Arc<Node>, config: UblkConfig) -> Result<Self, ExportError> {
         let features = probe_driver().map_err(|e| e.of(&config))?;
         ensure_ctrl_ring().map_err(|e| e.of(&config))?;
         tracing::debug!(export = %config.name, "ublk driver features {features:#x}");
@@ -314,17 +314,17 @@ impl UblkExport {
     }
 
     /// The export's configuration.
-    pub fn config(&self) -> &UblkConfig {
+    pub(crate) fn config(&self) -> &UblkConfig {
         &self.config
     }
 
     /// The node it serves now.
-    pub fn node(&self) -> Arc<Node> {
+    pub(crate) fn node(&self) -> Arc<Node> {
         self.shared.binding.node()
     }
 
     /// The node, mirror tap and pause its queues share.
-    pub fn binding(&self) -> &Arc<Binding> {
+    pub(crate) fn binding(&self) -> &Arc<Binding> {
         &self.shared.binding
     }
 
@@ -332,7 +332,7 @@ impl UblkExport {
     /// waiting); waits until every queue has acknowledged the pause and
     /// nothing is in flight on the node. On timeout the export is resumed
     /// and the busy queues are returned.
-    pub fn pause(&self, timeout: Duration) -> Result<(), Vec<usize>> {
+    pub(crate) fn pause(&self, timeout: Duration) -> Result<(), Vec<usize>> {
         let deadline = Instant::now() + timeout;
         let generation = self.shared.binding.pause();
         self.shared.wake_all();
@@ -357,40 +357,40 @@ impl UblkExport {
 
     /// Pivot, step three: queues start the requests they parked, on the
     /// binding's node (which they switch to first).
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         self.shared.binding.resume();
         self.shared.wake_all();
     }
 
     /// The device id.
-    pub fn dev_id(&self) -> u32 {
+    pub(crate) fn dev_id(&self) -> u32 {
         self.dev_id
     }
 
     /// `/dev/ublkbN`.
-    pub fn bdev_path(&self) -> PathBuf {
+    pub(crate) fn bdev_path(&self) -> PathBuf {
         PathBuf::from(format!("/dev/ublkb{}", self.dev_id))
     }
 
     /// Whether writes are refused.
-    pub fn read_only(&self) -> bool {
+    pub(crate) fn read_only(&self) -> bool {
         self.config.read_only || self.node().read_only()
     }
 
     /// Cumulative statistics.
-    pub fn totals(&self) -> ExportTotals {
+    pub(crate) fn totals(&self) -> ExportTotals {
         ExportTotals::of(&self.shared.queues)
     }
 
     /// Completion latency percentiles.
-    pub fn latency(&self) -> LatencyPercentiles {
+    pub(crate) fn latency(&self) -> LatencyPercentiles {
         LatencyPercentiles::of(&self.shared.queues)
     }
 
     /// Drain: wait until nothing is in flight. Admission stays open: the
     /// kernel's own quiesce at stop (and its final flush) must still be
     /// served. Returns the queues that stayed busy.
-    pub fn drain(&self, timeout: Duration) -> Result<(), Vec<usize>> {
+    pub(crate) fn drain(&self, timeout: Duration) -> Result<(), Vec<usize>> {
         let deadline = std::time::Instant::now() + timeout;
         let stuck: Vec<usize> = self
             .shared
@@ -415,7 +415,7 @@ impl UblkExport {
     /// Detach: stop the device while its queues are still served (the
     /// kernel finishes in-flight I/O and the final flush through us), wait
     /// for the queue threads, then delete the device.
-    pub fn detach(mut self, timeout: Duration) -> Result<Arc<Node>, ExportError> {
+    pub(crate) fn detach(mut self, timeout: Duration) -> Result<Arc<Node>, ExportError> {
         let deadline = std::time::Instant::now() + timeout;
         // STOP_DEV waits in the kernel for in-flight I/O, which our queues
         // serve meanwhile; a device that never finishes must not hang us.

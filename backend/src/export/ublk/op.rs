@@ -6,17 +6,17 @@ use libublk::sys;
 use crate::request::BlockOp;
 
 /// ublk counts in 512-byte sectors whatever the block size.
-pub const SECTOR_BYTES: u64 = 512;
+pub(crate) const SECTOR_BYTES: u64 = 512;
 
 /// `UBLK_IO_F_FUA`: an absolute bit of `op_flags` (bit 13).
-pub const UBLK_IO_F_FUA: u32 = sys::UBLK_IO_F_FUA;
+pub(crate) const UBLK_IO_F_FUA: u32 = sys::UBLK_IO_F_FUA;
 /// `UBLK_IO_F_NOUNMAP`: an absolute bit of `op_flags` (bit 15). Testing it
 /// after shifting `op_flags` right by 8 reads the wrong bit.
-pub const UBLK_IO_F_NOUNMAP: u32 = sys::UBLK_IO_F_NOUNMAP;
+pub(crate) const UBLK_IO_F_NOUNMAP: u32 = sys::UBLK_IO_F_NOUNMAP;
 
 /// What a ublk queue checks an io descriptor against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IoLimits {
+pub(crate) struct IoLimits {
     /// Size of the device.
     pub capacity_bytes: u64,
     /// Largest data transfer of one request (the queue's io buffer).
@@ -27,7 +27,7 @@ pub struct IoLimits {
 
 /// An io descriptor that passed every check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CheckedIo {
+pub(crate) struct CheckedIo {
     /// The operation.
     pub op: BlockOp,
     /// Start on the node.
@@ -38,7 +38,7 @@ pub struct CheckedIo {
 
 /// Why an io descriptor is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IoRefusal {
+pub(crate) enum IoRefusal {
     /// The op code is not one we serve: answer `EOPNOTSUPP`.
     UnknownOp(u8),
     /// A known op outside the device's range or limits, or a modification
@@ -51,7 +51,7 @@ pub enum IoRefusal {
 /// its offset and length are 0),
 /// data ops must fit the io buffer, and read-only devices take no
 /// modifications. Pure, so the fuzzer drives it without a kernel.
-pub fn check_io(
+pub(crate) fn check_io(
     op_flags: u32,
     start_sector: u64,
     nr_sectors: u32,
@@ -90,7 +90,7 @@ pub fn check_io(
 
 /// The operation an `op_flags` word asks for: bits 0-7 are the op, the rest
 /// are flags at their absolute positions. Unknown ops return `Err(op)`.
-pub fn decode_op(op_flags: u32) -> Result<BlockOp, u8> {
+pub(crate) fn decode_op(op_flags: u32) -> Result<BlockOp, u8> {
     let op = (op_flags & 0xff) as u8;
     match u32::from(op) {
         sys::UBLK_IO_OP_READ => Ok(BlockOp::Read),

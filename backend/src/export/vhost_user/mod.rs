@@ -9,7 +9,7 @@
 //! its own requests with it, and a new one (a restarted QEMU) starts clean.
 
 mod queue;
-pub mod virtio_blk;
+pub(crate) mod virtio_blk;
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};

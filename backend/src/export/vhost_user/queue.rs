@@ -26,7 +26,7 @@ use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
 /// What the engine carries for each in-flight virtio request.
 #[derive(Debug, Clone)]
-pub struct VirtioCtx {
+pub(super) struct VirtioCtx {
     head: u16,
     status_addr: GuestAddress,
     used_len_ok: u32,
@@ -40,7 +40,7 @@ pub struct VirtioCtx {
 
 /// State every queue of one export shares.
 #[derive(Debug)]
-pub struct ExportShared {
+pub(super) struct ExportShared {
     /// New requests are admitted; once cleared they fail with IOERR.
     pub admitting: AtomicBool,
     /// The node, the mirror tap and the pause: a paused queue leaves new
@@ -70,7 +70,7 @@ impl ExportShared {
     /// queue whose worker cannot be locked by `deadline` is stuck (its
     /// thread blocked in the kernel, e.g. submitting to a file system that
     /// does not answer): `Err` lists those queues.
-    pub fn in_flight_exact(&self, deadline: Instant) -> Option<Result<u32, Vec<usize>>> {
+    pub(super) fn in_flight_exact(&self, deadline: Instant) -> Option<Result<u32, Vec<usize>>> {
         let workers = self.workers.lock().unwrap().as_ref()?.upgrade()?;
         let mut total = 0;
         let mut stuck = Vec::new();
@@ -114,7 +114,7 @@ impl ExportShared {
     }
 
     /// Wakes every queue of the current connection.
-    pub fn wake_all(&self) {
+    pub(super) fn wake_all(&self) {
         for w in self.wakers.lock().unwrap().iter() {
             let _ = w.write(1);
         }
@@ -122,7 +122,7 @@ impl ExportShared {
 }
 
 /// The queue thread's own state. Only the queue's worker thread touches it.
-pub struct QueueWorker {
+pub(super) struct QueueWorker {
     engine: Engine<VirtioCtx>,
     /// The eventfd the engine posts completions to, watched by this queue's
     /// worker; kept across engine rebuilds.
@@ -161,7 +161,7 @@ unsafe impl Send for QueueWorker {}
 
 impl QueueWorker {
     /// A worker for queue `index` of an export.
-    pub fn new(
+    pub(super) fn new(
         engine: Engine<VirtioCtx>,
         completion_event: EventFd,
         geometry: Geometry,
@@ -197,7 +197,7 @@ impl QueueWorker {
     }
 
     /// The completion eventfd to watch.
-    pub fn completion_fd(&self) -> std::os::fd::RawFd {
+    pub(super) fn completion_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.completion_event.as_raw_fd()
     }
@@ -246,7 +246,11 @@ impl QueueWorker {
 
     /// Handles a wake-up (vring kick or completions): works until the queue
     /// has been idle for the polling window, then arms notifications.
-    pub fn run(&mut self, vring: &VringRwLock, atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
+    pub(super) fn run(
+        &mut self,
+        vring: &VringRwLock,
+        atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) {
         self.engine.clear_completion_event();
         // A plain load first: the flag is almost never set, and an atomic
         // read-modify-write per wake-up would cost the request path.

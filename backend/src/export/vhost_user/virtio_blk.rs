@@ -15,22 +15,22 @@ use crate::node::NodeLimits;
 use crate::request::{BlockOp, RequestError};
 
 /// virtio-blk counts in 512-byte sectors whatever the block size.
-pub const SECTOR_BYTES: u64 = 512;
+pub(crate) const SECTOR_BYTES: u64 = 512;
 /// `struct virtio_blk_outhdr`: type, ioprio, sector.
-pub const HEADER_BYTES: usize = 16;
+pub(crate) const HEADER_BYTES: usize = 16;
 /// `struct virtio_blk_discard_write_zeroes`: sector, num_sectors, flags.
-pub const DISCARD_SEGMENT_BYTES: usize = 16;
+pub(crate) const DISCARD_SEGMENT_BYTES: usize = 16;
 
 /// Status byte values.
-pub const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+pub(crate) const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
 /// The request failed.
-pub const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+pub(crate) const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 /// The request type or a flag is not supported.
-pub const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+pub(crate) const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// What an export advertises and validates against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
+pub(crate) struct Geometry {
     /// Node limits (capacity, block sizes, discard...).
     pub limits: NodeLimits,
     /// Writes, discards and write-zeroes are refused.
@@ -61,7 +61,7 @@ impl Geometry {
     }
 
     /// The virtio feature bits this export offers.
-    pub fn features(&self) -> u64 {
+    pub(crate) fn features(&self) -> u64 {
         let mut f = 1u64 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
@@ -86,7 +86,7 @@ impl Geometry {
 
     /// The config space (`struct virtio_blk_config`, little endian) up to
     /// the write-zeroes fields; later fields (secure erase, zoned) read as 0.
-    pub fn config_space(&self) -> Vec<u8> {
+    pub(crate) fn config_space(&self) -> Vec<u8> {
         let l = &self.limits;
         let mut b = vec![0u8; std::mem::size_of::<virtio_blk_config>()];
         let mut put = |off: usize, bytes: &[u8]| b[off..off + bytes.len()].copy_from_slice(bytes);
@@ -162,7 +162,7 @@ fn sectors_u32(bytes: u64) -> u32 {
 
 /// What a chain asks for, after validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     /// A block operation; data segments (if any) are in the caller's iovecs.
     Block {
         /// The operation.
@@ -185,7 +185,7 @@ pub enum Command {
 
 /// A decoded chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Decoded {
+pub(crate) struct Decoded {
     /// Guest address of the status byte; `None` when the chain has no usable
     /// one (then the chain is returned unanswered).
     pub status_addr: Option<GuestAddress>,
@@ -206,7 +206,7 @@ struct Seg {
 
 /// Decodes one descriptor chain. Data buffers are translated into host
 /// iovecs in `iovecs`; everything is bounds- and direction-checked.
-pub fn decode(
+pub(crate) fn decode(
     descriptors: impl Iterator<Item = Descriptor>,
     mem: &GuestMemoryMmap,
     geo: &Geometry,
@@ -503,7 +503,7 @@ fn translate(
 }
 
 /// The one place a request result becomes a virtio-blk status.
-pub fn status_of(result: Result<(), RequestError>) -> u8 {
+pub(crate) fn status_of(result: Result<(), RequestError>) -> u8 {
     match result {
         Ok(()) => STATUS_OK,
         Err(RequestError::Unsupported) => STATUS_UNSUPP,
