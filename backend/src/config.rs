@@ -11,7 +11,6 @@ use crate::limits::{
     DEFAULT_POLL_WINDOW_US, DEFAULT_QUEUES, DEFAULT_QUEUE_DEPTH, MAX_POLL_WINDOW_US, MAX_QUEUES,
     MAX_QUEUE_DEPTH,
 };
-use crate::monitor::default_control_path;
 use crate::node::{DiskSpec, SpecError};
 use crate::size::{parse_size_bytes, SizeError};
 use crate::unix_socket::path_key;
@@ -80,6 +79,18 @@ pub enum ExportKind {
         /// Device id to ask for; `None` lets the driver choose.
         id: Option<u32>,
     },
+}
+
+/// The default control socket: `$RUNTIME_DIRECTORY`, else
+/// `$XDG_RUNTIME_DIR/sluice`, else `/run/sluice`, then `control.sock`.
+pub fn default_control_path() -> PathBuf {
+    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
+        return Path::new(&dir).join("control.sock");
+    }
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run"));
+    base.join("sluice").join("control.sock")
 }
 
 /// Why a configuration was refused: one variant per refusal, each message

@@ -9,11 +9,12 @@ use std::time::Duration;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::config::default_control_path;
 use crate::config::ServeConfig;
 use crate::daemon::Daemon;
 use crate::export::vhost_user::VhostUserExport;
 use crate::limits::CLOSE_ALL_TIMEOUT_MS;
-use crate::monitor::{default_control_path, Monitor, StopRequest};
+use crate::monitor::{Monitor, StopRequest};
 
 /// Runs `sluice serve` until SIGINT/SIGTERM or the monitor's `shutdown`.
 /// Returns the process exit code.

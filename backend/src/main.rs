@@ -411,7 +411,7 @@ fn ctl(args: CtlArgs) -> ExitCode {
     let path = args
         .control
         .clone()
-        .unwrap_or_else(sluice::monitor::default_control_path);
+        .unwrap_or_else(sluice::config::default_control_path);
     let wait_for = match &args.command {
         CtlCommand::Mirror { wait: true, .. } => Some(None),
         CtlCommand::JobStatus { id, wait: true } => Some(Some(id.clone())),

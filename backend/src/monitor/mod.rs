@@ -46,18 +46,6 @@ pub const CONTROL_WRITE_TIMEOUT_MS: u64 = 10_000;
 /// Mode of the control socket: owner only.
 pub const CONTROL_SOCKET_MODE: u32 = 0o600;
 
-/// The default control socket: `$RUNTIME_DIRECTORY`, else
-/// `$XDG_RUNTIME_DIR/sluice`, else `/run/sluice`, then `control.sock`.
-pub fn default_control_path() -> PathBuf {
-    if let Some(dir) = std::env::var_os("RUNTIME_DIRECTORY") {
-        return Path::new(&dir).join("control.sock");
-    }
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/run"));
-    base.join("sluice").join("control.sock")
-}
-
 /// Why the control socket could not be served. Each message names the
 /// socket (or the setting) and what to pass instead.
 #[derive(Debug, thiserror::Error)]
