@@ -26,6 +26,7 @@ pub mod compare;
 pub mod hist;
 pub mod parse;
 
+use std::io;
 use std::mem::MaybeUninit;
 use std::path::PathBuf;
 use std::sync::mpsc;
@@ -90,7 +91,7 @@ impl Rw {
     }
 
     /// Parses a fio-style name (`readwrite` is accepted for `rw`).
-    pub fn parse(s: &str) -> Result<Rw, String> {
+    pub fn parse(s: &str) -> Result<Rw, BenchError> {
         Ok(match s {
             "read" => Rw::Read,
             "write" => Rw::Write,
@@ -98,11 +99,7 @@ impl Rw {
             "randwrite" => Rw::RandWrite,
             "rw" | "readwrite" => Rw::ReadWrite,
             "randrw" => Rw::RandRw,
-            _ => {
-                return Err(format!(
-                    "unknown pattern {s:?} (read, write, randread, randwrite, rw, randrw)"
-                ))
-            }
+            _ => return Err(BenchError::UnknownPattern(s.into())),
         })
     }
 
@@ -171,35 +168,32 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), BenchError> {
         if self.bs == 0 || self.bs % 512 != 0 {
-            return Err(format!("block size {} is not a multiple of 512", self.bs));
+            return Err(BenchError::BlockSizeNotSectors(self.bs));
         }
-        if self.bs > 64 << 20 {
-            return Err(format!("block size {} is above 64 MiB", self.bs));
+        if self.bs > MAX_BS {
+            return Err(BenchError::BlockSizeTooLarge(self.bs));
         }
         if self.iodepth == 0 || self.queues == 0 {
-            return Err("iodepth and queues must be at least 1".into());
+            return Err(BenchError::NoDepthOrQueues);
         }
         if self.runtime.is_zero() {
-            return Err("runtime must be above 0".into());
+            return Err(BenchError::ZeroRuntime);
         }
         if self.io_timeout.is_zero() {
-            return Err("io timeout must be above 0".into());
+            return Err(BenchError::ZeroIoTimeout);
         }
         if self.rwmixread > 100 {
-            return Err(format!("rwmixread {} is above 100", self.rwmixread));
+            return Err(BenchError::RwMixRead(self.rwmixread));
         }
         if self.poll && self.driver != Driver::VhostUser {
-            return Err("polling (libblkio poll queues) is for the vhost-user driver only".into());
+            return Err(BenchError::PollNeedsVhostUser);
         }
         if self.driver == Driver::VhostUser && 3 * self.iodepth > MAX_VRING {
-            return Err(format!(
-                "iodepth {} needs a vring of {} entries (3 descriptors per request); \
-                 libblkio allows at most {MAX_VRING}",
-                self.iodepth,
-                (3 * self.iodepth).next_power_of_two()
-            ));
+            return Err(BenchError::DepthAboveVring {
+                iodepth: self.iodepth,
+            });
         }
         Ok(())
     }
@@ -207,6 +201,9 @@ impl Config {
 
 /// libblkio's largest virtio-blk `queue-size`.
 const MAX_VRING: usize = 32768;
+
+/// The largest block size a run takes.
+const MAX_BS: usize = 64 << 20;
 
 /// Latency summary in nanoseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -330,13 +327,235 @@ impl Report {
     }
 }
 
-fn blkio_err(what: &str, e: &blkio::Error) -> String {
-    let errno = std::io::Error::from_raw_os_error(e.errno().raw_os_error());
+/// Why a run failed: a setting that cannot work, a libblkio step that failed (named, with
+/// libblkio's error as the source), or a request, wait or queue thread that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// An access pattern that is not one of fio's names.
+    #[error("unknown pattern {0:?} (read, write, randread, randwrite, rw, randrw)")]
+    UnknownPattern(String),
+    /// A block size that is not a positive multiple of 512.
+    #[error("block size {0} is not a multiple of 512")]
+    BlockSizeNotSectors(usize),
+    /// A block size above the 64 MiB a run takes.
+    #[error("block size {0} is above 64 MiB")]
+    BlockSizeTooLarge(usize),
+    /// A depth or a queue count of 0.
+    #[error("iodepth and queues must be at least 1")]
+    NoDepthOrQueues,
+    /// A measured time of 0.
+    #[error("runtime must be above 0")]
+    ZeroRuntime,
+    /// An I/O timeout of 0.
+    #[error("io timeout must be above 0")]
+    ZeroIoTimeout,
+    /// A read share above 100 percent.
+    #[error("rwmixread {0} is above 100")]
+    RwMixRead(u8),
+    /// Poll queues asked for with a driver other than vhost-user.
+    #[error("polling (libblkio poll queues) is for the vhost-user driver only")]
+    PollNeedsVhostUser,
+    /// A depth whose requests do not fit in libblkio's largest vring.
+    #[error(
+        "iodepth {iodepth} needs a vring of {ring} entries (3 descriptors per request); \
+         libblkio allows at most {MAX_VRING}",
+        ring = (3 * .iodepth).next_power_of_two()
+    )]
+    DepthAboveVring {
+        /// Requests in flight per queue.
+        iodepth: usize,
+    },
+    /// A path libblkio cannot take (its properties are C strings).
+    #[error("path {} is not UTF-8", .0.display())]
+    PathNotUtf8(PathBuf),
+    /// libblkio could not make an instance of the driver.
+    #[error("blkio new: {}", blkio_detail(.source))]
+    Create {
+        /// libblkio's error.
+        #[source]
+        source: blkio::Error,
+    },
+    /// Setting or reading a libblkio property failed.
+    #[error("{what}: {}", blkio_detail(.source))]
+    Property {
+        /// The step, e.g. `set queue-size 32` or `get capacity`.
+        what: String,
+        /// libblkio's error.
+        #[source]
+        source: blkio::Error,
+    },
+    /// libblkio could not connect to the socket or open the file.
+    #[error("connect to {}: {}", path.display(), blkio_detail(.source))]
+    Connect {
+        /// The socket (vhost-user) or file (io_uring).
+        path: PathBuf,
+        /// libblkio's error.
+        #[source]
+        source: blkio::Error,
+    },
+    /// libblkio could not start the device's queues.
+    #[error("start: {}", blkio_detail(.source))]
+    Start {
+        /// libblkio's error.
+        #[source]
+        source: blkio::Error,
+    },
+    /// libblkio could not allocate the request buffers' memory region.
+    #[error("alloc_mem_region {len}: {}", blkio_detail(.source))]
+    AllocRegion {
+        /// The region's size in bytes.
+        len: usize,
+        /// libblkio's error.
+        #[source]
+        source: blkio::Error,
+    },
+    /// libblkio could not map the memory region for the device.
+    #[error("map_mem_region: {}", blkio_detail(.source))]
+    MapRegion {
+        /// libblkio's error.
+        #[source]
+        source: blkio::Error,
+    },
+    /// More queues than libblkio's property (an `i32`) takes.
+    #[error("too many queues")]
+    TooManyQueues(usize),
+    /// A depth whose io_uring ring size does not fit libblkio's property (an `i32`).
+    #[error("iodepth too large")]
+    DepthTooLarge(usize),
+    /// libblkio started another number of queues than asked for.
+    #[error("asked for {asked} queues, libblkio started {started}")]
+    QueueCount {
+        /// The queues asked for.
+        asked: usize,
+        /// The queues started.
+        started: usize,
+    },
+    /// The block size does not suit the device.
+    #[error("block size {bs} is not a multiple of the device's request alignment {alignment}")]
+    RequestAlignment {
+        /// The block size.
+        bs: usize,
+        /// The device's request alignment.
+        alignment: usize,
+    },
+    /// The thread that runs the connect handshake could not be made.
+    #[error("spawning the connect thread: {0}")]
+    SpawnConnect(#[source] io::Error),
+    /// The connect handshake did not finish within the I/O timeout.
+    #[error("{driver} {}: no answer within {timeout:?} while connecting", path.display())]
+    ConnectTimeout {
+        /// The driver's name.
+        driver: &'static str,
+        /// The socket or file.
+        path: PathBuf,
+        /// The I/O timeout.
+        timeout: Duration,
+    },
+    /// The thread that ran the connect handshake panicked.
+    #[error("connect thread panicked")]
+    ConnectPanicked,
+    /// A CPU that a `cpu_set_t` cannot hold.
+    #[error("CPU {0} is beyond CPU_SETSIZE")]
+    CpuBeyondSetSize(usize),
+    /// `sched_setaffinity` refused the CPU (offline, or outside this process's cpuset).
+    #[error("pinning a queue thread to CPU {cpu}: {source}")]
+    Pin {
+        /// The CPU.
+        cpu: usize,
+        /// The error from `sched_setaffinity(2)`.
+        #[source]
+        source: io::Error,
+    },
+    /// No request completed within the I/O timeout: the backend is dead or stuck.
+    #[error(
+        "queue {queue}: no completion within {timeout:?} with {in_flight} request(s) in \
+         flight: is the backend alive?: {}",
+        blkio_detail(.source)
+    )]
+    NoCompletion {
+        /// The queue.
+        queue: usize,
+        /// The I/O timeout.
+        timeout: Duration,
+        /// Requests in flight on the queue.
+        in_flight: usize,
+        /// libblkio's error.
+        #[source]
+        source: blkio::Error,
+    },
+    /// Waiting for completions failed otherwise.
+    #[error("queue {queue}: do_io with {in_flight} in flight: {}", blkio_detail(.source))]
+    DoIo {
+        /// The queue.
+        queue: usize,
+        /// Requests in flight on the queue.
+        in_flight: usize,
+        /// libblkio's error.
+        #[source]
+        source: blkio::Error,
+    },
+    /// A completion for a request this queue did not submit.
+    #[error("queue {queue}: completion with bad user_data {user_data}")]
+    BadUserData {
+        /// The queue.
+        queue: usize,
+        /// The completion's `user_data`.
+        user_data: usize,
+    },
+    /// The device failed a request.
+    #[error("queue {queue}: {op} failed: {source} ({ret})")]
+    Request {
+        /// The queue.
+        queue: usize,
+        /// `read` or `write`.
+        op: &'static str,
+        /// The completion's return value (a negative errno).
+        ret: i32,
+        /// The errno as an error.
+        #[source]
+        source: io::Error,
+    },
+    /// The device (or its `--size` part) has fewer blocks than there are queues.
+    #[error(
+        "the device ({span} bytes used of {capacity}) holds {blocks} blocks of {bs}: \
+         fewer than the {queues} queues"
+    )]
+    TooFewBlocks {
+        /// The bytes the run would use.
+        span: u64,
+        /// The device's capacity.
+        capacity: u64,
+        /// Blocks of `bs` in `span`.
+        blocks: u64,
+        /// The block size.
+        bs: u64,
+        /// The queues.
+        queues: usize,
+    },
+    /// A queue thread could not be made.
+    #[error("spawning a queue thread: {0}")]
+    SpawnQueue(#[source] io::Error),
+    /// A queue thread panicked.
+    #[error("a queue thread panicked")]
+    QueuePanicked,
+}
+
+impl BenchError {
+    /// A `map_err` for a libblkio property step: `set path`, `get capacity`.
+    fn property(what: impl Into<String>) -> impl FnOnce(blkio::Error) -> BenchError {
+        let what = what.into();
+        move |source| BenchError::Property { what, source }
+    }
+}
+
+/// libblkio's message, with the errno's text unless the message has it already.
+fn blkio_detail(e: &blkio::Error) -> String {
     // libblkio's message often is the errno text already ("… (os error 2)").
     if e.message().contains("os error") {
-        format!("{what}: {}", e.message())
+        e.message().to_owned()
     } else {
-        format!("{what}: {} ({errno})", e.message())
+        let errno = io::Error::from_raw_os_error(e.errno().raw_os_error());
+        format!("{} ({errno})", e.message())
     }
 }
 
@@ -352,26 +571,28 @@ struct Session {
     slot_bytes: usize,
 }
 
-fn open(cfg: &Config) -> Result<Session, String> {
+fn open(cfg: &Config) -> Result<Session, BenchError> {
     let path = cfg
         .path
         .to_str()
-        .ok_or_else(|| format!("path {} is not UTF-8", cfg.path.display()))?
-        .to_owned();
-    let mut b = Blkio::new(cfg.driver.blkio_name()).map_err(|e| blkio_err("blkio new", &e))?;
-    b.set_str("path", &path)
-        .map_err(|e| blkio_err("set path", &e))?;
+        .ok_or_else(|| BenchError::PathNotUtf8(cfg.path.clone()))?;
+    let mut b =
+        Blkio::new(cfg.driver.blkio_name()).map_err(|source| BenchError::Create { source })?;
+    b.set_str("path", path)
+        .map_err(BenchError::property("set path"))?;
     let read_only = cfg.rw.read_percent(cfg.rwmixread) == 100;
     if cfg.driver == Driver::IoUring {
         b.set_bool("direct", true)
-            .map_err(|e| blkio_err("set direct", &e))?;
+            .map_err(BenchError::property("set direct"))?;
         // A read-only run opens the file read-only, like fio with readonly=1.
         b.set_bool("read-only", read_only)
-            .map_err(|e| blkio_err("set read-only", &e))?;
+            .map_err(BenchError::property("set read-only"))?;
     }
-    b.connect()
-        .map_err(|e| blkio_err(&format!("connect to {path}"), &e))?;
-    let queues = i32::try_from(cfg.queues).map_err(|_| "too many queues".to_owned())?;
+    b.connect().map_err(|source| BenchError::Connect {
+        path: cfg.path.clone(),
+        source,
+    })?;
+    let queues = i32::try_from(cfg.queues).map_err(|_| BenchError::TooManyQueues(cfg.queues))?;
     // Poll queues have no completion eventfd: do_io spins on the used ring.
     let (kind, other) = if cfg.poll {
         ("num-poll-queues", "num-queues")
@@ -379,62 +600,62 @@ fn open(cfg: &Config) -> Result<Session, String> {
         ("num-queues", "num-poll-queues")
     };
     b.set_i32(kind, queues)
-        .map_err(|e| blkio_err(&format!("set {kind} {queues}"), &e))?;
+        .map_err(BenchError::property(format!("set {kind} {queues}")))?;
     if cfg.poll {
         b.set_i32(other, 0)
-            .map_err(|e| blkio_err(&format!("set {other} 0"), &e))?;
+            .map_err(BenchError::property(format!("set {other} 0")))?;
     }
     match cfg.driver {
         Driver::VhostUser => {
             let size = (3 * cfg.iodepth).next_power_of_two();
             b.set_i32("queue-size", size as i32)
-                .map_err(|e| blkio_err(&format!("set queue-size {size}"), &e))?;
+                .map_err(BenchError::property(format!("set queue-size {size}")))?;
         }
         Driver::IoUring => {
             let entries = cfg.iodepth.next_power_of_two().max(8);
-            let entries = i32::try_from(entries).map_err(|_| "iodepth too large".to_owned())?;
+            let entries =
+                i32::try_from(entries).map_err(|_| BenchError::DepthTooLarge(cfg.iodepth))?;
             b.set_i32("num-entries", entries)
-                .map_err(|e| blkio_err(&format!("set num-entries {entries}"), &e))?;
+                .map_err(BenchError::property(format!("set num-entries {entries}")))?;
         }
     }
-    let mut started = b.start().map_err(|e| blkio_err("start", &e))?;
+    let mut started = b.start().map_err(|source| BenchError::Start { source })?;
     if cfg.poll {
         started.queues = std::mem::take(&mut started.poll_queues);
     }
     if started.queues.len() != cfg.queues {
-        return Err(format!(
-            "asked for {} queues, libblkio started {}",
-            cfg.queues,
-            started.queues.len()
-        ));
+        return Err(BenchError::QueueCount {
+            asked: cfg.queues,
+            started: started.queues.len(),
+        });
     }
     let capacity = b
         .get_u64("capacity")
-        .map_err(|e| blkio_err("get capacity", &e))?;
+        .map_err(BenchError::property("get capacity"))?;
     let req_align = b
         .get_i32("request-alignment")
-        .map_err(|e| blkio_err("get request-alignment", &e))? as usize;
+        .map_err(BenchError::property("get request-alignment"))? as usize;
     if req_align > 0 && cfg.bs % req_align != 0 {
-        return Err(format!(
-            "block size {} is not a multiple of the device's request alignment {req_align}",
-            cfg.bs
-        ));
+        return Err(BenchError::RequestAlignment {
+            bs: cfg.bs,
+            alignment: req_align,
+        });
     }
     let buf_align = b
         .get_i32("buf-alignment")
-        .map_err(|e| blkio_err("get buf-alignment", &e))?
+        .map_err(BenchError::property("get buf-alignment"))?
         .max(1) as usize;
     let region_align = b
         .get_u64("mem-region-alignment")
-        .map_err(|e| blkio_err("get mem-region-alignment", &e))?
+        .map_err(BenchError::property("get mem-region-alignment"))?
         .max(4096) as usize;
     let slot_bytes = cfg.bs.next_multiple_of(buf_align.max(4096));
     let len = (cfg.queues * cfg.iodepth * slot_bytes).next_multiple_of(region_align);
     let region = b
         .alloc_mem_region(len)
-        .map_err(|e| blkio_err(&format!("alloc_mem_region {len}"), &e))?;
+        .map_err(|source| BenchError::AllocRegion { len, source })?;
     b.map_mem_region(&region)
-        .map_err(|e| blkio_err("map_mem_region", &e))?;
+        .map_err(|source| BenchError::MapRegion { source })?;
     // Non-zero, non-uniform write data, so no layer can short-cut zero pages.
     // SAFETY: the region is `len` bytes of fresh read-write memory that libblkio mapped for
     // us; no request is in flight yet, so nothing else accesses it.
@@ -456,7 +677,7 @@ fn open(cfg: &Config) -> Result<Session, String> {
 
 /// [`open`] on a helper thread, bounded by `cfg.io_timeout`: the vhost-user handshake has no
 /// timeout of its own. On timeout the helper is abandoned.
-fn open_bounded(cfg: &Config) -> Result<Session, String> {
+fn open_bounded(cfg: &Config) -> Result<Session, BenchError> {
     let (tx, rx) = mpsc::channel();
     let c = cfg.clone();
     thread::Builder::new()
@@ -464,16 +685,15 @@ fn open_bounded(cfg: &Config) -> Result<Session, String> {
         .spawn(move || {
             let _ = tx.send(open(&c));
         })
-        .map_err(|e| format!("spawning the connect thread: {e}"))?;
+        .map_err(BenchError::SpawnConnect)?;
     match rx.recv_timeout(cfg.io_timeout) {
         Ok(r) => r,
-        Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
-            "{} {}: no answer within {:?} while connecting",
-            cfg.driver.name(),
-            cfg.path.display(),
-            cfg.io_timeout
-        )),
-        Err(mpsc::RecvTimeoutError::Disconnected) => Err("connect thread panicked".into()),
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(BenchError::ConnectTimeout {
+            driver: cfg.driver.name(),
+            path: cfg.path.clone(),
+            timeout: cfg.io_timeout,
+        }),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(BenchError::ConnectPanicked),
     }
 }
 
@@ -507,11 +727,11 @@ fn thread_cpu() -> (Duration, Duration) {
 }
 
 /// Pins the calling thread to `cpu`.
-fn pin_to(cpu: usize) -> Result<(), String> {
+fn pin_to(cpu: usize) -> Result<(), BenchError> {
     // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(format!("CPU {cpu} is beyond CPU_SETSIZE"));
+        return Err(BenchError::CpuBeyondSetSize(cpu));
     }
     // SAFETY: CPU_SET only writes inside `set`, and `cpu` < CPU_SETSIZE (checked above).
     unsafe { libc::CPU_SET(cpu, &mut set) };
@@ -519,10 +739,10 @@ fn pin_to(cpu: usize) -> Result<(), String> {
     // pid 0 is the calling thread.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
-        return Err(format!(
-            "pinning a queue thread to CPU {cpu}: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(BenchError::Pin {
+            cpu,
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -566,7 +786,7 @@ struct QueueJob {
     start: Instant,
 }
 
-fn queue_loop(q: &mut Blkioq, cfg: &Config, job: &QueueJob) -> Result<QueueResult, String> {
+fn queue_loop(q: &mut Blkioq, cfg: &Config, job: &QueueJob) -> Result<QueueResult, BenchError> {
     if let Some(cpu) = job.cpu {
         pin_to(cpu)?;
     }
@@ -632,17 +852,21 @@ fn queue_loop(q: &mut Blkioq, cfg: &Config, job: &QueueJob) -> Result<QueueResul
         let mut timeout = cfg.io_timeout;
         let n = q
             .do_io(&mut completions, 1, Some(&mut timeout), None)
-            .map_err(|e| {
-                let what = if e.errno() == blkio::Errno::TIME {
-                    format!(
-                        "queue {}: no completion within {:?} with {in_flight} request(s) in \
-                         flight: is the backend alive?",
-                        job.index, cfg.io_timeout
-                    )
+            .map_err(|source| {
+                if source.errno() == blkio::Errno::TIME {
+                    BenchError::NoCompletion {
+                        queue: job.index,
+                        timeout: cfg.io_timeout,
+                        in_flight,
+                        source,
+                    }
                 } else {
-                    format!("queue {}: do_io with {in_flight} in flight", job.index)
-                };
-                blkio_err(&what, &e)
+                    BenchError::DoIo {
+                        queue: job.index,
+                        in_flight,
+                        source,
+                    }
+                }
             })?;
         let now = Instant::now();
         let stopping = stop.is_some() || now >= end;
@@ -651,19 +875,18 @@ fn queue_loop(q: &mut Blkioq, cfg: &Config, job: &QueueJob) -> Result<QueueResul
             let c = unsafe { c.assume_init_ref() };
             let slot = c.user_data;
             if slot >= depth {
-                return Err(format!(
-                    "queue {}: completion with bad user_data {slot}",
-                    job.index
-                ));
+                return Err(BenchError::BadUserData {
+                    queue: job.index,
+                    user_data: slot,
+                });
             }
             if c.ret != 0 {
-                let op = if is_write[slot] { "write" } else { "read" };
-                return Err(format!(
-                    "queue {}: {op} failed: {} ({})",
-                    job.index,
-                    std::io::Error::from_raw_os_error(-c.ret),
-                    c.ret
-                ));
+                return Err(BenchError::Request {
+                    queue: job.index,
+                    op: if is_write[slot] { "write" } else { "read" },
+                    ret: c.ret,
+                    source: io::Error::from_raw_os_error(-c.ret),
+                });
             }
             if measuring && stop.is_none() {
                 let ns = now.saturating_duration_since(submitted_at[slot]).as_nanos();
@@ -702,23 +925,26 @@ fn queue_loop(q: &mut Blkioq, cfg: &Config, job: &QueueJob) -> Result<QueueResul
 
 /// Runs one benchmark and returns its report; errors name the failing step (connect,
 /// start, a request, a wait that ran out of time).
-pub fn run(cfg: &Config) -> Result<Report, String> {
+pub fn run(cfg: &Config) -> Result<Report, BenchError> {
     cfg.validate()?;
     let mut session = open_bounded(cfg)?;
     let bs = cfg.bs as u64;
     let span = cfg.size.unwrap_or(session.capacity).min(session.capacity);
     let blocks = span / bs;
     if blocks < cfg.queues as u64 {
-        return Err(format!(
-            "the device ({} bytes used of {}) holds {blocks} blocks of {bs}: fewer than the {} queues",
-            span, session.capacity, cfg.queues
-        ));
+        return Err(BenchError::TooFewBlocks {
+            span,
+            capacity: session.capacity,
+            blocks,
+            bs,
+            queues: cfg.queues,
+        });
     }
     let start = Instant::now();
     let per_queue_bytes = cfg.iodepth * session.slot_bytes;
     let slot_bytes = session.slot_bytes;
     let base = session.region_addr;
-    let results: Vec<Result<QueueResult, String>> = thread::scope(|s| {
+    let results: Vec<Result<QueueResult, BenchError>> = thread::scope(|s| {
         let handles: Vec<_> = session
             .queues
             .iter_mut()
@@ -749,10 +975,8 @@ pub fn run(cfg: &Config) -> Result<Report, String> {
         handles
             .into_iter()
             .map(|h| match h {
-                Ok(h) => h
-                    .join()
-                    .unwrap_or_else(|_| Err("a queue thread panicked".into())),
-                Err(e) => Err(format!("spawning a queue thread: {e}")),
+                Ok(h) => h.join().unwrap_or(Err(BenchError::QueuePanicked)),
+                Err(e) => Err(BenchError::SpawnQueue(e)),
             })
             .collect()
     });
@@ -810,10 +1034,18 @@ mod tests {
             Rw::ReadWrite,
             Rw::RandRw,
         ] {
-            assert_eq!(Rw::parse(rw.name()), Ok(rw));
+            assert_eq!(Rw::parse(rw.name()).unwrap(), rw);
         }
-        assert_eq!(Rw::parse("readwrite"), Ok(Rw::ReadWrite));
-        assert!(Rw::parse("trim").is_err());
+        assert_eq!(Rw::parse("readwrite").unwrap(), Rw::ReadWrite);
+        let e = Rw::parse("trim").unwrap_err();
+        assert!(
+            matches!(&e, BenchError::UnknownPattern(s) if s == "trim"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            r#"unknown pattern "trim" (read, write, randread, randwrite, rw, randrw)"#
+        );
         assert_eq!(Rw::RandRead.read_percent(30), 100);
         assert_eq!(Rw::Write.read_percent(30), 0);
         assert_eq!(Rw::RandRw.read_percent(30), 30);
@@ -823,20 +1055,65 @@ mod tests {
     fn config_validation() {
         let ok = Config::new(Driver::VhostUser, "/nonexistent.sock");
         assert!(ok.validate().is_ok());
-        let mut c = ok.clone();
-        c.bs = 1000;
-        assert!(c.validate().is_err());
-        let mut c = ok.clone();
-        c.iodepth = 0;
-        assert!(c.validate().is_err());
-        let mut c = ok.clone();
-        c.iodepth = 20_000; // 3 × depth above libblkio's 32768-entry vring limit
-        assert!(c.validate().unwrap_err().contains("vring"));
+        let refused = |change: &dyn Fn(&mut Config)| {
+            let mut c = ok.clone();
+            change(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert!(matches!(
+            refused(&|c| c.bs = 1000),
+            BenchError::BlockSizeNotSectors(1000)
+        ));
+        assert!(matches!(
+            refused(&|c| c.bs = 0),
+            BenchError::BlockSizeNotSectors(0)
+        ));
+        assert!(matches!(
+            refused(&|c| c.bs = 128 << 20),
+            BenchError::BlockSizeTooLarge(_)
+        ));
+        assert!(matches!(
+            refused(&|c| c.iodepth = 0),
+            BenchError::NoDepthOrQueues
+        ));
+        assert!(matches!(
+            refused(&|c| c.queues = 0),
+            BenchError::NoDepthOrQueues
+        ));
+        assert!(matches!(
+            refused(&|c| c.runtime = Duration::ZERO),
+            BenchError::ZeroRuntime
+        ));
+        assert!(matches!(
+            refused(&|c| c.io_timeout = Duration::ZERO),
+            BenchError::ZeroIoTimeout
+        ));
+        assert!(matches!(
+            refused(&|c| c.rwmixread = 101),
+            BenchError::RwMixRead(101)
+        ));
+        assert!(matches!(
+            refused(&|c| {
+                c.driver = Driver::IoUring;
+                c.poll = true;
+            }),
+            BenchError::PollNeedsVhostUser
+        ));
+        // 3 × depth above libblkio's 32768-entry vring limit.
+        let e = refused(&|c| c.iodepth = 20_000);
+        assert!(
+            matches!(e, BenchError::DepthAboveVring { iodepth: 20_000 }),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "iodepth 20000 needs a vring of 65536 entries (3 descriptors per request); \
+             libblkio allows at most 32768"
+        );
+        let mut c = ok;
+        c.iodepth = 20_000;
         c.driver = Driver::IoUring;
         assert!(c.validate().is_ok());
-        let mut c = ok;
-        c.runtime = Duration::ZERO;
-        assert!(c.validate().is_err());
     }
 
     #[test]
@@ -861,7 +1138,9 @@ mod tests {
         c.io_timeout = Duration::from_secs(5);
         let t = Instant::now();
         let e = run(&c).unwrap_err();
-        assert!(e.contains("connect"), "{e}");
+        assert!(matches!(e, BenchError::Connect { .. }), "{e:?}");
+        assert!(e.to_string().starts_with("connect to "), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
         assert!(t.elapsed() < Duration::from_secs(5));
     }
 }

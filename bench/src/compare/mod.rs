@@ -656,7 +656,7 @@ fn generator(opts: &Options, driver: Driver, path: &Path, point: &Point) -> Resu
     cfg.cpus = vec![opts.client_cpu];
     cfg.io_timeout = opts.io_timeout;
     cfg.poll = opts.client_poll && driver == Driver::VhostUser;
-    let r = crate::run(&cfg)?;
+    let r = crate::run(&cfg).map_err(|e| e.to_string())?;
     Ok(Sample {
         iops: r.iops,
         bw_bytes_per_s: r.bw,
