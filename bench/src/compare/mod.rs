@@ -443,7 +443,7 @@ pub fn run(opts: &Options) -> Result<Results, String> {
         }
     };
     let file_size = if needs_file {
-        server::device_size(&file)?
+        server::device_size(&file).map_err(|e| e.to_string())?
     } else {
         0
     };
@@ -496,7 +496,7 @@ pub fn run(opts: &Options) -> Result<Results, String> {
                     work_dir: opts.work_dir.clone(),
                     ready_timeout: opts.io_timeout,
                 };
-                servers.push((target, Server::start(&spec)?));
+                servers.push((target, Server::start(&spec).map_err(|e| e.to_string())?));
             }
             let rss_ready: Vec<u64> = servers
                 .iter()
