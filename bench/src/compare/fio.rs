@@ -1,11 +1,56 @@
 //! The physical limit: fio's io_uring engine, `direct=1`, on the backing file itself.
 
-use std::path::Path;
-use std::process::Command;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
 
 use serde_json::Value;
 
 use super::{Options, Point, Sample};
+
+/// Why a fio run gave no sample: fio could not be run, failed, or its JSON report lacks
+/// what a sample needs.
+#[derive(Debug, thiserror::Error)]
+pub enum FioError {
+    /// The fio program could not be run.
+    #[error("running {}: {source}", program.display())]
+    Spawn {
+        /// The fio program.
+        program: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// fio exited with a failure.
+    #[error("fio exited with {status}: {stderr}")]
+    Exit {
+        /// How it exited.
+        status: ExitStatus,
+        /// What it printed on stderr, trimmed.
+        stderr: String,
+    },
+    /// fio printed no JSON object.
+    #[error("no JSON in fio's output")]
+    NoJson,
+    /// fio's JSON report does not parse.
+    #[error("fio's JSON: {0}")]
+    Json(#[source] serde_json::Error),
+    /// fio's JSON report has no job.
+    #[error("fio's JSON has no job")]
+    NoJob,
+    /// The job lacks a number a sample needs.
+    #[error("fio's JSON lacks {field}")]
+    Missing {
+        /// The field, e.g. `read.iops`.
+        field: String,
+    },
+    /// The job lacks a latency percentile.
+    #[error("fio's JSON lacks lat_ns percentile {0}")]
+    MissingPercentile(&'static str),
+    /// The job completed no request.
+    #[error("fio completed no I/O")]
+    NoIo,
+}
 
 /// fio's arguments for `point` on `file`.
 pub fn args(opts: &Options, point: &Point, file: &Path, file_size: u64) -> Vec<String> {
@@ -42,33 +87,39 @@ pub fn args(opts: &Options, point: &Point, file: &Path, file_size: u64) -> Vec<S
 }
 
 /// Runs fio once and reads its JSON report.
-pub fn run(opts: &Options, point: &Point, file: &Path, file_size: u64) -> Result<Sample, String> {
+pub fn run(opts: &Options, point: &Point, file: &Path, file_size: u64) -> Result<Sample, FioError> {
     let out = Command::new(&opts.fio)
         .args(args(opts, point, file, file_size))
         .output()
-        .map_err(|e| format!("running {}: {e}", opts.fio.display()))?;
+        .map_err(|source| FioError::Spawn {
+            program: opts.fio.clone(),
+            source,
+        })?;
     if !out.status.success() {
-        return Err(format!(
-            "fio exited with {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(FioError::Exit {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
     parse(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Reads the one (group-reported) job of fio's `--output-format=json` report.
-pub fn parse(text: &str) -> Result<Sample, String> {
+pub fn parse(text: &str) -> Result<Sample, FioError> {
     // fio may print notes before the JSON object.
-    let start = text.find('{').ok_or("no JSON in fio's output")?;
-    let v: Value = serde_json::from_str(&text[start..]).map_err(|e| format!("fio's JSON: {e}"))?;
+    let start = text.find('{').ok_or(FioError::NoJson)?;
+    let v: Value = serde_json::from_str(&text[start..]).map_err(FioError::Json)?;
     let job = &v["jobs"][0];
     if job.is_null() {
-        return Err("fio's JSON has no job".into());
+        return Err(FioError::NoJob);
     }
-    let dir = |d: &str| -> Result<(f64, f64, f64, &Value), String> {
+    let dir = |d: &str| -> Result<(f64, f64, f64, &Value), FioError> {
         let o = &job[d];
-        let num = |k: &str| o[k].as_f64().ok_or(format!("fio's JSON lacks {d}.{k}"));
+        let num = |k: &str| {
+            o[k].as_f64().ok_or_else(|| FioError::Missing {
+                field: format!("{d}.{k}"),
+            })
+        };
         Ok((
             num("iops")?,
             num("bw_bytes")?,
@@ -80,16 +131,16 @@ pub fn parse(text: &str) -> Result<Sample, String> {
     let (w_iops, w_bw, w_ios, w_lat) = dir("write")?;
     let ios = r_ios + w_ios;
     if ios == 0.0 {
-        return Err("fio completed no I/O".into());
+        return Err(FioError::NoIo);
     }
     let mean = |l: &Value| l["mean"].as_f64().unwrap_or(0.0);
     let lat_mean = (mean(r_lat) * r_ios + mean(w_lat) * w_ios) / ios;
     // Percentiles of the direction with more I/O (the points are pure reads or writes).
     let lat = if r_ios >= w_ios { r_lat } else { w_lat };
-    let pct = |p: &str| -> Result<f64, String> {
+    let pct = |p: &'static str| -> Result<f64, FioError> {
         lat["percentile"][p]
             .as_f64()
-            .ok_or(format!("fio's JSON lacks lat_ns percentile {p}"))
+            .ok_or(FioError::MissingPercentile(p))
     };
     let cpu = job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
     Ok(Sample {
@@ -122,7 +173,44 @@ mod tests {
             (800.0, 2000.0, 3000.0)
         );
         assert_eq!(s.client_cpu_percent, 30.5);
-        assert!(parse("{\"jobs\":[]}").is_err());
-        assert!(parse("fio: error").is_err());
+    }
+
+    #[test]
+    fn reports_that_lack_something_are_typed_errors() {
+        assert!(matches!(parse("fio: error"), Err(FioError::NoJson)));
+        assert!(matches!(parse("{\"jobs\":[]}"), Err(FioError::NoJob)));
+        let e = parse("note\n{\"jobs\":[").unwrap_err();
+        assert!(matches!(e, FioError::Json(_)), "{e:?}");
+        assert!(e.to_string().starts_with("fio's JSON: "), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        let e = parse(r#"{"jobs":[{"read":{"iops":1.0}}]}"#).unwrap_err();
+        assert!(
+            matches!(&e, FioError::Missing { field } if field == "read.bw_bytes"),
+            "{e:?}"
+        );
+        assert_eq!(e.to_string(), "fio's JSON lacks read.bw_bytes");
+        let dir =
+            |ios: u32| format!(r#"{{"iops":1.0,"bw_bytes":1,"total_ios":{ios},"lat_ns":{{}}}}"#);
+        let e = parse(&format!(
+            r#"{{"jobs":[{{"read":{},"write":{}}}]}}"#,
+            dir(0),
+            dir(0)
+        ))
+        .unwrap_err();
+        assert!(matches!(e, FioError::NoIo), "{e:?}");
+        let e = parse(&format!(
+            r#"{{"jobs":[{{"read":{},"write":{}}}]}}"#,
+            dir(5),
+            dir(0)
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(e, FioError::MissingPercentile("50.000000")),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "fio's JSON lacks lat_ns percentile 50.000000"
+        );
     }
 }

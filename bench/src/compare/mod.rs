@@ -636,7 +636,7 @@ fn run_one(
     socket: Option<&Path>,
 ) -> Result<Sample, String> {
     match target {
-        Target::Fio => fio::run(opts, point, file, file_size),
+        Target::Fio => fio::run(opts, point, file, file_size).map_err(|e| e.to_string()),
         Target::BlkioUring => generator(opts, Driver::IoUring, file, point),
         _ => {
             let socket = socket.ok_or("no server for this target")?;
