@@ -725,7 +725,7 @@ pub fn write_results(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, Stri
     let text = serde_json::to_string_pretty(results).map_err(|e| format!("to JSON: {e}"))?;
     write_file(&json, text.as_bytes())?;
     write_file(&md, report::markdown(results, "compare.svg").as_bytes())?;
-    plot::svg(results, &svg)?;
+    plot::svg(results, &svg).map_err(|e| e.to_string())?;
     Ok(vec![json, md, svg])
 }
 

@@ -2,8 +2,10 @@
 //! targets), median kIOPS per point on a log axis, with the repeats' range as a whisker.
 //! Points are labelled short (`rr 4k qd32 q2`: rr/rw random read/write, sr/sw sequential).
 
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
 
+use plotters::drawing::DrawingAreaErrorKind;
 use plotters::prelude::*;
 
 use super::{Backing, Placement, Point, Results, Target};
@@ -20,8 +22,34 @@ fn color(t: Target) -> RGBColor {
     }
 }
 
+/// What plotters' SVG backend fails with.
+pub type DrawError = DrawingAreaErrorKind<io::Error>;
+
+/// Why the plot could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    /// Drawing a panel (or the background) failed.
+    #[error("plotting {}: {source}", path.display())]
+    Draw {
+        /// The SVG file.
+        path: PathBuf,
+        /// plotters' error.
+        #[source]
+        source: DrawError,
+    },
+    /// Writing the finished SVG file failed.
+    #[error("writing the plot {}: {source}", path.display())]
+    Write {
+        /// The SVG file.
+        path: PathBuf,
+        /// plotters' error (it holds the OS error).
+        #[source]
+        source: DrawError,
+    },
+}
+
 /// Writes the SVG plot of `r` to `path`.
-pub fn svg(r: &Results, path: &Path) -> Result<(), String> {
+pub fn svg(r: &Results, path: &Path) -> Result<(), PlotError> {
     let placements: Vec<Placement> = Placement::ALL
         .into_iter()
         .filter(|p| r.cells.iter().any(|c| c.placement == *p))
@@ -34,8 +62,11 @@ pub fn svg(r: &Results, path: &Path) -> Result<(), String> {
     }
     let rows = 2 * placements.len().max(1);
     let root = SVGBackend::new(path, (PANEL_W, rows as u32 * PANEL_H)).into_drawing_area();
-    let err = |e: &dyn std::fmt::Display| format!("plotting {}: {e}", path.display());
-    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let draw = |source| PlotError::Draw {
+        path: path.to_path_buf(),
+        source,
+    };
+    root.fill(&WHITE).map_err(draw)?;
     let panels = root.split_evenly((rows, 1));
     for (row, placement) in placements.iter().enumerate() {
         for (col, backing) in [Backing::File, Backing::Null].into_iter().enumerate() {
@@ -44,10 +75,13 @@ pub fn svg(r: &Results, path: &Path) -> Result<(), String> {
                 .filter(|t| t.backing() == backing && r.cells.iter().any(|c| c.target == *t))
                 .collect();
             let area = &panels[row * 2 + col];
-            panel(r, area, *placement, backing, &targets, &points).map_err(|e| err(&e))?;
+            panel(r, area, *placement, backing, &targets, &points).map_err(draw)?;
         }
     }
-    root.present().map_err(|e| err(&e))?;
+    root.present().map_err(|source| PlotError::Write {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(())
 }
 
@@ -60,7 +94,7 @@ fn panel(
     backing: Backing,
     targets: &[Target],
     points: &[Point],
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Result<(), DrawError> {
     let kiops = |p: &Point, t: Target| {
         r.cell(placement, p, t)
             .and_then(|c| c.iops())
@@ -151,4 +185,38 @@ fn panel(
         .position(SeriesLabelPosition::UpperRight)
         .draw()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results() -> Results {
+        serde_json::from_str(include_str!("../../results/compare.json")).expect("compare.json")
+    }
+
+    #[test]
+    fn plots_a_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("compare.svg");
+        svg(&results(), &path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("<svg"));
+    }
+
+    #[test]
+    fn an_unwritable_file_is_a_write_error() {
+        let path = Path::new("/nonexistent/dir/compare.svg");
+        let e = svg(&results(), path).unwrap_err();
+        assert!(
+            matches!(&e, PlotError::Write { path: p, .. } if p == path),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("writing the plot /nonexistent/dir/compare.svg: "),
+            "{e}"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+    }
 }
