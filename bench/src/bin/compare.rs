@@ -151,7 +151,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let results = match from_json.as_ref().map_or_else(|| compare::run(&opts), load) {
+    let results = match from_json
+        .as_ref()
+        .map_or_else(|| compare::run(&opts).map_err(|e| e.to_string()), load)
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("sluice-compare: {e}");

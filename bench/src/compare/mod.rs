@@ -21,15 +21,149 @@ pub mod report;
 pub mod server;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Config, Driver, Rw};
-use server::{Server, ServerKind};
+use crate::{BenchError, Config, Driver, Rw};
+use fio::FioError;
+use plot::PlotError;
+use server::{Server, ServerError, ServerKind};
+
+/// Why the comparison (or one run of it) failed, or a name on its command line is unknown.
+/// A missing tool's message says how to get it or leave its targets out.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    /// A placement name that is not `split` or `shared`.
+    #[error("unknown placement {0:?} (split, shared)")]
+    UnknownPlacement(String),
+    /// A target name that is not one of [`Target::ALL`].
+    #[error("unknown target {0:?} ({names})", names = target_names())]
+    UnknownTarget(String),
+    /// The sluice binary is not where the options say.
+    #[error(
+        "sluice binary {} not found: build it (cargo build --release -p sluice) or pass --sluice",
+        .0.display()
+    )]
+    NoSluice(PathBuf),
+    /// qemu-storage-daemon is not found, and a qsd target is asked for.
+    #[error(
+        "{0}: install qemu-utils (apt-get install -t bookworm-backports qemu-utils) or pass \
+         --qsd, or leave out the qsd targets"
+    )]
+    NoQsd(#[source] ServerError),
+    /// fio is not found, and the fio target is asked for.
+    #[error("{0}: install fio or leave out the fio target")]
+    NoFio(#[source] ServerError),
+    /// No repeats asked for.
+    #[error("repeats must be at least 1")]
+    NoRepeats,
+    /// Both a backing file and a RAM loop device asked for.
+    #[error("--file and --ram-loop exclude each other")]
+    FileAndRamLoop,
+    /// A directory (the work or output directory, or the backing file's) could not be made.
+    #[error("creating {}: {source}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file (the backing file or a result) could not be created.
+    #[error("creating {}: {source}", path.display())]
+    CreateFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing a file (the backing file or a result) failed.
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Syncing the backing file to its drive failed.
+    #[error("syncing {}: {source}", path.display())]
+    Sync {
+        /// The backing file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The backing file cannot be opened `O_DIRECT`, as every target opens it.
+    #[error(
+        "opening {} with O_DIRECT: {source} (the directory's filesystem must support direct \
+         I/O; tmpfs does not before Linux 6.6: pick another --dir)",
+        path.display()
+    )]
+    NoDirectIo {
+        /// The backing file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `losetup` could not be run.
+    #[error("running losetup (util-linux): {0}")]
+    Losetup(#[source] io::Error),
+    /// `losetup` could not attach a loop device.
+    #[error(
+        "losetup --find --show {}: {stderr} (--ram-loop needs root and loop devices)",
+        image.display()
+    )]
+    LosetupFailed {
+        /// The image in /dev/shm.
+        image: PathBuf,
+        /// What losetup printed on stderr, trimmed.
+        stderr: String,
+    },
+    /// The size of the backing file or device could not be found.
+    #[error(transparent)]
+    DeviceSize(ServerError),
+    /// A server could not be started.
+    #[error(transparent)]
+    StartServer(ServerError),
+    /// A server did not stop cleanly.
+    #[error("{}: {source}", target.name())]
+    StopServer {
+        /// The target the server was for.
+        target: Target,
+        /// What went wrong.
+        #[source]
+        source: ServerError,
+    },
+    /// A fio run failed.
+    #[error(transparent)]
+    Fio(#[from] FioError),
+    /// A run of the load generator failed.
+    #[error(transparent)]
+    Generator(#[from] BenchError),
+    /// A vhost-user target without its server.
+    #[error("no server for this target")]
+    NoServer,
+    /// The results could not be serialised.
+    #[error("to JSON: {0}")]
+    ToJson(#[source] serde_json::Error),
+    /// The plot could not be made.
+    #[error(transparent)]
+    Plot(#[from] PlotError),
+}
+
+/// The target names, for a message.
+fn target_names() -> String {
+    let names: Vec<_> = Target::ALL.iter().map(|t| t.name()).collect();
+    names.join(", ")
+}
 
 /// Where the two sides of a run are placed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,11 +185,11 @@ impl Placement {
         }
     }
 
-    pub fn parse(s: &str) -> Result<Placement, String> {
+    pub fn parse(s: &str) -> Result<Placement, CompareError> {
         Placement::ALL
             .into_iter()
             .find(|p| p.name() == s)
-            .ok_or_else(|| format!("unknown placement {s:?} (split, shared)"))
+            .ok_or_else(|| CompareError::UnknownPlacement(s.into()))
     }
 }
 
@@ -106,14 +240,11 @@ impl Target {
         }
     }
 
-    pub fn parse(s: &str) -> Result<Target, String> {
+    pub fn parse(s: &str) -> Result<Target, CompareError> {
         Target::ALL
             .into_iter()
             .find(|t| t.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = Target::ALL.iter().map(|t| t.name()).collect();
-                format!("unknown target {s:?} ({})", names.join(", "))
-            })
+            .ok_or_else(|| CompareError::UnknownTarget(s.into()))
     }
 
     pub fn describe(self) -> &'static str {
@@ -324,7 +455,11 @@ impl Results {
 /// Creates (or reuses) the backing file: `size` bytes of real, written data, so reads hit
 /// the drive instead of a filesystem's unwritten extents. With `check_direct` it also
 /// checks that the file can be opened `O_DIRECT`, as every target will.
-pub fn prepare_backing_file(path: &Path, size: u64, check_direct: bool) -> Result<(), String> {
+pub fn prepare_backing_file(
+    path: &Path,
+    size: u64,
+    check_direct: bool,
+) -> Result<(), CompareError> {
     let reusable = fs::metadata(path).is_ok_and(|m| m.len() == size && m.blocks() * 512 >= size);
     if !reusable {
         write_backing_file(path, size)?;
@@ -334,27 +469,24 @@ pub fn prepare_backing_file(path: &Path, size: u64, check_direct: bool) -> Resul
             .read(true)
             .custom_flags(libc::O_DIRECT)
             .open(path)
-            .map_err(|e| {
-                format!(
-                    "opening {} with O_DIRECT: {e} (the directory's filesystem must support \
-                     direct I/O; tmpfs does not before Linux 6.6: pick another --dir)",
-                    path.display()
-                )
+            .map_err(|source| CompareError::NoDirectIo {
+                path: path.to_path_buf(),
+                source,
             })?;
     }
     Ok(())
 }
 
-fn write_backing_file(path: &Path, size: u64) -> Result<(), String> {
+fn write_backing_file(path: &Path, size: u64) -> Result<(), CompareError> {
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        create_dir(dir)?;
     }
     eprintln!(
         "sluice-compare: writing the {} MiB backing file {}",
         size >> 20,
         path.display()
     );
-    let mut f = File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    let mut f = create_file(path)?;
     const CHUNK: usize = 1 << 20;
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
@@ -365,11 +497,30 @@ fn write_backing_file(path: &Path, size: u64) -> Result<(), String> {
             *b = ((written as usize + i) as u64).wrapping_mul(0x9e37_79b9) as u8 | 1;
         }
         f.write_all(&buf[..n])
-            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            .map_err(|source| CompareError::Write {
+                path: path.to_path_buf(),
+                source,
+            })?;
         written += n as u64;
     }
-    f.sync_all()
-        .map_err(|e| format!("syncing {}: {e}", path.display()))
+    f.sync_all().map_err(|source| CompareError::Sync {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn create_dir(path: &Path) -> Result<(), CompareError> {
+    fs::create_dir_all(path).map_err(|source| CompareError::CreateDir {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn create_file(path: &Path) -> Result<File, CompareError> {
+    File::create(path).map_err(|source| CompareError::CreateFile {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// A loop device over a file in /dev/shm, detached and removed on drop.
@@ -380,7 +531,7 @@ pub struct RamLoop {
 
 impl RamLoop {
     /// Fills a `size`-byte file in /dev/shm with data and attaches a loop device to it.
-    pub fn attach(size: u64) -> Result<RamLoop, String> {
+    pub fn attach(size: u64) -> Result<RamLoop, CompareError> {
         let image = PathBuf::from(format!(
             "/dev/shm/sluice-compare-{}.img",
             std::process::id()
@@ -390,14 +541,13 @@ impl RamLoop {
             .args(["--find", "--show"])
             .arg(&image)
             .output()
-            .map_err(|e| format!("running losetup (util-linux): {e}"))?;
+            .map_err(CompareError::Losetup)?;
         if !out.status.success() {
             let _ = fs::remove_file(&image);
-            return Err(format!(
-                "losetup --find --show {}: {} (--ram-loop needs root and loop devices)",
-                image.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+            return Err(CompareError::LosetupFailed {
+                image,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
         }
         let device = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         eprintln!(
@@ -420,10 +570,9 @@ impl Drop for RamLoop {
 }
 
 /// Runs the whole comparison; per-run failures are recorded in their cell, not fatal.
-pub fn run(opts: &Options) -> Result<Results, String> {
+pub fn run(opts: &Options) -> Result<Results, CompareError> {
     check_tools(opts)?;
-    fs::create_dir_all(&opts.work_dir)
-        .map_err(|e| format!("creating {}: {e}", opts.work_dir.display()))?;
+    create_dir(&opts.work_dir)?;
     let needs_file = opts.targets.iter().any(|t| t.backing() == Backing::File);
     let ram_loop = if opts.ram_loop && needs_file {
         Some(RamLoop::attach(opts.file_size_bytes)?)
@@ -431,7 +580,7 @@ pub fn run(opts: &Options) -> Result<Results, String> {
         None
     };
     let file = match (&opts.file, &ram_loop) {
-        (Some(_), Some(_)) => return Err("--file and --ram-loop exclude each other".into()),
+        (Some(_), Some(_)) => return Err(CompareError::FileAndRamLoop),
         (Some(f), None) => f.clone(),
         (None, Some(l)) => l.device.clone(),
         (None, None) => {
@@ -443,7 +592,7 @@ pub fn run(opts: &Options) -> Result<Results, String> {
         }
     };
     let file_size = if needs_file {
-        server::device_size(&file).map_err(|e| e.to_string())?
+        server::device_size(&file).map_err(CompareError::DeviceSize)?
     } else {
         0
     };
@@ -496,7 +645,10 @@ pub fn run(opts: &Options) -> Result<Results, String> {
                     work_dir: opts.work_dir.clone(),
                     ready_timeout: opts.io_timeout,
                 };
-                servers.push((target, Server::start(&spec).map_err(|e| e.to_string())?));
+                servers.push((
+                    target,
+                    Server::start(&spec).map_err(CompareError::StartServer)?,
+                ));
             }
             let rss_ready: Vec<u64> = servers
                 .iter()
@@ -518,7 +670,7 @@ pub fn run(opts: &Options) -> Result<Results, String> {
                         let cell = cell_mut(&mut results.cells, placement, point, target);
                         match outcome {
                             Ok(s) => cell.samples.push(s),
-                            Err(e) => cell.errors.push(e),
+                            Err(e) => cell.errors.push(e.to_string()),
                         }
                     }
                 }
@@ -540,32 +692,26 @@ pub fn run(opts: &Options) -> Result<Results, String> {
             for (target, server) in servers {
                 server
                     .stop()
-                    .map_err(|e| format!("{}: {e}", target.name()))?;
+                    .map_err(|source| CompareError::StopServer { target, source })?;
             }
         }
     }
     Ok(results)
 }
 
-fn check_tools(opts: &Options) -> Result<(), String> {
+fn check_tools(opts: &Options) -> Result<(), CompareError> {
     let need = |t: ServerKind| opts.targets.iter().any(|x| x.server() == Some(t));
     if need(ServerKind::Sluice) && !opts.sluice.is_file() {
-        return Err(format!(
-            "sluice binary {} not found: build it (cargo build --release -p sluice) or pass --sluice",
-            opts.sluice.display()
-        ));
+        return Err(CompareError::NoSluice(opts.sluice.clone()));
     }
     if need(ServerKind::Qsd) {
-        server::find_program(&opts.qsd).map_err(|e| {
-            format!("{e}: install qemu-utils (apt-get install -t bookworm-backports qemu-utils) or pass --qsd, or leave out the qsd targets")
-        })?;
+        server::find_program(&opts.qsd).map_err(CompareError::NoQsd)?;
     }
     if opts.targets.contains(&Target::Fio) {
-        server::find_program(&opts.fio)
-            .map_err(|e| format!("{e}: install fio or leave out the fio target"))?;
+        server::find_program(&opts.fio).map_err(CompareError::NoFio)?;
     }
     if opts.repeats == 0 {
-        return Err("repeats must be at least 1".into());
+        return Err(CompareError::NoRepeats);
     }
     Ok(())
 }
@@ -604,7 +750,7 @@ fn progress(
     point: &Point,
     target: Target,
     repeat: usize,
-    outcome: &Result<Sample, String>,
+    outcome: &Result<Sample, CompareError>,
 ) {
     let elapsed = started.elapsed().as_secs_f64();
     let left = elapsed / done as f64 * (total - done) as f64;
@@ -634,18 +780,23 @@ fn run_one(
     file: &Path,
     file_size: u64,
     socket: Option<&Path>,
-) -> Result<Sample, String> {
+) -> Result<Sample, CompareError> {
     match target {
-        Target::Fio => fio::run(opts, point, file, file_size).map_err(|e| e.to_string()),
+        Target::Fio => Ok(fio::run(opts, point, file, file_size)?),
         Target::BlkioUring => generator(opts, Driver::IoUring, file, point),
         _ => {
-            let socket = socket.ok_or("no server for this target")?;
+            let socket = socket.ok_or(CompareError::NoServer)?;
             generator(opts, Driver::VhostUser, socket, point)
         }
     }
 }
 
-fn generator(opts: &Options, driver: Driver, path: &Path, point: &Point) -> Result<Sample, String> {
+fn generator(
+    opts: &Options,
+    driver: Driver,
+    path: &Path,
+    point: &Point,
+) -> Result<Sample, CompareError> {
     let mut cfg = Config::new(driver, path);
     cfg.rw = point.rw;
     cfg.bs = point.bs;
@@ -656,7 +807,7 @@ fn generator(opts: &Options, driver: Driver, path: &Path, point: &Point) -> Resu
     cfg.cpus = vec![opts.client_cpu];
     cfg.io_timeout = opts.io_timeout;
     cfg.poll = opts.client_poll && driver == Driver::VhostUser;
-    let r = crate::run(&cfg).map_err(|e| e.to_string())?;
+    let r = crate::run(&cfg)?;
     Ok(Sample {
         iops: r.iops,
         bw_bytes_per_s: r.bw,
@@ -717,22 +868,24 @@ impl Cell {
 }
 
 /// Writes `compare.json`, `compare.md` and `compare.svg` into `dir`; returns their paths.
-pub fn write_results(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, String> {
-    fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+pub fn write_results(results: &Results, dir: &Path) -> Result<Vec<PathBuf>, CompareError> {
+    create_dir(dir)?;
     let json = dir.join("compare.json");
     let md = dir.join("compare.md");
     let svg = dir.join("compare.svg");
-    let text = serde_json::to_string_pretty(results).map_err(|e| format!("to JSON: {e}"))?;
+    let text = serde_json::to_string_pretty(results).map_err(CompareError::ToJson)?;
     write_file(&json, text.as_bytes())?;
     write_file(&md, report::markdown(results, "compare.svg").as_bytes())?;
-    plot::svg(results, &svg).map_err(|e| e.to_string())?;
+    plot::svg(results, &svg)?;
     Ok(vec![json, md, svg])
 }
 
-fn write_file(path: &Path, data: &[u8]) -> Result<(), String> {
-    let mut f = File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
-    f.write_all(data)
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+fn write_file(path: &Path, data: &[u8]) -> Result<(), CompareError> {
+    let mut f = create_file(path)?;
+    f.write_all(data).map_err(|source| CompareError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -754,12 +907,108 @@ mod tests {
     #[test]
     fn names_parse_back() {
         for t in Target::ALL {
-            assert_eq!(Target::parse(t.name()), Ok(t));
+            assert_eq!(Target::parse(t.name()).unwrap(), t);
         }
         for p in Placement::ALL {
-            assert_eq!(Placement::parse(p.name()), Ok(p));
+            assert_eq!(Placement::parse(p.name()).unwrap(), p);
         }
-        assert!(Target::parse("spdk").is_err());
+    }
+
+    #[test]
+    fn unknown_names_are_typed_errors() {
+        let e = Target::parse("spdk").unwrap_err();
+        assert!(
+            matches!(&e, CompareError::UnknownTarget(s) if s == "spdk"),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "unknown target \"spdk\" (fio-io_uring, blkio-io_uring, qsd-file, sluice-file, \
+             qsd-null, sluice-null)"
+        );
+        let e = Placement::parse("apart").unwrap_err();
+        assert!(
+            matches!(&e, CompareError::UnknownPlacement(s) if s == "apart"),
+            "{e:?}"
+        );
+        assert_eq!(e.to_string(), "unknown placement \"apart\" (split, shared)");
+    }
+
+    fn options(targets: &[Target]) -> Options {
+        Options {
+            work_dir: "/nonexistent/work".into(),
+            file: None,
+            ram_loop: false,
+            file_size_bytes: 1 << 20,
+            null_size_bytes: 1 << 20,
+            out_dir: "/nonexistent/out".into(),
+            runtime: Duration::from_millis(100),
+            ramp: Duration::ZERO,
+            repeats: 1,
+            targets: targets.to_vec(),
+            points: Point::standard(),
+            placements: Placement::ALL.to_vec(),
+            client_cpu: 0,
+            server_cpu: 1,
+            sluice_poll_us: 50,
+            sluice_queue_depth: 128,
+            sluice: "/nonexistent/sluice".into(),
+            qsd: "/nonexistent/qemu-storage-daemon".into(),
+            fio: "/nonexistent/fio".into(),
+            io_timeout: Duration::from_secs(1),
+            client_poll: false,
+        }
+    }
+
+    #[test]
+    fn missing_tools_say_what_to_do() {
+        let e = check_tools(&options(&[Target::SluiceNull])).unwrap_err();
+        assert!(
+            matches!(&e, CompareError::NoSluice(p) if p.ends_with("sluice")),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("cargo build"), "{e}");
+        let e = check_tools(&options(&[Target::QsdNull])).unwrap_err();
+        assert!(
+            matches!(&e, CompareError::NoQsd(ServerError::NotFound(_))),
+            "{e:?}"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/qemu-storage-daemon not found: install qemu-utils (apt-get install \
+             -t bookworm-backports qemu-utils) or pass --qsd, or leave out the qsd targets"
+        );
+        let e = check_tools(&options(&[Target::Fio])).unwrap_err();
+        assert!(matches!(&e, CompareError::NoFio(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/fio not found: install fio or leave out the fio target"
+        );
+        let mut o = options(&[Target::BlkioUring]);
+        assert!(check_tools(&o).is_ok());
+        o.repeats = 0;
+        assert!(matches!(check_tools(&o), Err(CompareError::NoRepeats)));
+    }
+
+    #[test]
+    fn unwritable_places_name_the_path() {
+        let e = prepare_backing_file(Path::new("/proc/sluice-none/backing.img"), 4096, true)
+            .unwrap_err();
+        assert!(
+            matches!(&e, CompareError::CreateDir { path, .. } if path == Path::new("/proc/sluice-none")),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().starts_with("creating /proc/sluice-none: "),
+            "{e}"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+
+        let r: Results =
+            serde_json::from_str(include_str!("../../results/compare.json")).expect("compare.json");
+        let e = write_results(&r, Path::new("/proc/sluice-none")).unwrap_err();
+        assert!(matches!(&e, CompareError::CreateDir { .. }), "{e:?}");
     }
 
     #[test]
