@@ -71,13 +71,20 @@ struct Args {
     json: bool,
 }
 
-fn config(args: Args) -> Result<Config, String> {
+/// Arguments that parse but do not make a [`Config`].
+#[derive(Debug, thiserror::Error)]
+enum ConfigError {
+    /// A block size this machine's address space cannot hold.
+    #[error("block size {0} is too large")]
+    BlockSizeTooLarge(u64),
+}
+
+fn config(args: Args) -> Result<Config, ConfigError> {
     let driver = match args.driver {
         DriverArg::VhostUser => Driver::VhostUser,
         DriverArg::IoUring => Driver::IoUring,
     };
-    let bs =
-        usize::try_from(args.bs).map_err(|_| format!("block size {} is too large", args.bs))?;
+    let bs = usize::try_from(args.bs).map_err(|_| ConfigError::BlockSizeTooLarge(args.bs))?;
     Ok(Config {
         driver,
         path: args.path,
@@ -124,12 +131,15 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sluice_bench::parse::ParseError;
+    use sluice_bench::BenchError;
 
-    fn parse(args: &[&str]) -> Result<Config, String> {
-        let args =
-            Args::try_parse_from(std::iter::once("sluice-bench").chain(args.iter().copied()))
-                .map_err(|e| e.to_string())?;
-        config(args)
+    fn args(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("sluice-bench").chain(args.iter().copied()))
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, Box<dyn std::error::Error>> {
+        Ok(config(self::args(args)?)?)
     }
 
     #[test]
@@ -214,5 +224,38 @@ mod tests {
         assert!(parse(&["--path", "s", "--cpus", "3-1"]).is_err());
         assert!(parse(&["--path", "s", "--runtime", "fast"]).is_err());
         assert!(parse(&["--path", "s", "--driver", "nvme"]).is_err());
+    }
+
+    /// The typed error of a value parser is clap's error's source, and its message is in
+    /// clap's.
+    #[test]
+    fn value_errors_keep_their_type_and_message() {
+        let e = args(&["--path", "s", "--bs", "4q"]).unwrap_err();
+        let source = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ParseError>());
+        assert_eq!(
+            source,
+            Some(&ParseError::SizeSuffix {
+                input: "4q".into(),
+                suffix: "q".into()
+            })
+        );
+        assert!(
+            e.to_string()
+                .contains(r#"size "4q": unknown suffix "q" (use k, M, G or T; binary units)"#),
+            "{e}"
+        );
+        let e = args(&["--path", "s", "--cpus", "3-1"]).unwrap_err();
+        let source = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ParseError>());
+        assert!(
+            matches!(source, Some(ParseError::CpuRangeBackwards { .. })),
+            "{e}"
+        );
+        let e = args(&["--path", "s", "--rw", "trim"]).unwrap_err();
+        let source = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<BenchError>());
+        assert!(
+            matches!(source, Some(BenchError::UnknownPattern(p)) if p == "trim"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("unknown pattern"), "{e}");
     }
 }
