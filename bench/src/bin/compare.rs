@@ -1,12 +1,13 @@
 //! `sluice-compare`: sluice against qemu-storage-daemon and the drive itself, side by side
 //! in one run. See `sluice_bench::compare`.
 
+use std::io;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use sluice_bench::compare::{self, Options, Placement, Point, Target};
+use sluice_bench::compare::{self, CompareError, Options, Placement, Point, Target};
 use sluice_bench::parse::{parse_duration, parse_size};
 
 /// Runs every point (4 KiB random read/write at depth 1/32/128 on 1 and 2 queues; 128 KiB
@@ -90,7 +91,45 @@ struct Args {
     from_json: Option<PathBuf>,
 }
 
-fn options(a: Args) -> Result<Options, String> {
+/// Why sluice-compare has no results to write: bad options, an earlier run's JSON that does
+/// not read, or a comparison that failed.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// A `--points` id that is not one of the standard points.
+    #[error("unknown point {id:?} (one of {known})")]
+    UnknownPoint {
+        /// The id as given.
+        id: String,
+        /// The standard points' ids, comma-separated.
+        known: String,
+    },
+    /// This program's path (to find `sluice` next to it) is unknown.
+    #[error("locating this program: {0} (pass --sluice)")]
+    LocateSelf(#[source] io::Error),
+    /// The `--from-json` file could not be read.
+    #[error("reading {}: {source}", path.display())]
+    ReadJson {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The `--from-json` file is not an earlier run's compare.json.
+    #[error("{}: {source}", path.display())]
+    ParseJson {
+        /// The file.
+        path: PathBuf,
+        /// Where and why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The comparison failed.
+    #[error(transparent)]
+    Run(CompareError),
+}
+
+fn options(a: Args) -> Result<Options, CliError> {
     let all = Point::standard();
     let points = match a.points {
         None => all,
@@ -99,7 +138,10 @@ fn options(a: Args) -> Result<Options, String> {
             .map(|id| {
                 all.iter().find(|p| &p.id() == id).copied().ok_or_else(|| {
                     let known: Vec<_> = all.iter().map(|p| p.id()).collect();
-                    format!("unknown point {id:?} (one of {})", known.join(", "))
+                    CliError::UnknownPoint {
+                        id: id.clone(),
+                        known: known.join(", "),
+                    }
                 })
             })
             .collect::<Result<_, _>>()?,
@@ -107,7 +149,7 @@ fn options(a: Args) -> Result<Options, String> {
     let sluice = match a.sluice {
         Some(p) => p,
         None => std::env::current_exe()
-            .map_err(|e| format!("locating this program: {e}"))?
+            .map_err(CliError::LocateSelf)?
             .with_file_name("sluice"),
     };
     Ok(Options {
@@ -135,10 +177,15 @@ fn options(a: Args) -> Result<Options, String> {
     })
 }
 
-fn load(path: &PathBuf) -> Result<compare::Results, String> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+fn load(path: &PathBuf) -> Result<compare::Results, CliError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CliError::ReadJson {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|source| CliError::ParseJson {
+        path: path.clone(),
+        source,
+    })
 }
 
 fn main() -> ExitCode {
@@ -153,7 +200,7 @@ fn main() -> ExitCode {
     };
     let results = match from_json
         .as_ref()
-        .map_or_else(|| compare::run(&opts).map_err(|e| e.to_string()), load)
+        .map_or_else(|| compare::run(&opts).map_err(CliError::Run), load)
     {
         Ok(r) => r,
         Err(e) => {
@@ -179,4 +226,72 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options_of(args: &[&str]) -> Result<Options, CliError> {
+        let args =
+            Args::try_parse_from(std::iter::once("sluice-compare").chain(args.iter().copied()))
+                .expect("clap accepts these");
+        options(args)
+    }
+
+    #[test]
+    fn points_are_picked_by_id() {
+        let o = options_of(&[
+            "--points",
+            "read-128k-qd8-q1,randread-4k-qd1-q1",
+            "--sluice",
+            "s",
+        ])
+        .unwrap();
+        let ids: Vec<_> = o.points.iter().map(|p| p.id()).collect();
+        assert_eq!(
+            ids,
+            ["read-128k-qd8-q1", "randread-4k-qd1-q1"],
+            "in the order given"
+        );
+        assert_eq!(o.targets, Target::ALL);
+        assert_eq!(o.sluice, PathBuf::from("s"));
+    }
+
+    #[test]
+    fn an_unknown_point_lists_the_known_ones() {
+        let e = options_of(&["--points", "randread-3k"]).unwrap_err();
+        assert!(
+            matches!(&e, CliError::UnknownPoint { id, known }
+                if id == "randread-3k" && known.starts_with("randread-4k-qd1-q1, ")),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with(r#"unknown point "randread-3k" (one of randread-4k-qd1-q1, "#),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_json_that_does_not_load_names_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.json");
+        let e = load(&missing).unwrap_err();
+        assert!(
+            matches!(&e, CliError::ReadJson { path, source }
+                if path == &missing && source.kind() == io::ErrorKind::NotFound),
+            "{e:?}"
+        );
+        assert!(e.to_string().starts_with("reading "), "{e}");
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, "{\"cells\": 1}").unwrap();
+        let e = load(&bad).unwrap_err();
+        assert!(
+            matches!(&e, CliError::ParseJson { path, .. } if path == &bad),
+            "{e:?}"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        assert!(e.to_string().starts_with(&bad.display().to_string()), "{e}");
+    }
 }
