@@ -65,6 +65,11 @@ pub struct ExportParams {
     /// ublk: the device id to ask for (default: the driver chooses).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ublk_id: Option<u32>,
+    /// ublk: create the device with user recovery (default true): if sluice
+    /// dies, the kernel keeps the device and holds its I/O until sluice is
+    /// started again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ublk_recovery: Option<bool>,
     // The numbers are wide, so a value out of range is refused with the real
     // range rather than the range of the field's type.
     /// Number of queues.
@@ -542,6 +547,7 @@ mod tests {
             socket: Some("/run/sluice/vm2.sock".into()),
             socket_mode: None,
             ublk_id: None,
+            ublk_recovery: None,
             queues: Some(2),
             queue_depth: None,
             read_only: false,

@@ -78,6 +78,8 @@ pub enum ExportKind {
     Ublk {
         /// Device id to ask for; `None` lets the driver choose.
         id: Option<u32>,
+        /// Create it with user recovery (a restarted sluice takes it over).
+        recovery: bool,
     },
 }
 
@@ -349,7 +351,10 @@ impl ExportParams {
                     socket_mode: self.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE),
                 }
             }
-            "ublk" => ExportKind::Ublk { id: self.ublk_id },
+            "ublk" => ExportKind::Ublk {
+                id: self.ublk_id,
+                recovery: self.ublk_recovery.unwrap_or(true),
+            },
             other => {
                 return Err(ConfigError::UnknownType {
                     export: self.name,
@@ -515,7 +520,7 @@ impl ServeConfig {
                         });
                     }
                 }
-                ExportKind::Ublk { id: Some(id) } => {
+                ExportKind::Ublk { id: Some(id), .. } => {
                     if !ublk_ids.insert(*id) {
                         return Err(ConfigError::DuplicateUblkId {
                             export: export(),
@@ -523,7 +528,7 @@ impl ServeConfig {
                         });
                     }
                 }
-                ExportKind::Ublk { id: None } => {}
+                ExportKind::Ublk { id: None, .. } => {}
             }
         }
         Ok(())
@@ -751,7 +756,10 @@ mod tests {
         let export = ExportConfig {
             name: "e".into(),
             disk: "d".into(),
-            kind: ExportKind::Ublk { id: None },
+            kind: ExportKind::Ublk {
+                id: None,
+                recovery: true,
+            },
             queues: 1,
             queue_depth: 1,
             read_only: false,

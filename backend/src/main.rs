@@ -88,6 +88,9 @@ enum CtlCommand {
         /// Serve as /dev/ublkbID (driver picks ID if omitted).
         #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "auto")]
         ublk: Option<String>,
+        /// ublk: no crash recovery (if sluice dies, the device goes and its I/O fails).
+        #[arg(long, requires = "ublk")]
+        ublk_no_recovery: bool,
         /// Number of queues.
         #[arg(long, value_parser = queues_parser())]
         queues: Option<u16>,
@@ -186,6 +189,11 @@ struct ServeArgs {
     /// ublk driver; ID picks N, default: the driver chooses.
     #[arg(long, value_name = "ID", num_args = 0..=1, default_missing_value = "auto", requires = "disk")]
     ublk: Option<String>,
+    /// The ublk device without crash recovery: if sluice dies, the device
+    /// goes and its I/O fails (by default the kernel keeps it, holding its
+    /// I/O, and the same command started again takes it over).
+    #[arg(long, requires = "ublk")]
+    ublk_no_recovery: bool,
     /// Number of queues (one worker thread and io_uring ring each).
     #[arg(long, default_value_t = DEFAULT_QUEUES, value_parser = queues_parser())]
     queues: u16,
@@ -383,7 +391,13 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), CliError> {
             "auto" => None,
             n => Some(parse_ublk_id(n)?),
         };
-        exports.push(export("ublk".into(), ExportKind::Ublk { id }));
+        exports.push(export(
+            "ublk".into(),
+            ExportKind::Ublk {
+                id,
+                recovery: !args.ublk_no_recovery,
+            },
+        ));
     }
     let config = ServeConfig {
         disks: vec![DiskConfig {
@@ -515,6 +529,7 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), CliError
             node,
             vhost_user,
             ublk,
+            ublk_no_recovery,
             queues,
             queue_depth,
             read_only,
@@ -534,6 +549,7 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), CliError
                 socket,
                 socket_mode: None,
                 ublk_id,
+                ublk_recovery: ublk_no_recovery.then_some(false),
                 queues: queues.map(u64::from),
                 queue_depth: queue_depth.map(u64::from),
                 read_only: *read_only,

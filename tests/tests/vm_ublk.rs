@@ -526,8 +526,8 @@ fn ublk_over_nvme_and_sata() {
     );
     let dup_error = run.result("dup.error");
     run.ensure(
-        dup_error.contains("ublk device 5 already exists"),
-        format!("the refusal does not name the taken id: {dup_error:?}"),
+        dup_error.contains("ublk device 5 is served by process") && dup_error.contains("(sluice)"),
+        format!("the refusal does not name the taken id and its server: {dup_error:?}"),
     );
     run.ensure_eq("dup.ready_lines", "0");
     run.ensure_eq(

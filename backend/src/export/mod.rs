@@ -43,7 +43,7 @@ pub(crate) fn start_export(
             },
         )
         .map(Export::VhostUser),
-        ExportKind::Ublk { id } => ublk::UblkExport::start(
+        ExportKind::Ublk { id, recovery } => ublk::UblkExport::start(
             node,
             ublk::UblkConfig {
                 name: config.name.clone(),
@@ -51,6 +51,7 @@ pub(crate) fn start_export(
                 queues: config.queues,
                 queue_depth: config.queue_depth,
                 read_only: config.read_only,
+                recovery: *recovery,
             },
         )
         .map(Export::Ublk),

@@ -4,6 +4,7 @@
 //! (the op table the vhost-user front uses too).
 
 pub(crate) mod op;
+mod recovery;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -54,6 +55,9 @@ pub(crate) struct UblkConfig {
     pub queue_depth: u16,
     /// Refuse writes.
     pub read_only: bool,
+    /// Create the device with user recovery: if sluice dies, the kernel
+    /// keeps it and holds its I/O until a new sluice takes it over.
+    pub recovery: bool,
 }
 
 /// A running ublk export.
@@ -104,13 +108,70 @@ pub enum UblkFailure {
     /// libublk's per-thread control ring could not be built.
     #[error("cannot set up the ublk control ring: {0}")]
     ControlRing(#[source] libublk::UblkError),
-    /// The id asked for is in use.
+    /// A live process serves the id asked for.
     #[error(
-        "ublk device {0} already exists (another server, or left over by a crashed one): \
-         choose another id, or stop its server (a dead one's device is removed when its \
-         char device is closed: check `ls -l /proc/*/fd | grep ublkc{0}`)"
+        "ublk device {id} is served by process {pid} ({comm}): choose another id, or stop that \
+         process"
     )]
-    IdTaken(u32),
+    IdServed {
+        /// The device id.
+        id: u32,
+        /// The process.
+        pid: i32,
+        /// Its command name.
+        comm: String,
+    },
+    /// An existing device could not be inspected.
+    #[error("ublk device {dev_id}: cannot read its state: {source}")]
+    Inspect {
+        /// The device id.
+        dev_id: u32,
+        /// libublk's error.
+        #[source]
+        source: libublk::UblkError,
+    },
+    /// A dead device could not be removed.
+    #[error(
+        "ublk device {dev_id} is left over by a dead server and cannot be removed: {source}; \
+         choose another id"
+    )]
+    Remove {
+        /// The device id.
+        dev_id: u32,
+        /// libublk's error.
+        #[source]
+        source: libublk::UblkError,
+    },
+    /// A device waits to be recovered, but not by a server like this one.
+    #[error(
+        "ublk device {dev_id} waits for its server to come back ({capacity_bytes} bytes in \
+         {logical_block_size_bytes}-byte blocks), but node {node} has {node_capacity_bytes} bytes \
+         in {node_logical_block_size_bytes}-byte blocks: run the command that created it, or \
+         choose another id"
+    )]
+    RecoverMismatch {
+        /// The device id.
+        dev_id: u32,
+        /// Its size.
+        capacity_bytes: u64,
+        /// Its block size.
+        logical_block_size_bytes: u32,
+        /// The node this export serves.
+        node: String,
+        /// The node's size.
+        node_capacity_bytes: u64,
+        /// The node's block size.
+        node_logical_block_size_bytes: u32,
+    },
+    /// Taking over a quiesced device failed.
+    #[error("cannot recover ublk device {dev_id} (START_USER_RECOVERY): {source}")]
+    Recover {
+        /// The device id.
+        dev_id: u32,
+        /// libublk's error.
+        #[source]
+        source: libublk::UblkError,
+    },
     /// ADD_DEV failed.
     #[error("cannot add ublk device: {0}")]
     Add(#[source] libublk::UblkError),
@@ -207,32 +268,124 @@ impl UblkExport {
         ensure_ctrl_ring().map_err(|e| e.of(&config))?;
         tracing::debug!(export = %config.name, "ublk driver features {features:#x}");
         let leftovers = existing_devices();
-        if let Some(id) = config.id {
-            if leftovers.contains(&id) {
-                return Err(UblkFailure::IdTaken(id).of(&config));
-            }
-        } else if !leftovers.is_empty() {
-            tracing::warn!(
-                "existing ublk devices {leftovers:?}: not reused; if no server owns them they are left over by a crash"
-            );
-        }
         let limits = *node.limits();
+        // Some((queues, depth)) of a device to take over.
+        let mut recover = None;
+        match config.id.filter(|id| leftovers.contains(id)) {
+            None if !leftovers.is_empty() => {
+                tracing::info!("other ublk devices exist ({leftovers:?}); not touched")
+            }
+            None => {}
+            Some(id) => match recovery::inspect(id).map_err(|e| e.of(&config))? {
+                recovery::Leftover::Served { pid, comm } => {
+                    return Err(UblkFailure::IdServed { id, pid, comm }.of(&config));
+                }
+                recovery::Leftover::Recoverable {
+                    capacity_bytes,
+                    logical_block_size_bytes,
+                    ..
+                } if capacity_bytes != limits.capacity_bytes
+                    || logical_block_size_bytes != limits.logical_block_size_bytes =>
+                {
+                    return Err(UblkFailure::RecoverMismatch {
+                        dev_id: id,
+                        capacity_bytes,
+                        logical_block_size_bytes,
+                        node: node.name().to_owned(),
+                        node_capacity_bytes: limits.capacity_bytes,
+                        node_logical_block_size_bytes: limits.logical_block_size_bytes,
+                    }
+                    .of(&config));
+                }
+                recovery::Leftover::Recoverable {
+                    queues,
+                    queue_depth,
+                    ..
+                } => {
+                    tracing::warn!(
+                        export = %config.name,
+                        "ublk device {id} was left by a server that died: taking it over \
+                         (its {queues} queues of depth {queue_depth}; held and unfinished \
+                         requests are served now)"
+                    );
+                    recover = Some((queues, queue_depth));
+                }
+                recovery::Leftover::Dead { state } => {
+                    recovery::remove(id, Duration::from_millis(UBLK_DEL_MIN_MS))
+                        .map_err(|e| e.of(&config))?;
+                    tracing::warn!(
+                        export = %config.name,
+                        "ublk device {id} was left {} by a server that died and cannot be \
+                         recovered: removed, creating it again",
+                        recovery::state_name(state)
+                    );
+                }
+            },
+        }
         let io_buf_bytes = limits
             .max_transfer_bytes
             .clamp(limits.logical_block_size_bytes.max(4096), UBLK_MAX_IO_BYTES);
         let read_only = config.read_only || node.read_only();
-        let ctrl = UblkCtrlBuilder::default()
-            .name("sluice")
-            .id(config.id.map(|i| i as i32).unwrap_or(-1))
-            .nr_queues(config.queues)
-            .depth(config.queue_depth)
-            .io_buf_bytes(io_buf_bytes)
-            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-            .build()
-            .map_err(|e| UblkFailure::Add(e).of(&config))?;
+        let recovery_flags =
+            u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE);
+        let ctrl_flags = if !config.recovery {
+            0
+        } else if features & recovery_flags == recovery_flags {
+            recovery_flags
+        } else {
+            tracing::warn!(
+                export = %config.name,
+                "this kernel's ublk driver has no user recovery: if sluice dies, the device goes"
+            );
+            0
+        };
+        let ctrl = if let Some((queues, queue_depth)) = recover {
+            let id = config.id.expect("recovering an id asked for");
+            // libublk sizes its per-queue tables from these; the kernel's
+            // device info replaces the rest.
+            let ctrl = UblkCtrlBuilder::default()
+                .name("sluice")
+                .id(id as i32)
+                .nr_queues(queues)
+                .depth(queue_depth)
+                .io_buf_bytes(io_buf_bytes)
+                .ctrl_flags(ctrl_flags)
+                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+                .build()
+                .map_err(|source| UblkFailure::Recover { dev_id: id, source }.of(&config))?;
+            // Waits (libublk: up to 30 s) while the kernel still releases
+            // the dead server's char device.
+            ctrl.start_user_recover()
+                .map_err(|source| UblkFailure::Recover { dev_id: id, source }.of(&config))?;
+            ctrl
+        } else {
+            UblkCtrlBuilder::default()
+                .name("sluice")
+                .id(config.id.map(|i| i as i32).unwrap_or(-1))
+                .nr_queues(config.queues)
+                .depth(config.queue_depth)
+                .io_buf_bytes(io_buf_bytes)
+                .ctrl_flags(ctrl_flags)
+                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+                .build()
+                .map_err(|e| UblkFailure::Add(e).of(&config))?
+        };
         let ctrl = Arc::new(ctrl);
-        let dev_id = ctrl.dev_info().dev_id;
-        let wakers = (0..config.queues)
+        let info = ctrl.dev_info();
+        let dev_id = info.dev_id;
+        // A recovered device keeps the geometry it was created with.
+        let (queues, depth) = (info.nr_hw_queues, info.queue_depth);
+        if (queues, depth) != (config.queues, config.queue_depth) {
+            tracing::warn!(
+                export = %config.name,
+                "ublk device {dev_id} has {queues} queues of depth {depth} (asked: {} of {})",
+                config.queues,
+                config.queue_depth
+            );
+        }
+        let mut config = config;
+        (config.queues, config.queue_depth) = (queues, depth);
+        let wakers = (0..queues)
             .map(|_| EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC))
             .collect::<std::io::Result<Box<[EventFd]>>>()
             .map_err(|source| {
@@ -244,7 +397,7 @@ impl UblkExport {
             })?;
         let shared = Arc::new(UblkShared {
             binding: Arc::new(Binding::new(node.clone())),
-            queues: (0..config.queues).map(|_| QueueShared::default()).collect(),
+            queues: (0..queues).map(|_| QueueShared::default()).collect(),
             wakers,
         });
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -257,7 +410,6 @@ impl UblkExport {
             };
             let shared = shared.clone();
             let name = config.name.clone();
-            let depth = config.queue_depth;
             std::thread::Builder::new()
                 .name(format!("ublk-{dev_id}"))
                 .spawn(move || {
