@@ -35,8 +35,10 @@ pub struct Daemon {
     state: Mutex<State>,
     /// Set once close-all begins: the monitor refuses changes from then on.
     closing: AtomicBool,
-    /// Log close-all steps at debug level (undoing a failed start).
-    quiet: AtomicBool,
+    /// Undoing a failed start: close-all logs its steps at debug level, and
+    /// leaves the ublk devices this start took over waiting for the next
+    /// server instead of removing them.
+    undoing_start: AtomicBool,
     /// What close-all is waiting for, for a second signal to report.
     pending: Mutex<Pending>,
     /// Every node ever opened, so that a second signal can flush what is
@@ -250,7 +252,7 @@ impl Daemon {
         let daemon = Arc::new(Daemon {
             state: Mutex::new(State::default()),
             closing: AtomicBool::new(false),
-            quiet: AtomicBool::new(false),
+            undoing_start: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
             opened: Mutex::new(Vec::new()),
         });
@@ -267,7 +269,7 @@ impl Daemon {
         })();
         if let Err(e) = result {
             // Undo quietly: the error line is what the user reads.
-            daemon.set_quiet();
+            daemon.undoing_start();
             let _ = daemon.close_all();
             return Err(StartError(e));
         }
@@ -432,7 +434,16 @@ impl Daemon {
     fn detach_one(&self, x: Export, timeout: Duration) -> Result<(), OpError> {
         let name = x.name().to_owned();
         let node = x.node().name().to_owned();
-        let result = x.detach(timeout).map(|_| ()).map_err(OpError::from);
+        let result = if self.undoing_start.load(Ordering::Relaxed) && x.taken_over() {
+            tracing::warn!(
+                export = name,
+                "leaving the ublk device this start took over waiting for the next server"
+            );
+            x.abandon();
+            Ok(())
+        } else {
+            x.detach(timeout).map(|_| ()).map_err(OpError::from)
+        };
         let released = self.state().graph.release(&node, &Holder::Export(name));
         match released {
             Ok(Some(last)) => flush_bounded(last, Duration::from_millis(FLUSH_TIMEOUT_MS))?,
@@ -665,10 +676,21 @@ impl Daemon {
             .collect()
     }
 
-    /// Close-all's steps are logged at debug level from now on (undoing a
-    /// failed start: the error line is what the user reads).
-    pub fn set_quiet(&self) {
-        self.quiet.store(true, Ordering::Relaxed);
+    /// The ublk device ids this daemon serves.
+    pub(crate) fn ublk_ids(&self) -> Vec<u32> {
+        self.state()
+            .exports
+            .values()
+            .filter_map(Export::ublk_id)
+            .collect()
+    }
+
+    /// The start failed and close-all is about to undo it: its steps are
+    /// logged at debug level (the error line is what the user reads), and
+    /// ublk devices that this start took over from a dead server are left
+    /// waiting, as they were found, for the next one.
+    pub fn undoing_start(&self) {
+        self.undoing_start.store(true, Ordering::Relaxed);
     }
 
     /// Close-all, after the seed commit (`bdrv_close_all` rewrite): every
@@ -694,7 +716,7 @@ impl Daemon {
     }
 
     fn log(&self, msg: std::fmt::Arguments<'_>) {
-        if self.quiet.load(Ordering::Relaxed) {
+        if self.undoing_start.load(Ordering::Relaxed) {
             tracing::debug!("{msg}");
         } else {
             tracing::info!("{msg}");

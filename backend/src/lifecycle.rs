@@ -52,7 +52,7 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
         Ok(m) => m,
         Err(e) => {
             eprintln!("sluice: {e}");
-            daemon.set_quiet();
+            daemon.undoing_start();
             daemon.close_all();
             // Nodes are closed: the images this start created can go.
             drop(created);
@@ -60,6 +60,7 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
         }
     };
     created.keep();
+    crate::export::ublk::warn_about_waiting_devices(&daemon.ublk_ids());
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();

@@ -27,6 +27,9 @@ set -uo pipefail
 S=@SLUICE@
 ublk_errors() { dmesg | grep -i 'ublkb0' | grep -ci 'error'; }
 serve() { start "$1" 1 --disk /dev/nvme0n1 --ublk 0 --queues 2; }
+# An upgrade is a new binary started over a killed one: the even kills start this copy.
+cp "$S" /tmp/sluice-upgraded
+OLD=$S
 
 # ---- 1. a mounted ublkb0, written to ----
 serve r0
@@ -62,11 +65,14 @@ for k in $(seq KILLS); do
     wait $pid 2>/dev/null
     if [ -b /dev/ublkb0 ]; then report kill$k.device_kept yes; else report kill$k.device_kept no; fi
     report kill$k.state "$(cat /sys/block/ublkb0/dev 2>/dev/null)"
+    if [ $((k % 2)) = 0 ]; then S=/tmp/sluice-upgraded; else S=$OLD; fi
     serve r$k
+    report kill$k.binary "$(readlink /proc/$pid/exe)"
     report kill$k.pause "$(since $t0)"
     grep -q 'taking it over' /tmp/r$k.err && report kill$k.recovered yes || report kill$k.recovered no
     sleep 2
 done
+S=$OLD
 lap kills
 report recover.line "$(grep -m1 'taking it over' /tmp/r1.err)"
 
@@ -109,6 +115,28 @@ if [ -b /dev/ublkb3 ]; then report stale.served yes; else report stale.served no
 stop stale2 $pid
 if [ -e /sys/class/ublk-char/ublkc3 ]; then report stale.gone no; else report stale.gone yes; fi
 lap stale
+
+# ---- 6. a device nobody takes over is named at start-up; its export takes it over ----
+start orphan 1 --disk null:64M --ublk 7 --control /tmp/orphan.sock
+kill -KILL $pid
+wait $pid 2>/dev/null
+start other 1 --disk null:64M --ublk 8 --control /tmp/other.sock
+other=$pid
+report orphan.line "$(grep -m1 'ublk device 7 waits for its server' /tmp/other.err)"
+# A start that takes the device over and then fails (its control socket is taken) leaves it
+# waiting, as it found it.
+timeout 60 "$S" serve --disk null:64M --ublk 7 --control /tmp/other.sock >/tmp/failed.out 2>/tmp/failed.err
+report orphan.failed_exit $?
+report orphan.failed_error "$(grep '^sluice:' /tmp/failed.err | tail -1)"
+if [ -b /dev/ublkb7 ]; then report orphan.kept yes; else report orphan.kept no; fi
+start orphan2 1 --disk null:64M --ublk 7 --control /tmp/orphan2.sock
+grep -q 'taking it over' /tmp/orphan2.err && report orphan.recovered yes || report orphan.recovered no
+dd if=/dev/ublkb7 of=/dev/null bs=4k count=1 iflag=direct status=none
+report orphan.read $?
+stop orphan2 $pid
+stop other $other
+if [ -e /sys/class/ublk-char/ublkc7 ] || [ -e /sys/class/ublk-char/ublkc8 ]; then report orphan.gone no; else report orphan.gone yes; fi
+lap orphan
 report done yes
 "#;
 
@@ -200,4 +228,29 @@ fn ublk_device_survives_sigkill_and_restart() {
     run.ensure_eq("stale.served", "yes");
     run.ensure_eq("stale2.exit", "0");
     run.ensure_eq("stale.gone", "yes");
+    // The upgraded binary took the device over as the old one did.
+    for k in (2..=KILLS).step_by(2) {
+        run.ensure_eq(&format!("kill{k}.binary"), "/tmp/sluice-upgraded");
+    }
+    // A device waiting for a server that nobody starts is named, and its
+    // export, started again, takes it over.
+    run.ensure(
+        !run.result("orphan.line").is_empty(),
+        "sluice did not name the ublk device waiting for its server",
+    );
+    run.ensure(
+        run.result("orphan.failed_exit") != "0"
+            && run.result("orphan.failed_error").contains("control socket"),
+        format!(
+            "a start with a taken control socket: exit {}, {:?}",
+            run.result("orphan.failed_exit"),
+            run.result("orphan.failed_error")
+        ),
+    );
+    run.ensure_eq("orphan.kept", "yes");
+    run.ensure_eq("orphan.recovered", "yes");
+    run.ensure_eq("orphan.read", "0");
+    run.ensure_eq("orphan2.exit", "0");
+    run.ensure_eq("other.exit", "0");
+    run.ensure_eq("orphan.gone", "yes");
 }

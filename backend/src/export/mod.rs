@@ -92,6 +92,30 @@ impl Export {
         }
     }
 
+    /// Whether this export took over a device a dead server left (ublk
+    /// recovery).
+    pub(crate) fn taken_over(&self) -> bool {
+        matches!(self, Export::Ublk(x) if x.taken_over())
+    }
+
+    /// Leaves the export as it is for the process's exit (a failed start
+    /// that took over a ublk device): the kernel quiesces the device again
+    /// when this process's char device closes, and the next server takes
+    /// it over. Only for an export whose process is about to exit.
+    pub(crate) fn abandon(self) {
+        // Its queue threads keep serving until the process exits; dropping
+        // it would stop and delete the device.
+        std::mem::forget(self);
+    }
+
+    /// The ublk device id N of `/dev/ublkbN` (`None` for vhost-user).
+    pub(crate) fn ublk_id(&self) -> Option<u32> {
+        match self {
+            Export::Ublk(x) => Some(x.dev_id()),
+            Export::VhostUser(_) => None,
+        }
+    }
+
     /// The node, mirror tap and pause its queues share.
     pub(crate) fn binding(&self) -> &Arc<crate::binding::Binding> {
         match self {

@@ -67,6 +67,8 @@ pub(crate) struct UblkExport {
     dev_id: u32,
     shared: Arc<UblkShared>,
     thread: Option<JoinHandle<()>>,
+    /// The device was left by a dead server and taken over.
+    taken_over: bool,
 }
 
 /// What the queue threads share with the control plane.
@@ -259,6 +261,27 @@ pub(crate) fn existing_devices() -> Vec<u32> {
         .collect();
     ids.sort_unstable();
     ids
+}
+
+/// Devices that wait to be taken over (their server died, recovery on)
+/// and that none of `served` is: their I/O is held until an export with
+/// their id is started again. One warning each, saying what to do.
+pub(crate) fn warn_about_waiting_devices(served: &[u32]) {
+    if !Path::new(UBLK_CONTROL).exists() || ensure_ctrl_ring().is_err() {
+        return;
+    }
+    for id in existing_devices()
+        .into_iter()
+        .filter(|id| !served.contains(id))
+    {
+        if let Ok(recovery::Leftover::Recoverable { .. }) = recovery::inspect(id) {
+            tracing::warn!(
+                "ublk device {id} waits for its server (it died; the device's I/O is held): start \
+                 its export again with the same node and `ublk_id = {id}` (or `sluice ctl \
+                 export-add NAME --node NODE --ublk {id}`) to take it over"
+            );
+        }
+    }
 }
 
 impl UblkExport {
@@ -462,6 +485,7 @@ impl UblkExport {
             dev_id,
             shared,
             thread: Some(thread),
+            taken_over: recover.is_some(),
         })
     }
 
@@ -512,6 +536,11 @@ impl UblkExport {
     pub(crate) fn resume(&self) {
         self.shared.binding.resume();
         self.shared.wake_all();
+    }
+
+    /// Whether the device was left by a dead server and taken over.
+    pub(crate) fn taken_over(&self) -> bool {
+        self.taken_over
     }
 
     /// The device id.
