@@ -87,6 +87,23 @@ pub struct ExportParams {
     /// Polling window in µs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub poll_us: Option<u64>,
+    /// What the export does when its node's drive goes away (default
+    /// `fail`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_removed: Option<OnRemoved>,
+}
+
+/// What an export does when its node's drive goes away.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRemoved {
+    /// Stay, failing every request with an I/O error (until removed, or
+    /// the node comes back).
+    #[default]
+    Fail,
+    /// A ublk device is removed, as by `export_remove --force`; a
+    /// vhost-user export keeps failing requests until it is removed.
+    Stop,
 }
 
 /// How `export_remove` treats requests in flight.
@@ -167,8 +184,46 @@ pub struct NodeInfo {
     pub capacity_bytes: u64,
     /// Opened without write access.
     pub read_only: bool,
+    /// `open`, or `removed` once its drive went away.
+    #[serde(default)]
+    pub state: NodeState,
     /// Who holds it.
     pub holders: Vec<Holder>,
+}
+
+/// Whether a node's drive is there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Served.
+    #[default]
+    Open,
+    /// Its drive went away: every request fails with an I/O error.
+    Removed,
+}
+
+/// What the daemon tells clients that called `events_subscribe`, each as
+/// the params of a JSON-RPC notification `{"method": "event", "params": …}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A node's drive went away.
+    NodeRemoved {
+        /// The node.
+        node: String,
+        /// Its device.
+        device: String,
+        /// The exports that served it (and now fail every request).
+        exports: Vec<String>,
+    },
+    /// An export was stopped because its node's drive went away
+    /// (`on_removed = "stop"`).
+    ExportStopped {
+        /// The export.
+        export: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The `event` of a ready line: always `"ready"`.
@@ -548,6 +603,7 @@ mod tests {
             socket_mode: None,
             ublk_id: None,
             ublk_recovery: None,
+            on_removed: None,
             queues: Some(2),
             queue_depth: None,
             read_only: false,
@@ -645,12 +701,36 @@ mod tests {
     }
 
     #[test]
+    fn events_on_the_wire() {
+        let e = Event::NodeRemoved {
+            node: "d1".into(),
+            device: "/dev/nvme1n1".into(),
+            exports: vec!["u1".into()],
+        };
+        assert_eq!(
+            round_trip(&e),
+            json!({"event": "node_removed", "node": "d1", "device": "/dev/nvme1n1",
+                   "exports": ["u1"]})
+        );
+        let e = Event::ExportStopped {
+            export: "u1".into(),
+            reason: "r".into(),
+        };
+        assert_eq!(
+            round_trip(&e),
+            json!({"event": "export_stopped", "export": "u1", "reason": "r"})
+        );
+        assert_eq!(round_trip(&OnRemoved::Stop), json!("stop"));
+    }
+
+    #[test]
     fn node_info_on_the_wire() {
         let n = NodeInfo {
             name: "disk0".into(),
             disk: "null:64M".into(),
             capacity_bytes: 64 << 20,
             read_only: false,
+            state: NodeState::Open,
             holders: vec![
                 Holder::Monitor,
                 Holder::Export("vm".into()),
@@ -660,7 +740,7 @@ mod tests {
         assert_eq!(
             round_trip(&n),
             json!({"name": "disk0", "disk": "null:64M", "capacity_bytes": 64 << 20,
-                   "read_only": false,
+                   "read_only": false, "state": "open",
                    "holders": [{"kind": "monitor"}, {"kind": "export", "name": "vm"},
                                {"kind": "job", "name": "mirror0"}]})
         );

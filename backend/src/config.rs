@@ -62,6 +62,8 @@ pub struct ExportConfig {
     pub serial: String,
     /// Polling window.
     pub poll_window_us: u32,
+    /// What the export does when its node's drive goes away.
+    pub on_removed: crate::api::OnRemoved,
 }
 
 /// Protocol of an export.
@@ -393,6 +395,7 @@ impl ExportParams {
             disk: self.disk,
             kind,
             read_only: self.read_only,
+            on_removed: self.on_removed.unwrap_or_default(),
         };
         export.validate()?;
         Ok(export)
@@ -765,6 +768,7 @@ mod tests {
             read_only: false,
             serial: "e".into(),
             poll_window_us: MAX_POLL_WINDOW_US + 1,
+            on_removed: crate::api::OnRemoved::Fail,
         };
         let err = export.validate().unwrap_err();
         assert!(

@@ -159,6 +159,28 @@ impl CtlClient {
         })
     }
 
+    /// The next notification the daemon sends (after `events_subscribe`):
+    /// its params; `None` when the daemon closed the connection.
+    pub fn next_notification(&mut self) -> Result<Option<Value>, CtlError> {
+        let path = || self.path.clone();
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|source| CtlError::Receive {
+                path: path(),
+                source,
+            })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let note: Value = serde_json::from_str(&line).map_err(|source| CtlError::BadReply {
+            path: path(),
+            source,
+        })?;
+        Ok(Some(note.get("params").cloned().unwrap_or(Value::Null)))
+    }
+
     /// Calls `method` with `params`; returns the result.
     pub fn call(&mut self, method: &str, params: Value) -> Result<Value, CtlError> {
         let id = self.next_id;
@@ -312,6 +334,29 @@ fn jobs_table(jobs: &[JobStatus]) -> String {
     t.to_string()
 }
 
+/// One event (`sluice ctl events`) as a line for a person.
+pub fn render_event(event: &Value) -> String {
+    match serde_json::from_value::<crate::api::Event>(event.clone()) {
+        Ok(crate::api::Event::NodeRemoved {
+            node,
+            device,
+            exports,
+        }) => format!(
+            "node_removed: node {node} ({device}): its drive was removed; exports failing: {}",
+            if exports.is_empty() {
+                "none".to_owned()
+            } else {
+                exports.join(", ")
+            }
+        ),
+        Ok(crate::api::Event::ExportStopped { export, reason }) => {
+            format!("export_stopped: export {export}: {reason}")
+        }
+        // A newer daemon's event: as it came.
+        Err(_) => event.to_string(),
+    }
+}
+
 /// Renders a method's result, the daemon at `path`'s answer, for a person:
 /// a table, or the JSON for answers that are not lists. A result that is not
 /// what the method returns is an error.
@@ -320,13 +365,18 @@ pub fn render(method: &str, result: &Value, path: &Path) -> Result<String, CtlEr
     Ok(match method {
         "node_list" => {
             let nodes: Vec<NodeInfo> = read_answer(method, path, result)?;
-            let mut t = table(&["node", "disk", "capacity", "ro", "holders"]);
+            let mut t = table(&["node", "disk", "capacity", "ro", "state", "holders"]);
             for n in &nodes {
                 t.add_row(vec![
                     n.name.clone(),
                     n.disk.clone(),
                     crate::size::HumanBytes(n.capacity_bytes).to_string(),
                     n.read_only.to_string(),
+                    match n.state {
+                        crate::api::NodeState::Open => "open",
+                        crate::api::NodeState::Removed => "removed",
+                    }
+                    .to_owned(),
                     holders(&n.holders),
                 ]);
             }

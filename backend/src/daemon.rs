@@ -44,6 +44,9 @@ pub struct Daemon {
     /// Every node ever opened, so that a second signal can flush what is
     /// still open without the state lock (close-all may hold it).
     opened: Mutex<Vec<Weak<Node>>>,
+    /// Clients streaming events (`events_subscribe`); a closed one is
+    /// dropped at the next event.
+    events: Mutex<Vec<mpsc::Sender<crate::api::Event>>>,
 }
 
 /// The close-all step under way and what it still waits for.
@@ -62,6 +65,8 @@ struct State {
     exports_busy: std::collections::BTreeSet<String>,
     jobs: BTreeMap<String, MirrorJob>,
     next_job: u64,
+    /// Each export's `on_removed` policy.
+    on_removed: BTreeMap<String, crate::api::OnRemoved>,
 }
 
 impl State {
@@ -255,6 +260,7 @@ impl Daemon {
             undoing_start: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
             opened: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
         });
         let mut created = CreatedFiles::default();
         let result = (|| {
@@ -378,6 +384,9 @@ impl Daemon {
             }
             Ok(x) => {
                 let description = x.describe();
+                state
+                    .on_removed
+                    .insert(config.name.clone(), config.on_removed);
                 state.exports.insert(config.name.clone(), x);
                 Ok(description)
             }
@@ -674,6 +683,92 @@ impl Daemon {
                 Export::Ublk(_) => None,
             })
             .collect()
+    }
+
+    /// Whether close-all has begun.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// A stream of the daemon's events from now on (ends when the daemon
+    /// goes).
+    pub(crate) fn subscribe_events(&self) -> mpsc::Receiver<crate::api::Event> {
+        let (tx, rx) = mpsc::channel();
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
+        rx
+    }
+
+    fn emit(&self, event: crate::api::Event) {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|tx| tx.send(event.clone()).is_ok());
+    }
+
+    /// Finds nodes whose drive went away (marked by the data path, or gone
+    /// from sysfs) and reports each once: a warning naming the node, its
+    /// device and its exports, an event, and each export's `on_removed`
+    /// policy. Called by the hot-plug watcher.
+    pub(crate) fn check_removed_nodes(self: &Arc<Self>) {
+        let nodes: Vec<Arc<Node>> = self
+            .state()
+            .graph
+            .nodes()
+            .map(|(_, n, _)| n.clone())
+            .filter(|n| n.device_number().is_some())
+            .collect();
+        for node in nodes {
+            if !node.is_removed() && node.device_gone() {
+                node.mark_removed();
+            }
+            if !node.take_removal_report() {
+                continue;
+            }
+            let (exports, stop): (Vec<String>, Vec<String>) = {
+                let state = self.state();
+                let exports: Vec<String> = state
+                    .exports_of(node.name())
+                    .map(|x| x.name().to_owned())
+                    .collect();
+                let stop = exports
+                    .iter()
+                    .filter(|x| {
+                        state.on_removed.get(*x) == Some(&crate::api::OnRemoved::Stop)
+                            && state.exports.get(*x).is_some_and(|x| x.ublk_id().is_some())
+                    })
+                    .cloned()
+                    .collect();
+                (exports, stop)
+            };
+            let device = node.spec().to_string();
+            tracing::warn!(
+                node = node.name(),
+                "the drive of node {} ({device}) was removed: its exports {exports:?} fail every \
+                 request with an I/O error",
+                node.name()
+            );
+            self.emit(crate::api::Event::NodeRemoved {
+                node: node.name().to_owned(),
+                device,
+                exports,
+            });
+            for name in stop {
+                let daemon = self.clone();
+                std::thread::spawn(move || match daemon.remove_export(&name, true) {
+                    Ok(_) => {
+                        tracing::warn!(export = name, "stopped: its node's drive was removed");
+                        daemon.emit(crate::api::Event::ExportStopped {
+                            export: name,
+                            reason: "its node's drive was removed".into(),
+                        });
+                    }
+                    Err(e) => tracing::error!(export = name, "cannot stop: {e}"),
+                });
+            }
+        }
     }
 
     /// The ublk device ids this daemon serves.
@@ -1012,6 +1107,11 @@ fn node_info(graph: &Graph, name: &str) -> NodeInfo {
         disk: node.spec().to_string(),
         capacity_bytes: node.limits().capacity_bytes,
         read_only: node.read_only(),
+        state: if node.is_removed() {
+            crate::api::NodeState::Removed
+        } else {
+            crate::api::NodeState::Open
+        },
         holders: graph.holders(name),
     }
 }

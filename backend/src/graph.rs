@@ -212,6 +212,11 @@ impl Graph {
 /// left the graph is this flush; its descriptor goes with the last reference.
 pub(crate) fn flush_bounded(node: Arc<Node>, timeout: Duration) -> Result<(), FlushError> {
     let name = node.name().to_owned();
+    if node.is_removed() {
+        // Its data went with the drive; there is nothing to flush it to.
+        tracing::warn!(node = name, "the node's drive was removed: not flushed");
+        return Ok(());
+    }
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(node.flush());

@@ -28,6 +28,7 @@ pub(crate) mod engine;
 pub(crate) mod export;
 pub mod fuzzing;
 pub(crate) mod graph;
+pub(crate) mod hotplug;
 pub(crate) mod iovec;
 pub(crate) mod jobs;
 pub mod lifecycle;

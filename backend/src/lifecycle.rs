@@ -3,7 +3,7 @@
 //! systemd's `READY=1`, then close-all on SIGINT/SIGTERM or the monitor's
 //! `shutdown`, with a second signal heard while it runs.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -60,6 +60,12 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
         }
     };
     created.keep();
+    if let Err(e) = crate::hotplug::spawn_watcher(Arc::downgrade(&daemon)) {
+        tracing::warn!(
+            "cannot start the hot-plug watcher: {e}; a removed drive is noticed only when its \
+             requests fail"
+        );
+    }
     crate::export::ublk::warn_about_waiting_devices(&daemon.ublk_ids());
     {
         use std::io::Write;

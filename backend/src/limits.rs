@@ -97,3 +97,10 @@ pub const DEPENDENCY_LOG_MAX_KEYS: usize = 1_024;
 /// logged, further errors of that kind on that queue are summed up in one
 /// line at most this often while they continue.
 pub const BACKING_ERROR_LOG_INTERVAL_MS: u64 = 10_000;
+
+/// How often the hot-plug watcher checks every block node against sysfs
+/// even without a uevent: a removed drive is noticed within this.
+pub const HOTPLUG_CHECK_INTERVAL_MS: u64 = 500;
+/// How often a client streaming events (`events_subscribe`) is checked for
+/// having gone away while no event comes.
+pub const EVENT_STREAM_CHECK_MS: u64 = 1_000;

@@ -172,6 +172,9 @@ enum CtlCommand {
     },
     /// List the monitor's methods.
     Methods,
+    /// Print the daemon's events (a drive removed, an export stopped) as they
+    /// come, until the daemon stops or Ctrl-C.
+    Events,
 }
 
 #[derive(Debug, clap::Args)]
@@ -371,6 +374,7 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), CliError> {
         read_only: args.read_only,
         serial: args.serial.clone().unwrap_or_else(|| "sluice".into()),
         poll_window_us: args.poll_us,
+        on_removed: Default::default(),
     };
     let mut exports = Vec::new();
     if let Some(socket) = &args.vhost_user {
@@ -413,6 +417,31 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), CliError> {
     Ok((config, false))
 }
 
+/// `sluice ctl events`: one line per event, JSON with `--json`.
+fn ctl_events(path: &std::path::Path, json: bool) -> ExitCode {
+    let result = sluice::ctl::CtlClient::connect(path).and_then(|mut c| {
+        c.call("events_subscribe", serde_json::json!({}))?;
+        while let Some(event) = c.next_notification()? {
+            let line = if json {
+                event.to_string()
+            } else {
+                sluice::ctl::render_event(&event)
+            };
+            println!("{line}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice ctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// The device number of `--ublk ID`.
 fn parse_ublk_id(given: &str) -> Result<u32, CliError> {
     given.parse().map_err(|source| CliError::UblkId {
@@ -426,6 +455,9 @@ fn ctl(args: CtlArgs) -> ExitCode {
         .control
         .clone()
         .unwrap_or_else(sluice::config::default_control_path);
+    if let CtlCommand::Events = args.command {
+        return ctl_events(&path, args.json);
+    }
     let wait_for = match &args.command {
         CtlCommand::Mirror { wait: true, .. } => Some(None),
         CtlCommand::JobStatus { id, wait: true } => Some(Some(id.clone())),
@@ -550,6 +582,7 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), CliError
                 socket_mode: None,
                 ublk_id,
                 ublk_recovery: ublk_no_recovery.then_some(false),
+                on_removed: None,
                 queues: queues.map(u64::from),
                 queue_depth: queue_depth.map(u64::from),
                 read_only: *read_only,
@@ -596,6 +629,7 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), CliError
         CtlCommand::JobComplete { id } => ("job_complete".into(), job(id)?),
         CtlCommand::Shutdown => ("shutdown".into(), params(&NoParams {})?),
         CtlCommand::Methods => ("rpc_methods".into(), params(&NoParams {})?),
+        CtlCommand::Events => ("events_subscribe".into(), params(&NoParams {})?),
         CtlCommand::Call { method, params } => {
             let p = match params {
                 Some(text) => serde_json::from_str(text).map_err(CliError::CallParams)?,

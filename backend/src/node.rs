@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use sluice_hw::{BackingKind, Profile};
 
@@ -112,6 +113,12 @@ pub enum NodeError {
         /// Its capacity.
         capacity_bytes: u64,
     },
+    /// The node's drive was removed: nothing can be flushed.
+    #[error("node {name}: its drive was removed; not flushed")]
+    Removed {
+        /// The node.
+        name: String,
+    },
     /// The final flush failed.
     #[error("flush {name}: {source}")]
     Flush {
@@ -143,6 +150,11 @@ pub struct Node {
     read_only: bool,
     limits: NodeLimits,
     profile: Option<Profile>,
+    /// Its block device went away (hot-remove): every request fails with
+    /// EIO from now on, and nothing is flushed. Written once.
+    removed: AtomicBool,
+    /// The removal was reported (logged, sent as an event).
+    removal_reported: AtomicBool,
 }
 
 /// The limits and capabilities fronts advertise and validate against.
@@ -197,6 +209,8 @@ impl Node {
                     max_transfer_bytes: u32::MAX,
                 },
                 profile: None,
+                removed: AtomicBool::new(false),
+                removal_reported: AtomicBool::new(false),
             }),
             DiskSpec::Path(path) => Self::open_path(name, spec, path, read_only),
         }
@@ -302,7 +316,58 @@ impl Node {
             read_only,
             limits,
             profile: Some(profile),
+            removed: AtomicBool::new(false),
+            removal_reported: AtomicBool::new(false),
         })
+    }
+
+    /// The block device's number (`None` for files and null nodes).
+    pub(crate) fn device_number(&self) -> Option<(u32, u32)> {
+        match self.profile.as_ref()?.kind {
+            BackingKind::BlockDevice { major, minor } => Some((major, minor)),
+            BackingKind::RegularFile => None,
+        }
+    }
+
+    /// Whether the node's drive went away. One relaxed load: the request
+    /// path asks it for every request.
+    pub(crate) fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    /// True once, the first time it is asked after the node was marked
+    /// removed: whoever gets it reports the removal.
+    pub(crate) fn take_removal_report(&self) -> bool {
+        self.is_removed() && !self.removal_reported.swap(true, Ordering::AcqRel)
+    }
+
+    /// Marks the drive as gone; true the first time.
+    pub(crate) fn mark_removed(&self) -> bool {
+        !self.removed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether the block device is gone from the system: its
+    /// `/sys/dev/block/MAJ:MIN` no longer exists (a device removed while
+    /// open keeps its descriptor, but sysfs forgets it). Never for files.
+    pub(crate) fn device_gone(&self) -> bool {
+        self.device_number().is_some_and(|(major, minor)| {
+            !Path::new(&format!("/sys/dev/block/{major}:{minor}")).exists()
+        })
+    }
+
+    /// A request failed with `errno`: whether that is because the drive went
+    /// away (checked against sysfs only for the errors a removed device
+    /// gives: EIO, ENOSPC, ENODEV, ENXIO). Marks the node removed if so.
+    pub(crate) fn failed_because_removed(&self, errno: i32) -> bool {
+        if self.is_removed() {
+            return true;
+        }
+        matches!(errno, libc::EIO | libc::ENOSPC | libc::ENODEV | libc::ENXIO)
+            && self.device_gone()
+            && {
+                self.mark_removed();
+                true
+            }
     }
 
     /// The node's name in the daemon.
@@ -346,6 +411,11 @@ impl Node {
     /// Makes every completed write durable (`fdatasync`). Used off the request
     /// path, by shutdown; queues flush through their own rings.
     pub fn flush(&self) -> Result<(), NodeError> {
+        if self.is_removed() {
+            return Err(NodeError::Removed {
+                name: self.name.clone(),
+            });
+        }
         let (Backing::BlockDevice(file) | Backing::File(file)) = &self.backing else {
             return Ok(());
         };

@@ -257,6 +257,10 @@ impl<C> SlotTable<C> {
         if req.segments.len() > MAX_SEGMENTS {
             return Err(RequestError::Invalid);
         }
+        if self.node.is_removed() {
+            // The drive went away: I/O error, whatever the op.
+            return Err(RequestError::Io(libc::EIO));
+        }
         let i = usize::from(index);
         let mut prepared = self.prepare(i, req)?;
         let slot = &mut self.slots[i];
@@ -488,7 +492,17 @@ impl<C> SlotTable<C> {
             .take()
             .expect("completion for a slot that is not in flight");
         let result = if res < 0 {
-            Err(RequestError::Io(-res))
+            // A drive that goes away answers ENOSPC (an NVMe namespace being
+            // removed) or ENODEV/ENXIO as well as EIO, before sysfs has
+            // forgotten it; to a consumer a block device's failure is an
+            // I/O error ("no space left" on a disk would read as a full thin
+            // pool). A file's ENOSPC is its file system's, and true.
+            let errno = match (-res, self.node.backing()) {
+                _ if self.node.failed_because_removed(-res) => libc::EIO,
+                (libc::ENOSPC | libc::ENODEV | libc::ENXIO, Backing::BlockDevice(_)) => libc::EIO,
+                (errno, _) => errno,
+            };
+            Err(RequestError::Io(errno))
         } else if slot.op.moves_data() && res as u64 != slot.expected_bytes {
             // O_DIRECT transfers inside capacity are never short unless the
             // device failed part of them.

@@ -30,6 +30,7 @@ pub const METHODS: &[(&str, &str)] = &[
     ("job_cancel", "stop a job and flush its target: {id}"),
     ("job_complete", "pivot a ready mirror: its exports switch to the target: {id}"),
     ("daemon_stats", "process-wide counters: heap allocations so far"),
+    ("events_subscribe", "this connection streams the daemon's events from now on (node_removed, export_stopped) as JSON-RPC notifications {\"method\": \"event\", \"params\": EVENT} until it closes"),
     ("rpc_methods", "this list"),
     ("shutdown", "close everything in order and exit"),
 ];
@@ -105,6 +106,8 @@ pub enum Call {
     },
     /// `daemon_stats`.
     DaemonStats,
+    /// `events_subscribe` (the connection then streams events).
+    EventsSubscribe,
     /// `rpc_methods`.
     RpcMethods,
     /// `shutdown`.
@@ -128,6 +131,7 @@ impl Call {
             Call::JobCancel { .. } => "job_cancel",
             Call::JobComplete { .. } => "job_complete",
             Call::DaemonStats => "daemon_stats",
+            Call::EventsSubscribe => "events_subscribe",
             Call::RpcMethods => "rpc_methods",
             Call::Shutdown => "shutdown",
         }
@@ -189,6 +193,10 @@ pub fn parse_call(method: &str, p: Value, cwd: &Path) -> Result<Call, RpcError> 
             Call::DaemonStats
         }
         "rpc_methods" => Call::RpcMethods,
+        "events_subscribe" => {
+            params::<NoParams>(p)?;
+            Call::EventsSubscribe
+        }
         "shutdown" => {
             params::<NoParams>(p)?;
             Call::Shutdown
@@ -233,6 +241,8 @@ pub(super) fn run(
         Call::DaemonStats => answer(&DaemonStats {
             heap_allocations: crate::alloc::allocations(),
         }),
+        // The connection handler streams the events once this answer is out.
+        Call::EventsSubscribe => Ok(json!({"subscribed": true})),
         Call::RpcMethods => answer(
             &METHODS
                 .iter()

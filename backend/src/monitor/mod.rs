@@ -447,9 +447,17 @@ fn serve_client(
             write_reply(&mut writer, &reply)?;
             return Ok(());
         }
+        // Subscribed before the answer goes out, so no event falls between.
+        let mut events = None;
         let reply = match std::str::from_utf8(&line) {
             Ok(text) if text.trim().is_empty() => None,
-            Ok(text) => handle_line(text.trim(), daemon, stop),
+            Ok(text) => {
+                let text = text.trim();
+                if parse_request(text.as_bytes()).is_ok_and(|r| r.method == "events_subscribe") {
+                    events = Some(daemon.subscribe_events());
+                }
+                handle_line(text, daemon, stop)
+            }
             Err(e) => Some(error_response(
                 Value::Null,
                 RpcError::new(
@@ -461,12 +469,59 @@ fn serve_client(
                 ),
             )),
         };
+        let subscribed = reply.as_ref().is_some_and(|r| r.get("result").is_some());
         if let Some(reply) = reply {
             write_reply(&mut writer, &reply)?;
+        }
+        if let (Some(events), true) = (events, subscribed) {
+            return stream_events(&mut writer, reader.get_ref(), events, id, clients, daemon);
         }
         if !clients.set_idle(id, true) {
             say_goodbye(&mut writer, evicted());
             return Ok(());
+        }
+    }
+}
+
+/// After `events_subscribe`: writes each event as a notification until the
+/// client closes the connection (or sends anything: a subscribed
+/// connection takes no more requests), is evicted, or the daemon closes.
+/// An idle subscriber is evictable like any idle client.
+fn stream_events(
+    writer: &mut UnixStream,
+    conn: &UnixStream,
+    events: mpsc::Receiver<crate::api::Event>,
+    id: u64,
+    clients: &Clients,
+    daemon: &Daemon,
+) -> io::Result<()> {
+    use rustix::event::{PollFd, PollFlags};
+    let check = Duration::from_millis(crate::limits::EVENT_STREAM_CHECK_MS);
+    loop {
+        if !clients.set_idle(id, true) {
+            return Ok(());
+        }
+        match events.recv_timeout(check) {
+            Ok(event) => {
+                let note = json!({"jsonrpc": "2.0", "method": "event", "params": event});
+                write_reply(writer, &note)?;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if daemon.is_closing() {
+                    return Ok(());
+                }
+                // Readable (or hung up): the client closed, or broke the
+                // stream's contract by sending.
+                let mut fds = [PollFd::new(conn, PollFlags::IN | PollFlags::RDHUP)];
+                let zero = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                if rustix::event::poll(&mut fds, Some(&zero)).is_ok_and(|n| n > 0) {
+                    return Ok(());
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
     }
 }
