@@ -410,8 +410,11 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), CliError> {
             read_only: args.read_only,
             create_size_bytes: None,
         }],
+        control: Some(match &args.control {
+            Some(c) => cwd.join(c),
+            None => one_liner_control_path(&exports),
+        }),
         exports,
-        control: args.control.as_ref().map(|c| cwd.join(c)),
     };
     config.validate()?;
     Ok((config, false))
@@ -439,6 +442,30 @@ fn ctl_events(path: &std::path::Path, json: bool) -> ExitCode {
             eprintln!("sluice ctl: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// A one-liner's control socket when none is given: the service's
+/// `$RUNTIME_DIRECTORY/control.sock` under systemd; otherwise one per
+/// export, so that one-liners side by side never collide: next to the
+/// vhost-user socket (`vm0.sock` → `vm0.control.sock`), or for ublk in the
+/// default directory (`ublk3.control.sock`).
+fn one_liner_control_path(exports: &[ExportConfig]) -> PathBuf {
+    let default = sluice::config::default_control_path();
+    if std::env::var_os("RUNTIME_DIRECTORY").is_some() {
+        return default;
+    }
+    let dir = default.parent().map(PathBuf::from).unwrap_or_default();
+    match exports.first().map(|e| &e.kind) {
+        Some(ExportKind::VhostUser { socket, .. }) => {
+            let stem = socket
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "vhost-user".into());
+            socket.with_file_name(format!("{stem}.control.sock"))
+        }
+        Some(ExportKind::Ublk { id: Some(id), .. }) => dir.join(format!("ublk{id}.control.sock")),
+        _ => default,
     }
 }
 
