@@ -20,7 +20,7 @@ fi
 # mkfs/fsck and fio for the storage checks; libfuse2 (libfuse.so.2, which
 # fusepy loads) and fuse (fusermount) for the FUSE file that stops answering
 # (tests/fuse/hangfs.py, tests/tests/hang.rs).
-want=(libclang-dev clang util-linux e2fsprogs fio libfuse2 fuse)
+want=(libclang-dev clang util-linux e2fsprogs fio libfuse2 fuse udev)
 missing=()
 for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

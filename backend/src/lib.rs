@@ -38,4 +38,5 @@ pub mod monitor;
 pub mod node;
 pub(crate) mod request;
 pub(crate) mod size;
+pub mod udev;
 pub(crate) mod unix_socket;

@@ -36,6 +36,13 @@ enum Command {
     Serve(ServeArgs),
     /// Talk to a running daemon through its control socket.
     Ctl(CtlArgs),
+    /// For udev (`IMPORT{program}` in udev/60-sluice.rules): the properties
+    /// of block device DEVNAME, `SLUICE_EXPORT=<export>` for a ublkbN that
+    /// sluice serves, nothing otherwise.
+    UdevInfo {
+        /// The kernel's device name (`%k`), e.g. ublkb0.
+        devname: String,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -314,6 +321,10 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Serve(a)) => a,
         Some(Command::Ctl(c)) => return ctl(c),
+        Some(Command::UdevInfo { devname }) => {
+            print!("{}", sluice::udev::properties(&devname));
+            return ExitCode::SUCCESS;
+        }
         None => match Cli::parse_from(["sluice", "serve"]).command {
             Some(Command::Serve(a)) => a,
             _ => unreachable!("`sluice serve` parses"),

@@ -430,6 +430,7 @@ impl UblkExport {
                 limits: *node.limits(),
                 rotational: node.profile().is_some_and(|p| p.rotational),
                 read_only,
+                export: config.name.clone(),
             };
             let shared = shared.clone();
             let name = config.name.clone();
@@ -685,11 +686,30 @@ struct DeviceShape {
     limits: crate::node::NodeLimits,
     rotational: bool,
     read_only: bool,
+    /// The export's name, recorded in libublk's run file for udev
+    /// ([`export_of_device`]).
+    export: String,
+}
+
+/// libublk's run file of device `id` (written at start, removed with the
+/// device).
+fn run_file(id: u32) -> PathBuf {
+    Path::new(&UblkCtrl::run_dir()).join(format!("{id:04}.json"))
+}
+
+/// The name of the export serving `/dev/ublkb<id>`, from libublk's run file
+/// (`target_data.export`): what `sluice udev-info` tells udev. `None` when
+/// the device is not sluice's or not running.
+pub(crate) fn export_of_device(id: u32) -> Option<String> {
+    let text = std::fs::read_to_string(run_file(id)).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(json["target_data"]["export"].as_str()?.to_owned())
 }
 
 /// Device parameters from the node's profile.
 fn set_params(dev: &mut UblkDev, shape: &DeviceShape) -> Result<(), libublk::UblkError> {
     let (l, read_only) = (&shape.limits, shape.read_only);
+    dev.set_target_json(serde_json::json!({ "export": shape.export }));
     let max_sectors = dev.dev_info.max_io_buf_bytes >> 9;
     let mut attrs = 0;
     if l.volatile_write_cache {
