@@ -39,6 +39,11 @@ pub struct DiskParams {
     /// missing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub create_size: Option<String>,
+    /// When its drive was removed and its path comes back with the same
+    /// drive (same serial, size and block size), open it again and serve it
+    /// (default false; `sluice ctl node-reopen` does it by hand).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reattach: bool,
 }
 
 /// `export_add` params, and an export in the config file (`[[export]]`).
@@ -214,6 +219,13 @@ pub enum Event {
         /// Its device.
         device: String,
         /// The exports that served it (and now fail every request).
+        exports: Vec<String>,
+    },
+    /// A removed node's drive came back and was reopened.
+    NodeReopened {
+        /// The node.
+        node: String,
+        /// The exports that serve it again.
         exports: Vec<String>,
     },
     /// An export was stopped because its node's drive went away
@@ -566,6 +578,7 @@ mod tests {
     #[test]
     fn node_add_params_on_the_wire() {
         let p = DiskParams {
+            reattach: false,
             name: "spare".into(),
             path: "/srv/spare.img".into(),
             read_only: false,
@@ -576,6 +589,7 @@ mod tests {
             json!({"name": "spare", "path": "/srv/spare.img", "read_only": false, "create_size": "16M"})
         );
         let p = DiskParams {
+            reattach: false,
             create_size: None,
             ..p
         };

@@ -41,6 +41,8 @@ pub struct DiskConfig {
     pub read_only: bool,
     /// Create the image file sparse with this size if it is missing.
     pub create_size_bytes: Option<u64>,
+    /// Reopen it when its removed drive comes back.
+    pub reattach: bool,
 }
 
 /// One export.
@@ -315,6 +317,7 @@ impl DiskParams {
             spec,
             read_only: self.read_only,
             create_size_bytes,
+            reattach: self.reattach,
         };
         disk.validate()?;
         Ok(disk)

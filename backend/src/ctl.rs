@@ -349,6 +349,14 @@ pub fn render_event(event: &Value) -> String {
                 exports.join(", ")
             }
         ),
+        Ok(crate::api::Event::NodeReopened { node, exports }) => format!(
+            "node_reopened: node {node}: its drive is back; exports serving it again: {}",
+            if exports.is_empty() {
+                "none".to_owned()
+            } else {
+                exports.join(", ")
+            }
+        ),
         Ok(crate::api::Event::ExportStopped { export, reason }) => {
             format!("export_stopped: export {export}: {reason}")
         }

@@ -67,6 +67,8 @@ struct State {
     next_job: u64,
     /// Each export's `on_removed` policy.
     on_removed: BTreeMap<String, crate::api::OnRemoved>,
+    /// Nodes to reopen by themselves when their removed drive comes back.
+    reattach: std::collections::BTreeSet<String>,
 }
 
 impl State {
@@ -148,6 +150,39 @@ pub enum OpError {
     /// A node's flush failed.
     #[error(transparent)]
     Flush(#[from] crate::graph::FlushError),
+    /// `node_reopen` of a node whose drive was not removed.
+    #[error("node {0:?} is not removed: nothing to reopen")]
+    NotRemoved(String),
+    /// `node_reopen` of a node a job holds.
+    #[error("node {node:?} is held by job {job}: cancel the job first")]
+    NodeInJob {
+        /// The node.
+        node: String,
+        /// The job.
+        job: String,
+    },
+    /// The removed drive is not back.
+    #[error(
+        "node {node:?}: its drive is not back (nothing at {path}, and no block device has its \
+         serial)"
+    )]
+    DriveNotBack {
+        /// The node.
+        node: String,
+        /// Its path.
+        path: String,
+    },
+    /// The drive at the node's path is another one.
+    #[error(
+        "node {node:?}: the drive now at {path} is not the one that was removed (serial, size \
+         or block size differ); add it as a new node (node-add) and mirror onto it instead"
+    )]
+    NotTheSameDrive {
+        /// The node.
+        node: String,
+        /// Its path.
+        path: String,
+    },
     /// The daemon is shutting down.
     #[error("the daemon is shutting down")]
     ShuttingDown,
@@ -177,6 +212,10 @@ impl OpError {
             | OpError::NoSuchJob(_)
             | OpError::Graph(GraphError::NoSuchNode(_)) => OpErrorKind::NotFound,
             OpError::ExportExists(_)
+            | OpError::NotRemoved(_)
+            | OpError::NodeInJob { .. }
+            | OpError::NotTheSameDrive { .. }
+            | OpError::DriveNotBack { .. }
             | OpError::ExportBusy(_)
             | OpError::SocketTaken { .. }
             | OpError::JobExists(_)
@@ -307,14 +346,116 @@ impl Daemon {
         }
         create_image_if_missing(disk, created)?;
         let node = Arc::new(Node::open(&disk.name, &disk.spec, read_only)?);
-        {
-            let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
-            opened.retain(|n| n.strong_count() > 0);
-            opened.push(Arc::downgrade(&node));
-        }
+        self.remember_opened(&node);
         let mut state = self.state();
         state.graph.insert(node, Holder::Monitor)?;
+        if disk.reattach {
+            state.reattach.insert(disk.name.clone());
+        }
         Ok(node_info(&state.graph, &disk.name))
+    }
+
+    /// Keeps a weak reference for the emergency flush of a second signal.
+    fn remember_opened(&self, node: &Arc<Node>) {
+        let mut opened = self.opened.lock().unwrap_or_else(|p| p.into_inner());
+        opened.retain(|n| n.strong_count() > 0);
+        opened.push(Arc::downgrade(node));
+    }
+
+    /// `node_reopen`: the drive of a removed node is back at its path (the
+    /// same drive: serial, size and block size match): opens it again, and
+    /// each export of the node pauses, moves to it and resumes (the
+    /// pivot's mechanism), so consumers that saw I/O errors are served
+    /// again.
+    pub fn reopen_node(&self, name: &str) -> Result<NodeInfo, OpError> {
+        self.check_open()?;
+        let state = self.state();
+        let old = state.graph.get(name)?.clone();
+        if !old.is_removed() {
+            return Err(OpError::NotRemoved(name.to_owned()));
+        }
+        if let Some(job) = state.graph.holders(name).into_iter().find_map(|h| match h {
+            Holder::Job(id) => Some(id),
+            _ => None,
+        }) {
+            return Err(OpError::NodeInJob {
+                node: name.to_owned(),
+                job,
+            });
+        }
+        let serial = |n: &Node| n.profile().and_then(|p| p.serial.clone());
+        let same_drive = |n: &Node| {
+            n.limits().capacity_bytes == old.limits().capacity_bytes
+                && n.limits().logical_block_size_bytes == old.limits().logical_block_size_bytes
+                && serial(n) == serial(&old)
+        };
+        // At its path, or, when a drive with its serial came back under
+        // another name (its old name is still held by our descriptor), there.
+        let at_path = match old.spec() {
+            crate::node::DiskSpec::Path(p) if p.exists() => {
+                Some(Node::open(name, old.spec(), old.read_only())?)
+            }
+            _ => None,
+        };
+        let new = match at_path {
+            Some(n) if same_drive(&n) => n,
+            other => {
+                let found = serial(&old)
+                    .and_then(|s| crate::hotplug::find_drive(&s, old.limits().capacity_bytes));
+                match found {
+                    Some(path) => {
+                        Node::open(name, &crate::node::DiskSpec::Path(path), old.read_only())?
+                    }
+                    None if other.is_some() => {
+                        return Err(OpError::NotTheSameDrive {
+                            node: name.to_owned(),
+                            path: old.spec().to_string(),
+                        })
+                    }
+                    None => {
+                        return Err(OpError::DriveNotBack {
+                            node: name.to_owned(),
+                            path: old.spec().to_string(),
+                        })
+                    }
+                }
+            }
+        };
+        if !same_drive(&new) {
+            return Err(OpError::NotTheSameDrive {
+                node: name.to_owned(),
+                path: new.spec().to_string(),
+            });
+        }
+        let new = Arc::new(new);
+        let mut state = state;
+        self.remember_opened(&new);
+        state.graph.replace(new.clone())?;
+        let timeout = Duration::from_millis(DRAIN_TIMEOUT_MS);
+        let mut exports = Vec::new();
+        for x in state.exports_of(name) {
+            // Nothing is in flight on a removed node for long: its requests
+            // fail at once.
+            if let Err(stuck) = x.pause(timeout) {
+                tracing::error!(
+                    export = x.name(),
+                    "queues {stuck:?} did not pause; moving them anyway"
+                );
+            }
+            x.switch_node(new.clone());
+            x.resume();
+            exports.push(x.name().to_owned());
+        }
+        tracing::warn!(
+            node = name,
+            "the drive of node {name} ({}) is back: reopened; exports {exports:?} serve it again",
+            new.spec()
+        );
+        self.emit(crate::api::Event::NodeReopened {
+            node: name.to_owned(),
+            exports,
+        });
+        Ok(node_info(&state.graph, name))
     }
 
     /// `node-add`: opens a node the monitor holds.
@@ -725,6 +866,7 @@ impl Daemon {
                 node.mark_removed();
             }
             if !node.take_removal_report() {
+                self.try_reattach(&node);
                 continue;
             }
             let (exports, stop): (Vec<String>, Vec<String>) = {
@@ -768,6 +910,18 @@ impl Daemon {
                     Err(e) => tracing::error!(export = name, "cannot stop: {e}"),
                 });
             }
+        }
+    }
+
+    /// A removed node with `reattach = true` whose path is back: reopens it
+    /// (`reopen_node`). Failures are logged at debug level: the watcher asks
+    /// again at its next check.
+    fn try_reattach(&self, node: &Arc<Node>) {
+        if !node.is_removed() || !self.state().reattach.contains(node.name()) {
+            return;
+        }
+        if let Err(e) = self.reopen_node(node.name()) {
+            tracing::debug!(node = node.name(), "reattach: {e}");
         }
     }
 

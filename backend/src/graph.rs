@@ -114,6 +114,16 @@ impl Graph {
             .ok_or_else(|| GraphError::NoSuchNode(name.to_owned()))
     }
 
+    /// Puts `node` in the place of the node of the same name (a reopened
+    /// drive), keeping its holders; returns the old one.
+    pub(crate) fn replace(&mut self, node: Arc<Node>) -> Result<Arc<Node>, GraphError> {
+        let e = self
+            .nodes
+            .get_mut(node.name())
+            .ok_or_else(|| GraphError::NoSuchNode(node.name().to_owned()))?;
+        Ok(std::mem::replace(&mut e.node, node))
+    }
+
     /// `holder` takes a reference to node `name`.
     pub(crate) fn hold(&mut self, name: &str, holder: Holder) -> Result<Arc<Node>, GraphError> {
         let e = self

@@ -9,6 +9,7 @@
 //! removal once ([`crate::daemon::Daemon::check_removed_nodes`]).
 
 use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
 use std::sync::Weak;
 use std::thread::JoinHandle;
 
@@ -85,6 +86,28 @@ fn watch(daemon: Weak<Daemon>, socket: Option<OwnedFd>) {
         }
         daemon.check_removed_nodes();
     }
+}
+
+/// The block device (`/dev/NAME`) whose drive has serial `serial` and is
+/// `capacity_bytes` large: where a removed drive is after it came back
+/// under another name (an NVMe controller number is taken while the old one
+/// is still held open).
+pub(crate) fn find_drive(serial: &str, capacity_bytes: u64) -> Option<PathBuf> {
+    std::fs::read_dir("/sys/block")
+        .ok()?
+        .flatten()
+        .find(|e| {
+            let dir = e.path();
+            let size = std::fs::read_to_string(dir.join("size"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            size == Some(capacity_bytes >> 9)
+                && sluice_hw::parse_queue_limits(&dir)
+                    .ok()
+                    .and_then(|q| q.serial)
+                    .is_some_and(|s| s == serial)
+        })
+        .map(|e| Path::new("/dev").join(e.file_name()))
 }
 
 /// Whether a kernel uevent (`ACTION@DEVPATH\0KEY=VALUE\0…`) says that a

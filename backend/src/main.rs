@@ -80,6 +80,12 @@ enum CtlCommand {
         /// Node name.
         name: String,
     },
+    /// Open a removed node's drive again (the same drive came back at its
+    /// path); its exports serve it again.
+    NodeReopen {
+        /// Node name.
+        name: String,
+    },
     /// List exports with their counters.
     Exports,
     /// Start an export on a node.
@@ -420,6 +426,7 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), CliError> {
             spec,
             read_only: args.read_only,
             create_size_bytes: None,
+            reattach: false,
         }],
         control: Some(match &args.control {
             Some(c) => cwd.join(c),
@@ -586,9 +593,14 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), CliError
                 path,
                 read_only: *read_only,
                 create_size: create_size.clone(),
+                reattach: false,
             };
             ("node_add".into(), params(&p)?)
         }
+        CtlCommand::NodeReopen { name } => (
+            "node_reopen".into(),
+            params(&NameParams { name: name.clone() })?,
+        ),
         CtlCommand::NodeRemove { name } => (
             "node_remove".into(),
             params(&NameParams { name: name.clone() })?,

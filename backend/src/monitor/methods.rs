@@ -19,6 +19,7 @@ use crate::daemon::Daemon;
 pub const METHODS: &[(&str, &str)] = &[
     ("node_add", "open a node held by the monitor: {name, path, read_only?, create_size?}"),
     ("node_remove", "flush and close a node nobody else holds: {name}"),
+    ("node_reopen", "open a removed node's drive again when the same drive is back at its path; its exports serve it again: {name}"),
     ("node_list", "nodes with their holders"),
     ("export_add", "start an export on a node: {name, node, type, socket?|ublk_id?, queues?, queue_depth?, read_only?, serial?, poll_us?}"),
     ("export_remove", "detach an export: {name, mode: \"safe\" (wait for in-flight) | \"force\"}"),
@@ -69,6 +70,11 @@ pub enum Call {
     },
     /// `node_list`.
     NodeList,
+    /// `node_reopen`.
+    NodeReopen {
+        /// Node name.
+        name: String,
+    },
     /// `export_add`.
     ExportAdd(ExportConfig),
     /// `export_remove`.
@@ -121,6 +127,7 @@ impl Call {
             Call::NodeAdd(_) => "node_add",
             Call::NodeRemove { .. } => "node_remove",
             Call::NodeList => "node_list",
+            Call::NodeReopen { .. } => "node_reopen",
             Call::ExportAdd(_) => "export_add",
             Call::ExportRemove { .. } => "export_remove",
             Call::ExportList => "export_list",
@@ -150,6 +157,10 @@ pub fn parse_call(method: &str, p: Value, cwd: &Path) -> Result<Call, RpcError> 
         "node_list" => {
             params::<NoParams>(p)?;
             Call::NodeList
+        }
+        "node_reopen" => {
+            let NameParams { name } = params(p)?;
+            Call::NodeReopen { name }
         }
         "export_add" => Call::ExportAdd(
             params::<ExportParams>(p)?
@@ -223,6 +234,7 @@ pub(super) fn run(
             answer(&NodeRemoved { removed: name })
         }
         Call::NodeList => answer(&daemon.list_nodes()),
+        Call::NodeReopen { name } => answer(&daemon.reopen_node(&name)?),
         Call::ExportAdd(export) => answer(&daemon.add_export(&export)?),
         Call::ExportRemove { name, force } => {
             let stats = daemon.remove_export(&name, force)?;
