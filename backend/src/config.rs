@@ -795,6 +795,15 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_config_is_valid() {
+        let text = include_str!("../../packaging/sluice.toml.example");
+        let config = ServeConfig::from_toml(text, Path::new("/etc/sluice")).unwrap();
+        assert_eq!(config.disks.len(), 1);
+        assert!(config.disks[0].reattach);
+        assert_eq!(config.exports.len(), 1);
+    }
+
+    #[test]
     fn embedded_default_is_valid() {
         let c = ServeConfig::from_toml(EMBEDDED_DEFAULT, Path::new("/work")).unwrap();
         assert_eq!(c.exports.len(), 1);

@@ -43,6 +43,13 @@ enum Command {
         /// The kernel's device name (`%k`), e.g. ublkb0.
         devname: String,
     },
+    /// Write the man pages (sluice.8 and one per command, roff) into DIR;
+    /// the package is built with them.
+    #[command(hide = true)]
+    Manpages {
+        /// Where the pages go.
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -327,6 +334,15 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Some(Command::Serve(a)) => a,
         Some(Command::Ctl(c)) => return ctl(c),
+        Some(Command::Manpages { dir }) => {
+            return match write_manpages(&dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sluice manpages: {}: {e}", dir.display());
+                    ExitCode::from(1)
+                }
+            };
+        }
         Some(Command::UdevInfo { devname }) => {
             print!("{}", sluice::udev::properties(&devname));
             return ExitCode::SUCCESS;
@@ -436,6 +452,25 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), CliError> {
     };
     config.validate()?;
     Ok((config, false))
+}
+
+/// sluice.8 and sluice-COMMAND.8 for every command that is not hidden.
+fn write_manpages(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let cli = <Cli as clap::CommandFactory>::command();
+    let page = |cmd: clap::Command, file: String| -> std::io::Result<()> {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd)
+            .section("8")
+            .date(env!("CARGO_PKG_VERSION"))
+            .render(&mut out)?;
+        std::fs::write(dir.join(file), out)
+    };
+    for sub in cli.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("sluice-{}", sub.get_name());
+        page(sub.clone().name(name.clone()), format!("{name}.8"))?;
+    }
+    page(cli, "sluice.8".into())
 }
 
 /// `sluice ctl events`: one line per event, JSON with `--json`.

@@ -4,7 +4,10 @@
 //!   warning at all (an unknown key is only a warning there);
 //! - two `sluice serve` one-liners with default options run side by side: each gets its own
 //!   control socket next to its export socket, says so in its ready line, and answers
-//!   `sluice ctl` there.
+//!   `sluice ctl` there;
+//! - `packaging/build-deb.sh` builds a Debian package holding the binary, the units, the udev
+//!   rules, the man pages and the example config, with a postinst that makes the `sluice`
+//!   group; the binary in it runs.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -128,4 +131,96 @@ fn two_one_liners_side_by_side_with_default_options() {
     }
     assert!(a.stop().success());
     assert!(b.stop().success());
+}
+
+#[test]
+fn debian_package_holds_what_an_operator_needs() {
+    if Command::new("dpkg-deb").arg("--version").output().is_err() {
+        eprintln!("skipped: dpkg-deb is not installed");
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/build-deb.sh");
+    let built = Command::new(&script)
+        .arg(sluice_bin())
+        .arg(out.path())
+        .output()
+        .expect("build-deb.sh");
+    assert!(
+        built.status.success(),
+        "build-deb.sh: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let deb = PathBuf::from(String::from_utf8(built.stdout).unwrap().trim());
+    assert!(deb.exists(), "{}", deb.display());
+    let listing = Command::new("dpkg-deb")
+        .arg("-c")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    for path in [
+        "./usr/bin/sluice",
+        "./usr/lib/systemd/system/sluice.service",
+        "./usr/lib/systemd/system/sluice@.service",
+        "./usr/lib/udev/rules.d/60-sluice.rules",
+        "./usr/share/man/man8/sluice.8.gz",
+        "./usr/share/man/man8/sluice-serve.8.gz",
+        "./usr/share/man/man8/sluice-ctl.8.gz",
+        "./usr/share/doc/sluice/examples/sluice.toml",
+        "./etc/sluice/",
+    ] {
+        assert!(
+            listing.contains(path),
+            "{path} missing from the package:\n{listing}"
+        );
+    }
+    let info = Command::new("dpkg-deb")
+        .arg("-I")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout).into_owned();
+    for field in [
+        "Package: sluice",
+        "Depends: libc6",
+        "Architecture: ",
+        "postinst",
+    ] {
+        assert!(
+            info.contains(field),
+            "{field} missing from the control data:\n{info}"
+        );
+    }
+    // What it installs runs, and its man page is roff.
+    let root = out.path().join("root");
+    let x = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(x.success());
+    let version = Command::new(root.join("usr/bin/sluice"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&version.stdout).starts_with("sluice "),
+        "{version:?}"
+    );
+    let man = Command::new("gzip")
+        .arg("-dc")
+        .arg(root.join("usr/share/man/man8/sluice-serve.8.gz"))
+        .output()
+        .unwrap();
+    let man = String::from_utf8_lossy(&man.stdout).into_owned();
+    assert!(man.contains(".TH sluice-serve 8"), "{man}");
+    assert!(man.contains("ublk"), "the serve page lists its options");
+    let postinst = Command::new("dpkg-deb")
+        .args(["--ctrl-tarfile"])
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(!postinst.stdout.is_empty());
 }
