@@ -825,3 +825,20 @@ pub fn skip_unless_available() -> bool {
         }
     }
 }
+
+/// `qd1_latency` next to this test executable: `<target>/debug/deps/vm_ublk-…` →
+/// `<target>/debug/examples/qd1_latency` (`cargo test` builds examples).
+pub fn qd1_latency_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("examples/qd1_latency"))
+        .expect("test executable in <target>/<profile>/deps");
+    assert!(
+        bin.is_file(),
+        "{} missing: run `cargo build -p sluice-tests --example qd1_latency`",
+        bin.display()
+    );
+    bin
+}

@@ -1,6 +1,7 @@
 //! A drive pulled while it is served: inside a QEMU guest, one sluice serves three emulated
 //! NVMe drives as `/dev/ublkb0`, `/dev/ublkb1` (`on_removed = "fail"`, the default) and
-//! `/dev/ublkb2` (`on_removed = "stop"`), with `sluice ctl events` listening. fio writes to
+//! `/dev/ublkb2` (`on_removed = "stop"`), the first two also over vhost-user to a libblkio
+//! client in the guest (`qd1_latency`), with `sluice ctl events` listening. fio writes to
 //! ublkb0 (with verify) and ublkb1; the guest removes nvme1's and then nvme2's PCI device
 //! (`/sys/…/remove`: the kernel's NVMe driver tears the namespace down as on a hot-unplug).
 //! Checked: fio on ublkb1 fails with an I/O error, not "no space left"; sluice logs the
@@ -14,7 +15,7 @@
 
 use std::time::Duration;
 
-use sluice_tests::vm::{skip_unless_available, Vm};
+use sluice_tests::vm::{qd1_latency_bin, skip_unless_available, Vm};
 use sluice_tests::{make_file, path_str, sluice_bin, MIB};
 
 const NVME_BYTES: u64 = 128 * MIB;
@@ -52,8 +53,18 @@ disk = "d2"
 type = "ublk"
 ublk_id = 2
 on_removed = "stop"
+[[export]]
+name = "v0"
+disk = "d0"
+type = "vhost-user"
+socket = "/tmp/v0.sock"
+[[export]]
+name = "v1"
+disk = "d1"
+type = "vhost-user"
+socket = "/tmp/v1.sock"
 EOF
-start sluice 3 --config /tmp/sluice.toml
+start sluice 5 --config /tmp/sluice.toml
 "$S" ctl --control $C --json events >/tmp/events.out 2>/tmp/events.err &
 events=$!
 sleep 1
@@ -87,6 +98,11 @@ report nodes "$("$S" ctl --control $C --json nodes | python3 -c 'import json, sy
 timeout 20 dd if=/dev/ublkb1 of=/dev/null bs=4k count=1 iflag=direct 2>/tmp/dd.err
 report read.exit $?
 report read.error "$(cat /tmp/dd.err | head -1)"
+# vhost-user, through libblkio: the pulled drive's export fails reads (no hang), the other's serves.
+timeout 30 @QD1@ /tmp/v1.sock 50 >/tmp/qd1-v1.out 2>&1
+report v1.exit $?
+timeout 60 @QD1@ /tmp/v0.sock 300 >/tmp/qd1-v0.out 2>&1
+report v0.exit $?
 lap pull1
 
 # ---- pull nvme2 (on_removed = "stop") ----
@@ -111,6 +127,8 @@ dd if=/dev/urandom of=/tmp/block.bin bs=4k count=1 status=none
 dd if=/tmp/block.bin of=/dev/ublkb1 bs=4k seek=100 oflag=direct status=none
 report back.write $?
 if dd if=/dev/ublkb1 bs=4k skip=100 count=1 iflag=direct status=none | cmp - /tmp/block.bin; then report back.read same; else report back.read differs; fi
+timeout 60 @QD1@ /tmp/v1.sock 50 >/tmp/qd1-v1b.out 2>&1
+report v1.back_exit $?
 "$S" ctl --control $C node-reopen d0 2>/tmp/reopen0.err
 report reopen0.exit $?
 report reopen0.error "$(cat /tmp/reopen0.err)"
@@ -154,7 +172,10 @@ fn pulled_drive_fails_with_eio_and_is_reported() {
         .nvme(&images[2], "sluice-nvme2")
         .module("ublk_drv")
         .timeout(Duration::from_secs(300))
-        .run(&JOB.replace("@SLUICE@", path_str(&sluice_bin())))
+        .run(
+            &JOB.replace("@SLUICE@", path_str(&sluice_bin()))
+                .replace("@QD1@", path_str(&qd1_latency_bin())),
+        )
         .expect("boot");
     run.print_timings("vm_hot_remove");
     run.ensure_complete();
@@ -192,6 +213,15 @@ fn pulled_drive_fails_with_eio_and_is_reported() {
         run.result("read.error").contains("Input/output error"),
         format!("the read's error: {:?}", run.result("read.error")),
     );
+    // vhost-user: the pulled drive's export answers reads with errors (the client fails, it
+    // is not killed by the timeout); the other drive's export serves.
+    let v1: i32 = run.result("v1.exit").parse().expect("v1.exit");
+    run.ensure(
+        v1 != 0 && v1 != 124 && v1 != 137,
+        format!("qd1_latency on the pulled drive's vhost-user export exited {v1}"),
+    );
+    run.ensure_eq("v0.exit", "0");
+    run.ensure_eq("v1.back_exit", "0");
     run.ensure_eq("stop.gone", "yes");
     run.ensure_eq("fio0.exit", "0");
     let events = run.result("events");

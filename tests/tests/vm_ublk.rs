@@ -29,10 +29,9 @@
 //! Skips with "skipped: …" when the machine is not prepared (tests/vm/prepare.sh). Needs
 //! `cargo build -p sluice` first (or `SLUICE_BIN`); `cargo test` builds `qd1_latency`.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sluice_tests::vm::{skip_unless_available, Vm, VmRun};
+use sluice_tests::vm::{qd1_latency_bin, skip_unless_available, Vm, VmRun};
 use sluice_tests::{assert_file_holds, make_file, path_str, pattern, sluice_bin, MIB};
 
 const NVME_BYTES: u64 = 256 * MIB;
@@ -265,23 +264,6 @@ lap storm_sigterm_and_watch
 dmesg | grep -iE 'ublk|blocked|hung|I/O error' | tail -20
 same storm.raw $W/pattern.bin if=/dev/nvme0n1 bs=1M skip=STORM_PATTERN_MIB count=1 iflag=direct
 "#;
-
-/// `qd1_latency` next to this test executable: `<target>/debug/deps/vm_ublk-…` →
-/// `<target>/debug/examples/qd1_latency` (`cargo test` builds examples).
-fn qd1_latency_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("examples/qd1_latency"))
-        .expect("test executable in <target>/<profile>/deps");
-    assert!(
-        bin.is_file(),
-        "{} missing: run `cargo build -p sluice-tests --example qd1_latency`",
-        bin.display()
-    );
-    bin
-}
 
 /// The job text: helpers, then `body`, with the placeholders filled in.
 fn job(body: &str) -> String {
