@@ -334,6 +334,17 @@ fn jobs_table(jobs: &[JobStatus]) -> String {
     t.to_string()
 }
 
+/// A result shown as its JSON, once it reads as a `T` (what `method`
+/// answers).
+fn json_as<T: DeserializeOwned>(
+    method: &str,
+    path: &Path,
+    result: &Value,
+) -> Result<String, CtlError> {
+    read_answer::<T>(method, path, result)?;
+    Ok(serde_json::to_string_pretty(result).unwrap_or_default())
+}
+
 /// One event (`sluice ctl events`) as a line for a person.
 pub fn render_event(event: &Value) -> String {
     match serde_json::from_value::<crate::api::Event>(event.clone()) {
@@ -467,30 +478,12 @@ pub fn render(method: &str, result: &Value, path: &Path) -> Result<String, CtlEr
             t.to_string()
         }
         // Shown as the JSON they are, once they read as what they should be.
-        "node_add" => {
-            read_answer::<NodeInfo>(method, path, result)?;
-            pretty()
-        }
-        "node_remove" => {
-            read_answer::<NodeRemoved>(method, path, result)?;
-            pretty()
-        }
-        "export_add" => {
-            read_answer::<ExportDescription>(method, path, result)?;
-            pretty()
-        }
-        "export_remove" => {
-            read_answer::<ExportRemoved>(method, path, result)?;
-            pretty()
-        }
-        "daemon_stats" => {
-            read_answer::<DaemonStats>(method, path, result)?;
-            pretty()
-        }
-        "shutdown" => {
-            read_answer::<ShutdownAnswer>(method, path, result)?;
-            pretty()
-        }
+        "node_add" | "node_reopen" => json_as::<NodeInfo>(method, path, result)?,
+        "node_remove" => json_as::<NodeRemoved>(method, path, result)?,
+        "export_add" => json_as::<ExportDescription>(method, path, result)?,
+        "export_remove" => json_as::<ExportRemoved>(method, path, result)?,
+        "daemon_stats" => json_as::<DaemonStats>(method, path, result)?,
+        "shutdown" => json_as::<ShutdownAnswer>(method, path, result)?,
         _ => pretty(),
     })
 }
