@@ -96,7 +96,7 @@ pub fn sluice_bin() -> PathBuf {
     panic!("sluice binary not found at {first}: run `cargo build -p sluice` first");
 }
 
-/// Panics when a source file of the daemon (backend/ or hw/ in this workspace) is newer
+/// Panics when a source file of the daemon (backend/, hw/ or vendor/ in this workspace) is newer
 /// than the binary: `cargo test -p sluice-tests` does not rebuild it, and a stale daemon
 /// fails tests for reasons long fixed.
 fn assert_not_stale(bin: &Path) {
@@ -126,6 +126,7 @@ fn assert_not_stale(bin: &Path) {
         "backend/Cargo.toml",
         "hw/src",
         "hw/Cargo.toml",
+        "vendor/vhost-user-backend/src",
     ] {
         let p = root.join(part);
         if p.is_dir() {

@@ -50,8 +50,8 @@
 use std::fs::File;
 use std::io;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{MemfdFlags, SealFlags};
 use vhost::vhost_user::message::VhostUserInflight;
@@ -407,6 +407,52 @@ impl Drop for InflightRegion {
         // SAFETY: base/len describe exactly the mapping made in `map`, and
         // nothing refers to it any more (every `QueueInflight` holds an Arc).
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The buffer the frontend set on a connection, handed to each queue's worker
+/// when its ring starts. Locked only by `SET_INFLIGHT_FD` and at a ring's
+/// start, never on the request path.
+#[derive(Debug)]
+pub(crate) struct Handoff {
+    region: Mutex<Option<Arc<InflightRegion>>>,
+    /// Per queue: a buffer was set since the queue's worker last took it.
+    pending: Box<[AtomicBool]>,
+}
+
+impl Handoff {
+    /// For a connection to an export of `queues` queues; nothing set yet.
+    pub(crate) fn new(queues: u16) -> Self {
+        Handoff {
+            region: Mutex::new(None),
+            pending: (0..queues).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    /// `SET_INFLIGHT_FD`: every queue takes `region` at its ring's next start
+    /// (a queue the buffer does not cover goes untracked).
+    pub(crate) fn install(&self, region: Arc<InflightRegion>) {
+        *self.region.lock().unwrap_or_else(|p| p.into_inner()) = Some(region);
+        for p in self.pending.iter() {
+            p.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether queue `queue` has a buffer to take. One relaxed load: the
+    /// worker looks before every batch of pops.
+    pub(crate) fn pending(&self, queue: u16) -> bool {
+        self.pending
+            .get(usize::from(queue))
+            .is_some_and(|p| p.load(Ordering::Relaxed))
+    }
+
+    /// Takes queue `queue`'s part of the buffer set last (`None`: the buffer
+    /// does not cover this queue).
+    pub(crate) fn take(&self, queue: u16) -> Option<QueueInflight> {
+        let pending = self.pending.get(usize::from(queue))?;
+        pending.swap(false, Ordering::AcqRel);
+        let region = self.region.lock().unwrap_or_else(|p| p.into_inner());
+        region.as_ref()?.queue(queue)
     }
 }
 

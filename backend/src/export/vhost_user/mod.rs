@@ -10,10 +10,11 @@
 
 // The request path uses it from the next step on.
 #[allow(dead_code)]
-mod inflight;
+pub(crate) mod inflight;
 mod queue;
 pub(crate) mod virtio_blk;
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
@@ -24,7 +25,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -34,6 +37,7 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
+use self::inflight::{Handoff, InflightRegion};
 use self::queue::{ExportShared, QueueWorker};
 use self::virtio_blk::Geometry;
 use super::{wait_idle, DrainBounds, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
@@ -84,7 +88,28 @@ struct BlkBackend {
     /// Exit-event descriptors handed to vhost-user-backend, closed when the
     /// last clone of this backend (the library's workers hold clones) goes.
     handed_out: Arc<HandedOutFds>,
+    /// The inflight buffer the frontend set, for the queues to take.
+    inflight: Arc<Handoff>,
     export: Arc<str>,
+}
+
+impl BlkBackend {
+    /// What a frontend's inflight buffer may describe.
+    fn inflight_limits(&self) -> inflight::Limits {
+        inflight::Limits {
+            queues: self.geometry.queues,
+            queue_size: MAX_QUEUE_DEPTH,
+        }
+    }
+
+    /// Logs why an inflight message was refused; the frontend gets the error.
+    fn inflight_refused(&self, message: &str, e: inflight::InflightError) -> io::Error {
+        tracing::error!(
+            export = &*self.export,
+            "{message} refused: {e}; the frontend cannot start the device with this buffer"
+        );
+        io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+    }
 }
 
 /// vhost-user-backend 0.24 registers the exit event's consumer in its
@@ -136,6 +161,28 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(
+        &self,
+        request: &VhostUserInflight,
+    ) -> io::Result<(VhostUserInflight, File)> {
+        inflight::create(request, self.inflight_limits())
+            .map_err(|e| self.inflight_refused("GET_INFLIGHT_FD", e))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = InflightRegion::map(&file, msg, self.inflight_limits())
+            .map_err(|e| self.inflight_refused("SET_INFLIGHT_FD", e))?;
+        tracing::debug!(
+            export = &*self.export,
+            queues = region.num_queues(),
+            queue_size = region.queue_size(),
+            "inflight buffer set"
+        );
+        self.inflight.install(region);
+        Ok(())
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
@@ -544,6 +591,7 @@ impl Connection {
                 shared: shared.clone(),
                 exit_events: exit_events.into(),
                 handed_out: Arc::default(),
+                inflight: Arc::new(Handoff::new(config.queues)),
                 export: config.name.as_str().into(),
             },
         })
