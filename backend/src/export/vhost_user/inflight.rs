@@ -176,6 +176,10 @@ pub(crate) enum InflightError {
         counter: u64,
     },
     #[error(
+        "{in_flight} requests are marked in flight, but the guest made only {taken} available past the used index"
+    )]
+    MoreThanTaken { in_flight: usize, taken: u16 },
+    #[error(
         "descriptor {head} carries the largest submission counter there is; nothing can follow it"
     )]
     CounterExhausted { head: u16 },
@@ -456,6 +460,17 @@ impl Handoff {
     }
 }
 
+/// Where a ring stands when it starts (read from guest memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RingIndices {
+    /// Descriptors in the ring.
+    pub size: u16,
+    /// The used ring's index.
+    pub used: u16,
+    /// The available ring's index.
+    pub avail: u16,
+}
+
 /// What a queue's region says when its ring starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Recovery {
@@ -491,6 +506,7 @@ impl QueueInflight {
     }
 
     /// The ring size this region tracks.
+    #[cfg(test)]
     pub(crate) fn desc_num(&self) -> u16 {
         self.desc_num
     }
@@ -536,16 +552,16 @@ impl QueueInflight {
             .store(used_idx, Ordering::Release);
     }
 
-    /// When the ring starts (`ring_size` descriptors, the used ring's index at
-    /// `used_idx`): checks the region against the ring, repairs the last
-    /// batch (the spec's `used_idx` check), and returns what is still in
+    /// When the ring starts: checks the region against the ring, repairs the
+    /// last batch (the spec's `used_idx` check), and returns what is still in
     /// flight. Reads every field once and checks everything before it writes
     /// anything; a region that does not check out is left as it was.
-    pub(crate) fn recover(
-        &mut self,
-        ring_size: u16,
-        used_idx: u16,
-    ) -> Result<Recovery, InflightError> {
+    pub(crate) fn recover(&mut self, ring: RingIndices) -> Result<Recovery, InflightError> {
+        let RingIndices {
+            size: ring_size,
+            used: used_idx,
+            avail: avail_idx,
+        } = ring;
         if ring_size != self.desc_num {
             return Err(InflightError::RingSize {
                 ring_size,
@@ -625,6 +641,15 @@ impl QueueInflight {
                 first: w[0].1,
                 second: w[1].1,
                 counter: w[0].0,
+            });
+        }
+        // Each head in flight was taken from the available ring after the
+        // last answered one: the guest must have made that many available.
+        let taken = avail_idx.wrapping_sub(used_idx);
+        if resubmit.len() > usize::from(taken) {
+            return Err(InflightError::MoreThanTaken {
+                in_flight: resubmit.len(),
+                taken,
             });
         }
         let next_counter = match resubmit.last() {

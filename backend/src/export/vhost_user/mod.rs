@@ -8,8 +8,6 @@
 //! connection gets fresh queue state, so a frontend that goes away takes only
 //! its own requests with it, and a new one (a restarted QEMU) starts clean.
 
-// The request path uses it from the next step on.
-#[allow(dead_code)]
 pub(crate) mod inflight;
 mod queue;
 pub(crate) mod virtio_blk;
@@ -38,7 +36,7 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use self::inflight::{Handoff, InflightRegion};
-use self::queue::{ExportShared, QueueWorker};
+use self::queue::{ExportShared, QueueParams, QueueWorker};
 use self::virtio_blk::Geometry;
 use super::{wait_idle, DrainBounds, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::binding::Binding;
@@ -540,6 +538,12 @@ impl Connection {
         let mut workers = Vec::with_capacity(usize::from(config.queues));
         let mut exit_events = Vec::with_capacity(usize::from(config.queues));
         let mut wakers = Vec::with_capacity(usize::from(config.queues));
+        let handoff = Arc::new(Handoff::new(config.queues));
+        let params = QueueParams {
+            geometry,
+            serial,
+            poll_window: Duration::from_micros(u64::from(config.poll_window_us)),
+        };
         let eventfd_err = |source: io::Error| ExportError::Os {
             export: config.name.clone(),
             what: "eventfd",
@@ -567,11 +571,10 @@ impl Connection {
             workers.push(Mutex::new(QueueWorker::new(
                 engine,
                 completion_event,
-                geometry,
-                serial,
+                params,
                 shared.clone(),
                 usize::from(q),
-                Duration::from_micros(u64::from(config.poll_window_us)),
+                handoff.clone(),
             )));
             let (consumer, notifier) =
                 new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
@@ -591,7 +594,7 @@ impl Connection {
                 shared: shared.clone(),
                 exit_events: exit_events.into(),
                 handed_out: Arc::default(),
-                inflight: Arc::new(Handoff::new(config.queues)),
+                inflight: handoff,
                 export: config.name.as_str().into(),
             },
         })

@@ -52,6 +52,15 @@ fn poke(file: &File, offset: usize, bytes: &[u8]) {
     file.write_all_at(bytes, offset as u64).expect("write");
 }
 
+/// A ring of `size` whose guest made a whole ring available past `used`.
+fn ring(size: u16, used: u16) -> RingIndices {
+    RingIndices {
+        size,
+        used,
+        avail: used.wrapping_add(size),
+    }
+}
+
 fn desc_at(queue_size: u16, queue: u16, head: u16) -> usize {
     usize::from(queue) * queue_region_bytes(queue_size) + HEADER_BYTES + usize::from(head) * 16
 }
@@ -115,7 +124,7 @@ fn fields_sit_where_the_spec_puts_them() {
     // Queue 1, so the per-queue offset counts too.
     let mut q = region.queue(1).unwrap();
     assert!(region.queue(2).is_none());
-    assert_eq!(q.recover(8, 40).unwrap(), Recovery::Fresh);
+    assert_eq!(q.recover(ring(8, 40)).unwrap(), Recovery::Fresh);
     let base = queue_region_bytes(8);
     assert_eq!(read_u64(&file, base), 0, "features");
     assert_eq!(read_u16(&file, base + 8), 1, "version");
@@ -151,7 +160,7 @@ fn fields_sit_where_the_spec_puts_them() {
 fn heads_past_the_ring_are_not_tracked() {
     let (file, _msg, region) = fresh(1, 8);
     let mut q = region.queue(0).unwrap();
-    q.recover(8, 0).unwrap();
+    q.recover(ring(8, 0)).unwrap();
     let before: Vec<u8> = {
         let mut b = vec![0; region_bytes(1, 8)];
         file.read_exact_at(&mut b, 0).unwrap();
@@ -214,7 +223,9 @@ fn run_and_recover(
         .filter(|h| !answered.contains(h))
         .collect();
     let mut successor = remap(file, msg, 0);
-    let got = successor.recover(q.desc_num(), *used).expect("recover");
+    let got = successor
+        .recover(ring(q.desc_num(), *used))
+        .expect("recover");
     assert_eq!(
         got,
         Recovery::Resume {
@@ -240,7 +251,7 @@ fn a_successor_finds_what_was_in_flight_after_a_crash_at_any_point() {
         let (file, msg, region) = fresh(1, 8);
         let mut q = region.queue(0).unwrap();
         let mut used = 100u16;
-        assert_eq!(q.recover(8, used).unwrap(), Recovery::Fresh);
+        assert_eq!(q.recover(ring(8, used)).unwrap(), Recovery::Fresh);
         let resubmit = run_and_recover(&file, &msg, &mut q, &mut used, &steps[..crash], vec![]);
         // Every head taken is answered in the used ring or resubmitted.
         let popped = steps[..crash]
@@ -260,7 +271,7 @@ fn counters_keep_the_order_across_several_crashes() {
     let (file, msg, region) = fresh(1, 8);
     let mut q = region.queue(0).unwrap();
     let mut used = u16::MAX - 2; // the used index wraps on the way
-    q.recover(8, used).unwrap();
+    q.recover(ring(8, used)).unwrap();
     let first = [
         Step::Pop(4),
         Step::Pop(0),
@@ -275,7 +286,7 @@ fn counters_keep_the_order_across_several_crashes() {
     // The successor resubmits 4 and 3 (marks stay), takes 6 and 1, answers 3
     // and 6 and crashes between publishing 6 and clearing it.
     let mut successor = remap(&file, &msg, 0);
-    successor.recover(8, used).unwrap();
+    successor.recover(ring(8, used)).unwrap();
     let second = [
         Step::Pop(6),
         Step::Pop(1),
@@ -296,7 +307,7 @@ fn a_batch_of_several_is_repaired_along_its_list() {
     // batch marked; the list from last_batch_head says which.
     let (file, msg, region) = fresh(1, 8);
     let mut q = region.queue(0).unwrap();
-    q.recover(8, 10).unwrap();
+    q.recover(ring(8, 10)).unwrap();
     for h in [1, 2, 3, 4] {
         q.mark(h);
     }
@@ -306,7 +317,7 @@ fn a_batch_of_several_is_repaired_along_its_list() {
     // The guest's used index moves by 3 (the batch), nothing is cleared.
     let mut successor = remap(&file, &msg, 0);
     assert_eq!(
-        successor.recover(8, 13).unwrap(),
+        successor.recover(ring(8, 13)).unwrap(),
         Recovery::Resume { resubmit: vec![2] }
     );
     let base = 0;
@@ -320,13 +331,13 @@ fn a_batch_of_several_is_repaired_along_its_list() {
 fn nothing_in_flight_resumes_at_the_used_index() {
     let (file, msg, region) = fresh(1, 4);
     let mut q = region.queue(0).unwrap();
-    q.recover(4, 7).unwrap();
+    q.recover(ring(4, 7)).unwrap();
     q.mark(0);
     q.link(0);
     q.clear(0, 8);
     let mut successor = remap(&file, &msg, 0);
     assert_eq!(
-        successor.recover(4, 8).unwrap(),
+        successor.recover(ring(4, 8)).unwrap(),
         Recovery::Resume { resubmit: vec![] }
     );
 }
@@ -462,7 +473,7 @@ fn map_refuses_unknown_headers() {
 fn in_use() -> (File, VhostUserInflight) {
     let (file, msg, region) = fresh(1, 8);
     let mut q = region.queue(0).unwrap();
-    q.recover(8, 20).unwrap();
+    q.recover(ring(8, 20)).unwrap();
     q.mark(1);
     q.mark(2);
     (file, msg)
@@ -470,7 +481,7 @@ fn in_use() -> (File, VhostUserInflight) {
 
 fn recover_err(file: &File, msg: &VhostUserInflight, used: u16) -> InflightError {
     remap(file, msg, 0)
-        .recover(8, used)
+        .recover(ring(8, used))
         .expect_err("a bad region must be refused")
 }
 
@@ -479,7 +490,7 @@ fn recover_refuses_hostile_regions_and_leaves_them_alone() {
     // A ring of another size than the region.
     let (file, msg) = in_use();
     assert!(matches!(
-        remap(&file, &msg, 0).recover(16, 20),
+        remap(&file, &msg, 0).recover(ring(16, 20)),
         Err(InflightError::RingSize {
             ring_size: 16,
             desc_num: 8
@@ -537,11 +548,23 @@ fn recover_refuses_hostile_regions_and_leaves_them_alone() {
         recover_err(&file, &msg, 22),
         InflightError::BatchIndex { index: 300, .. }
     ));
+    // More in flight than the guest ever made available.
+    assert!(matches!(
+        remap(&file, &msg, 0).recover(RingIndices {
+            size: 8,
+            used: 20,
+            avail: 21
+        }),
+        Err(InflightError::MoreThanTaken {
+            in_flight: 2,
+            taken: 1
+        })
+    ));
     // A header changed after the map.
     let mut mapped = remap(&file, &msg, 0);
     poke(&file, 8, &9u16.to_ne_bytes());
     assert!(matches!(
-        mapped.recover(8, 20),
+        mapped.recover(ring(8, 20)),
         Err(InflightError::Version { .. })
     ));
     poke(&file, 8, &1u16.to_ne_bytes());
@@ -549,7 +572,7 @@ fn recover_refuses_hostile_regions_and_leaves_them_alone() {
     assert_eq!(read_u16(&file, 14), 20, "used_idx untouched");
     assert_eq!(read::<1>(&file, desc_at(8, 0, 1)), [1]);
     assert_eq!(
-        remap(&file, &msg, 0).recover(8, 20).unwrap(),
+        remap(&file, &msg, 0).recover(ring(8, 20)).unwrap(),
         Recovery::Resume {
             resubmit: vec![1, 2]
         }
@@ -565,7 +588,7 @@ fn a_cycle_in_the_batch_list_ends_with_the_batch() {
     poke(&file, desc_at(8, 0, 3) + 6, &4u16.to_ne_bytes());
     poke(&file, desc_at(8, 0, 4) + 6, &3u16.to_ne_bytes());
     assert_eq!(
-        remap(&file, &msg, 0).recover(8, 28).unwrap(),
+        remap(&file, &msg, 0).recover(ring(8, 28)).unwrap(),
         Recovery::Resume {
             resubmit: vec![1, 2]
         }
