@@ -8,6 +8,7 @@
 //! connection gets fresh queue state, so a frontend that goes away takes only
 //! its own requests with it, and a new one (a restarted QEMU) starts clean.
 
+mod chain;
 pub(crate) mod inflight;
 mod queue;
 pub(crate) mod virtio_blk;

@@ -11,6 +11,7 @@ use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
+use super::chain::Chain;
 use super::inflight::{Handoff, QueueInflight, Recovery, RingIndices};
 use super::virtio_blk::{decode, status_of, Command, Decoded, Geometry};
 use crate::binding::Binding;
@@ -160,6 +161,11 @@ pub(super) struct QueueWorker {
     /// This queue's part of the inflight buffer: every chain taken from the
     /// ring is marked here until the used ring has it.
     inflight: Option<QueueInflight>,
+    /// Heads a previous sluice (or connection) had taken and not answered,
+    /// in the order it took them: submitted again before anything new.
+    resubmit: Vec<u16>,
+    /// How many of `resubmit` are submitted.
+    resubmitted: usize,
 }
 
 // SAFETY: the raw pointers in `iovecs` are scratch space rewritten for every
@@ -214,6 +220,8 @@ impl QueueWorker {
             broken: None,
             handoff,
             inflight: None,
+            resubmit: Vec::new(),
+            resubmitted: 0,
         }
     }
 
@@ -420,6 +428,12 @@ impl QueueWorker {
         if self.handoff.pending(self.index as u16) && !self.start_inflight(state) {
             return 0;
         }
+        if self.resubmitted < self.resubmit.len() {
+            count += self.resubmit(state, atomic_mem);
+            if self.resubmitted < self.resubmit.len() {
+                return count;
+            }
+        }
         // The frontend owns the available index: check it before every batch
         // (virtio-queue refuses an index more than a ring ahead, but logs and
         // reports it as "nothing to pop", so the ring would look busy and
@@ -460,10 +474,14 @@ impl QueueWorker {
     }
 
     /// Takes the inflight buffer the frontend set, once the ring is started
-    /// and enabled and nothing of an earlier start is still in flight, and
-    /// checks this queue's region against the ring. False while it cannot be
-    /// taken yet (nothing is popped meanwhile) or when the region is invalid
-    /// (the queue is then broken).
+    /// and enabled and nothing of an earlier start is still in flight:
+    /// checks this queue's region against the ring, and when it holds
+    /// requests a previous sluice took and did not answer, puts the ring back
+    /// where that sluice stood (the used index plus what is in flight) and
+    /// queues those requests for resubmission. False while it cannot be taken
+    /// yet (nothing is popped meanwhile) or when the region is invalid (the
+    /// queue is then broken: serving it without the region could run answered
+    /// requests twice or never run the ones in flight).
     fn start_inflight(
         &mut self,
         state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
@@ -473,6 +491,8 @@ impl QueueWorker {
             return false;
         }
         let index = self.index as u16;
+        self.resubmit.clear();
+        self.resubmitted = 0;
         self.inflight = self.handoff.take(index);
         let Some(inflight) = &mut self.inflight else {
             // The buffer does not cover this queue (the frontend uses fewer).
@@ -495,16 +515,29 @@ impl QueueWorker {
         match inflight.recover(ring) {
             Ok(Recovery::Fresh) => true,
             Ok(Recovery::Resume { resubmit }) => {
-                // Resubmission comes in the next step: until then the ring
-                // goes on from the frontend's base, as without the buffer.
+                let in_flight = resubmit.len() as u16;
+                let queue = state.get_queue_mut();
+                let next_avail = ring.used.wrapping_add(in_flight);
+                if next_avail != queue.next_avail() {
+                    tracing::info!(
+                        export = &*self.shared.name,
+                        queue = self.index,
+                        frontend = queue.next_avail(),
+                        resumed = next_avail,
+                        "the ring resumes where the inflight buffer says, not at the frontend's base"
+                    );
+                }
+                queue.set_next_avail(next_avail);
+                queue.set_next_used(ring.used);
                 if !resubmit.is_empty() {
-                    tracing::warn!(
+                    tracing::info!(
                         export = &*self.shared.name,
                         queue = self.index,
                         requests = resubmit.len(),
-                        "a previous sluice had requests in flight; they are not resubmitted"
+                        "resubmitting the requests a previous sluice had in flight"
                     );
                 }
+                self.resubmit = resubmit;
                 true
             }
             Err(e) => {
@@ -518,6 +551,35 @@ impl QueueWorker {
                 false
             }
         }
+    }
+
+    /// Submits what is left of `resubmit` while slots are free: each chain is
+    /// rebuilt from its head (its region entry stays marked). Returns how
+    /// many were taken.
+    fn resubmit(
+        &mut self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+        atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> usize {
+        let mut count = 0;
+        while self.resubmitted < self.resubmit.len() && self.engine.has_free_slot() {
+            if !std::ptr::eq(&*atomic_mem.memory() as *const GuestMemoryMmap, &*self.mem) {
+                self.refresh_memory(atomic_mem);
+            }
+            let head = self.resubmit[self.resubmitted];
+            self.resubmitted += 1;
+            count += 1;
+            let queue = state.get_queue();
+            let mem = &*self.mem;
+            let chain = Chain::new(mem, GuestAddress(queue.desc_table()), queue.size(), head);
+            let decoded = decode(chain, mem, &self.geometry, &mut self.iovecs);
+            self.dispatch(state, head, decoded);
+        }
+        if self.resubmitted == self.resubmit.len() {
+            self.resubmit = Vec::new();
+            self.resubmitted = 0;
+        }
+        count
     }
 
     /// Chains the frontend has made available and we have not popped, or why
