@@ -594,3 +594,31 @@ fn a_cycle_in_the_batch_list_ends_with_the_batch() {
         }
     );
 }
+
+/// What tracking adds to each request: mark at pop, link and clear around the used
+/// ring's update, 32 requests in flight. A measurement, not a check: run it with
+/// `cargo test --release -p sluice --lib inflight_cost -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn inflight_cost() {
+    use std::hint::black_box;
+    let (_file, _msg, region) = fresh(1, 256);
+    let mut q = region.queue(0).unwrap();
+    q.recover(ring(256, 0)).unwrap();
+    const N: u32 = 20_000_000;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let mut used = 0u16;
+        let t = std::time::Instant::now();
+        for i in 0..N {
+            let popped = black_box((i % 256) as u16);
+            q.mark(popped);
+            let done = black_box(((i + 224) % 256) as u16);
+            q.link(done);
+            used = used.wrapping_add(1);
+            q.clear(done, used);
+        }
+        best = best.min(t.elapsed().as_nanos() as f64 / f64::from(N));
+    }
+    eprintln!("inflight tracking: {best:.2} ns per request (mark + link + clear, best of 5)");
+}
