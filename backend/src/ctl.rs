@@ -162,23 +162,30 @@ impl CtlClient {
     /// The next notification the daemon sends (after `events_subscribe`):
     /// its params; `None` when the daemon closed the connection.
     pub fn next_notification(&mut self) -> Result<Option<Value>, CtlError> {
-        let path = || self.path.clone();
+        Ok(self
+            .read_message()?
+            .map(|note| note.get("params").cloned().unwrap_or(Value::Null)))
+    }
+
+    /// The daemon's next line as JSON; `None` when it closed the connection.
+    fn read_message(&mut self) -> Result<Option<Value>, CtlError> {
         let mut line = String::new();
         let n = self
             .reader
             .read_line(&mut line)
             .map_err(|source| CtlError::Receive {
-                path: path(),
+                path: self.path.clone(),
                 source,
             })?;
         if n == 0 {
             return Ok(None);
         }
-        let note: Value = serde_json::from_str(&line).map_err(|source| CtlError::BadReply {
-            path: path(),
-            source,
-        })?;
-        Ok(Some(note.get("params").cloned().unwrap_or(Value::Null)))
+        serde_json::from_str(&line)
+            .map(Some)
+            .map_err(|source| CtlError::BadReply {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Calls `method` with `params`; returns the result.
@@ -186,26 +193,15 @@ impl CtlClient {
         let id = self.next_id;
         self.next_id += 1;
         let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let path = || self.path.clone();
         writeln!(self.writer, "{request}").map_err(|source| CtlError::Send {
-            path: path(),
+            path: self.path.clone(),
             source,
         })?;
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .map_err(|source| CtlError::Receive {
-                path: path(),
-                source,
-            })?;
-        if n == 0 {
-            return Err(CtlError::Closed { path: path() });
-        }
-        let reply: Value = serde_json::from_str(&line).map_err(|source| CtlError::BadReply {
-            path: path(),
-            source,
-        })?;
+        let Some(reply) = self.read_message()? else {
+            return Err(CtlError::Closed {
+                path: self.path.clone(),
+            });
+        };
         if let Some(err) = reply.get("error") {
             return Err(CtlError::Rpc {
                 code: err.get("code").and_then(Value::as_i64).unwrap_or(0),
