@@ -166,6 +166,14 @@ pub(super) struct QueueWorker {
     resubmit: Vec<u16>,
     /// How many of `resubmit` are submitted.
     resubmitted: usize,
+    /// The ring is new to this worker (a new process, or a restarted ring):
+    /// signal the guest once it runs. A sluice killed between publishing
+    /// completions in the used ring and signalling them leaves a guest that
+    /// waits for an interrupt that never comes: with `EVENT_IDX` the used
+    /// index has already passed the guest's `used_event`, so no later
+    /// completion crosses it again. A spurious interrupt costs the guest
+    /// one look at its used ring.
+    signal_at_start: bool,
 }
 
 // SAFETY: the raw pointers in `iovecs` are scratch space rewritten for every
@@ -222,6 +230,7 @@ impl QueueWorker {
             inflight: None,
             resubmit: Vec::new(),
             resubmitted: 0,
+            signal_at_start: true,
         }
     }
 
@@ -273,6 +282,20 @@ impl QueueWorker {
         &self.shared.queues[self.index]
     }
 
+    /// The frontend stopped the ring (`GET_VRING_BASE`) and starts it again:
+    /// a broken ring is served again, and the guest is signalled once the
+    /// ring runs.
+    fn ring_restarted(&mut self) {
+        self.signal_at_start = true;
+        if self.broken.take().is_some() {
+            tracing::info!(
+                export = &*self.shared.name,
+                queue = self.index,
+                "the frontend restarted the ring: serving it again"
+            );
+        }
+    }
+
     /// Handles a wake-up (vring kick or completions): works until the queue
     /// has been idle for the polling window, then arms notifications.
     pub(super) fn run(
@@ -284,16 +307,8 @@ impl QueueWorker {
         // A plain load first: the flag is almost never set, and an atomic
         // read-modify-write per wake-up would cost the request path.
         let ring_stopped = &self.shared().ring_stopped;
-        if ring_stopped.load(Ordering::Relaxed)
-            && ring_stopped.swap(false, Ordering::AcqRel)
-            && self.broken.is_some()
-        {
-            tracing::info!(
-                export = &*self.shared.name,
-                queue = self.index,
-                "the frontend restarted the ring: serving it again"
-            );
-            self.broken = None;
+        if ring_stopped.load(Ordering::Relaxed) && ring_stopped.swap(false, Ordering::AcqRel) {
+            self.ring_restarted();
         }
         self.follow_node();
         let mut idle_since = Instant::now();
@@ -428,6 +443,10 @@ impl QueueWorker {
         if self.handoff.pending(self.index as u16) && !self.start_inflight(state) {
             return 0;
         }
+        if self.signal_at_start && ring_running(state) {
+            self.signal_at_start = false;
+            let _ = state.signal_used_queue();
+        }
         if self.resubmitted < self.resubmit.len() {
             count += self.resubmit(state, atomic_mem);
             if self.resubmitted < self.resubmit.len() {
@@ -486,10 +505,10 @@ impl QueueWorker {
         &mut self,
         state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     ) -> bool {
-        let queue = state.get_queue();
-        if !queue.ready() || !state.is_enabled() || self.engine.in_flight() > 0 {
+        if !ring_running(state) || self.engine.in_flight() > 0 {
             return false;
         }
+        let queue = state.get_queue();
         let index = self.index as u16;
         self.resubmit.clear();
         self.resubmitted = 0;
@@ -717,6 +736,12 @@ impl QueueWorker {
             );
         }
     }
+}
+
+/// The frontend started the ring (`SET_VRING_KICK`) and enabled it: its
+/// addresses and call descriptor are set, and it may be served.
+fn ring_running(state: &VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> bool {
+    state.get_queue().ready() && state.is_enabled()
 }
 
 /// Writes the status byte, returns the chain to the guest and counts it.
