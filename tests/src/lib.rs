@@ -223,7 +223,17 @@ impl Daemon {
         exports: usize,
         env: &[(&str, &str)],
     ) -> Result<Daemon, String> {
-        let bin = sluice_bin();
+        Self::try_spawn_bin(&sluice_bin(), args, exports, env)
+    }
+
+    /// [`Daemon::try_spawn_env`] of the executable at `bin` (a copy of the
+    /// binary, for an upgrade).
+    pub fn try_spawn_bin<S: AsRef<std::ffi::OsStr>>(
+        bin: &Path,
+        args: &[S],
+        exports: usize,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, String> {
         let stderr = tempfile::Builder::new()
             .prefix("sluice-stderr-")
             .tempfile()

@@ -16,8 +16,8 @@
 //!    is behind: it is never popped again and the guest waits forever.
 //! 2. [`fio_verify_at_depth_64_on_two_queues_across_five_kills`]: fio (two jobs, one per
 //!    vCPU and so per virtqueue, depth 64 each, crc32c verify) in rounds over a plain
-//!    file while the host SIGKILLs and restarts sluice five times; every round must
-//!    verify. The pause each kill costs the guest (kill to the new sluice's
+//!    file while the host SIGKILLs and restarts sluice five times (every other restart
+//!    starts a copy of the binary: an upgrade); every round must verify. The pause each kill costs the guest (kill to the new sluice's
 //!    `frontend connected`) is printed.
 //!
 //! Skips with "skipped: …" when the machine is not prepared (tests/vm/prepare.sh) or, for
@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use sluice_tests::vm::{expect_boot, skip_unless_available, Vm};
 use sluice_tests::{
-    make_file, needs_fuse, path_str, pattern, Daemon, HangingFile, SlowRead, EXIT_TIMEOUT, MIB,
+    make_file, needs_fuse, path_str, pattern, sluice_bin, Daemon, HangingFile, SlowRead,
+    EXIT_TIMEOUT, MIB,
 };
 
 /// QEMU tries to reconnect this often once the backend has gone.
@@ -414,6 +415,9 @@ fn fio_verify_at_depth_64_on_two_queues_across_five_kills() {
     let sock = work.join("vu.sock");
     let args = serve_args(&disk, &sock, &work.join("control.sock"));
     let mut daemon = Daemon::spawn(&args, 1);
+    let original = sluice_bin();
+    let upgraded = work.join("sluice-upgraded");
+    std::fs::copy(&original, &upgraded).expect("copy the sluice binary");
 
     let vm = Vm::new(work)
         .vhost_user_blk(&sock, 2)
@@ -444,7 +448,10 @@ fn fio_verify_at_depth_64_on_two_queues_across_five_kills() {
                 let t = Instant::now();
                 kill_and_reap(&mut daemon, Duration::from_secs(30));
                 logs.lock().unwrap().push(daemon.stderr());
-                daemon = Daemon::try_spawn(&args, 1)?;
+                // An upgrade is a new binary started over a killed one: every other
+                // restart starts the copy.
+                let bin = if k % 2 == 0 { &upgraded } else { &original };
+                daemon = Daemon::try_spawn_bin(bin, &args, 1, &[])?;
                 if !wait_log(&daemon, "frontend connected", Duration::from_secs(30)) {
                     return Err(format!("QEMU did not reconnect after kill {}", k + 1));
                 }
