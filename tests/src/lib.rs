@@ -257,7 +257,7 @@ impl Daemon {
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        let mut child = Command::new(&bin)
+        let mut child = Command::new(bin)
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
