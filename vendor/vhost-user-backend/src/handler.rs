@@ -265,28 +265,15 @@ where
                 if shifted_queues_mask & 1u64 == 1u64 {
                     let evt_idx = queues_mask.count_ones() - shifted_queues_mask.count_ones();
                     if vring_state.get_queue().ready() && vring_state.is_enabled() {
-                        match self.handlers[thread_index].register_event(
+                        if let Err(e) = self.handlers[thread_index].register_event(
                             fd.as_raw_fd(),
                             EventSet::IN,
                             u64::from(evt_idx),
                         ) {
-                            // A ring that starts running is looked at once: a front-end that
-                            // reconnects to a restarted back-end may not kick for what the
-                            // driver made available while no back-end served the ring.
-                            Ok(()) => {
-                                let one = 1u64.to_ne_bytes();
-                                // SAFETY: 8 bytes from a live local buffer to the kick eventfd,
-                                // which the vring keeps open while `vring_state` is borrowed.
-                                let _ = unsafe {
-                                    libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len())
-                                };
-                            }
-                            Err(e) => {
-                                if e.kind() != io::ErrorKind::AlreadyExists {
-                                    // This could happen if we're asked by the frontend to enable an
-                                    // already enabled queue, don't fail in that case.
-                                    return Err(VhostUserError::ReqHandlerError(e));
-                                }
+                            if e.kind() != io::ErrorKind::AlreadyExists {
+                                // This could happen if we're asked by the frontend to enable an
+                                // already enabled queue, don't fail in that case.
+                                return Err(VhostUserError::ReqHandlerError(e));
                             }
                         }
                     } else {
