@@ -21,6 +21,8 @@
 //!   so misplaced, stale or torn blocks are told apart from correct ones.
 //! * [`WriteStorm`] keeps a queue busy with writes while a test takes the export away, and
 //!   checks afterwards that every acknowledged write is in the file.
+//! * [`vring`] is vhost's own frontend with guest memory and a split ring built by hand, to
+//!   start a ring in a chosen state (as QEMU reconnecting to a restarted sluice finds it).
 //!
 //! The binary is looked up next to the test executable (`<target>/debug/sluice`) or taken
 //! from the `SLUICE_BIN` environment variable; build it first with `cargo build -p sluice`.
@@ -41,6 +43,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 pub mod vm;
+pub mod vring;
 
 /// How long a daemon may take to print its ready lines.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);

@@ -10,12 +10,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use sluice_tests::{make_file, path_str, Client, Daemon, EXIT_TIMEOUT, MIB};
-use vhost::vhost_user::message::{
-    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
+use sluice_tests::{make_file, path_str, vring, Client, Daemon, EXIT_TIMEOUT, MIB};
+use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::VhostBackend;
 
 const QUEUES: u16 = 2;
 /// Bytes of one queue region for 128 descriptors: a 16-byte header and 16 bytes per
@@ -41,27 +38,10 @@ fn serve(dir: &Path) -> (Daemon, std::path::PathBuf) {
     (daemon, sock)
 }
 
-/// A frontend that negotiated the inflight messages and asks for a reply to each message.
+/// A frontend that negotiated the inflight messages (acking every virtio feature offered)
+/// and asks for a reply to each message.
 fn negotiate(sock: &Path) -> Frontend {
-    let mut f = Frontend::connect(sock, u64::from(QUEUES)).expect("connect");
-    f.set_owner().expect("SET_OWNER");
-    let features = f.get_features().expect("GET_FEATURES");
-    assert!(features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0);
-    f.set_features(features).expect("SET_FEATURES");
-    let offered = f.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
-    assert!(
-        offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
-        "sluice must offer INFLIGHT_SHMFD: {offered:?}"
-    );
-    f.set_protocol_features(
-        offered
-            & (VhostUserProtocolFeatures::INFLIGHT_SHMFD
-                | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::MQ),
-    )
-    .expect("SET_PROTOCOL_FEATURES");
-    f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    f
+    vring::negotiate(sock, QUEUES, u64::MAX).0
 }
 
 fn ask(num_queues: u16, queue_size: u16) -> VhostUserInflight {
