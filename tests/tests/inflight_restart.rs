@@ -13,8 +13,8 @@
 //! never kicks again. The fix: each queue worker signals the call eventfd once when its
 //! ring starts running. That the restarted sluice looks at a ring nobody kicks at all is
 //! owed to vhost-user-backend, which hands the backend one event for each ring when its
-//! kick descriptor is registered (0.24.0's event loop does; the vendored handler also
-//! writes the kick descriptor then): the second and third tests need it.
+//! kick descriptor is registered (0.24.0's event loop does): the second and third tests
+//! need it.
 //!
 //! * [`published_but_unsignalled_completions_are_signalled_at_start`]: the used ring holds
 //!   completions the guest was never told about (`used_event` behind the used index) and
