@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """hangfs: a FUSE filesystem with one file that can be told to stop answering.
 
-    hangfs.py MOUNTPOINT BACKING NAME SIZE CONTROL [hang-flush]
+    hangfs.py MOUNTPOINT BACKING NAME SIZE CONTROL [hang-flush] [slow-read=OFFSET:LENGTH:SECONDS]
 
 serves MOUNTPOINT/NAME, SIZE bytes, stored in the regular file BACKING
 (created sparse, or grown, to SIZE). It works normally until CONTROL exists
@@ -24,6 +24,12 @@ pread/pwrite go straight here) and runs in the foreground, multithreaded (a
 blocked request holds one libfuse thread, never the others). fallocate is
 not implemented: the kernel answers it EOPNOTSUPP.
 
+With `slow-read=OFFSET:LENGTH:SECONDS`, every read that overlaps bytes
+[OFFSET, OFFSET+LENGTH) of the file is answered SECONDS late (a slow drive, a
+far away network block device), and says so on stdout: `slow-read start
+OFFSET SIZE` when it is taken, `slow-read done OFFSET SIZE` when answered.
+Other reads, and all writes, answer at once.
+
 It prints `ready` on stdout once the mount is visible. Needs fusepy
 (`pip install fusepy`) and libfuse2 (`libfuse.so.2`, Debian `libfuse2`).
 """
@@ -40,9 +46,10 @@ from fuse import FUSE, FuseOSError, Operations
 
 
 class HangFS(Operations):
-    def __init__(self, backing, name, size, control, hang_flush):
+    def __init__(self, backing, name, size, control, hang_flush, slow_read=None):
         self.name = "/" + name
         self.hang_flush = hang_flush
+        self.slow_read = slow_read
         self.size = size
         self.control = control
         self.hung = threading.Event()
@@ -107,6 +114,13 @@ class HangFS(Operations):
         self._maybe_hang()
         if offset >= self.size:
             return b""
+        slow = self.slow_read
+        if slow is not None and offset < slow[0] + slow[1] and slow[0] < offset + size:
+            print("slow-read start %d %d" % (offset, size), flush=True)
+            time.sleep(slow[2])
+            data = os.pread(self.fd, min(size, self.size - offset), offset)
+            print("slow-read done %d %d" % (offset, size), flush=True)
+            return data
         return os.pread(self.fd, min(size, self.size - offset), offset)
 
     def write(self, path, data, offset, fh):
@@ -130,14 +144,26 @@ class HangFS(Operations):
 
 
 def main():
-    if len(sys.argv) not in (6, 7) or sys.argv[6:] not in ([], ["hang-flush"]):
+    if len(sys.argv) < 6:
         sys.exit(__doc__)
     mountpoint, backing, name, size, control = sys.argv[1:6]
-    hang_flush = sys.argv[6:] == ["hang-flush"]
+    hang_flush = False
+    slow_read = None
+    for opt in sys.argv[6:]:
+        if opt == "hang-flush":
+            hang_flush = True
+        elif opt.startswith("slow-read="):
+            try:
+                off, length, secs = opt[len("slow-read="):].split(":")
+                slow_read = (int(off), int(length), float(secs))
+            except ValueError:
+                sys.exit(__doc__)
+        else:
+            sys.exit(__doc__)
     size = int(size)
     if size <= 0 or size % 4096:
         sys.exit("hangfs: SIZE must be a positive multiple of 4096")
-    fs = HangFS(backing, name, size, control, hang_flush)
+    fs = HangFS(backing, name, size, control, hang_flush, slow_read)
 
     # SIGUSR1: hang. Python runs signal handlers on the main thread only, and
     # that one sits in libfuse's loop; so block the signal everywhere (the

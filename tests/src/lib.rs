@@ -21,6 +21,8 @@
 //!   so misplaced, stale or torn blocks are told apart from correct ones.
 //! * [`WriteStorm`] keeps a queue busy with writes while a test takes the export away, and
 //!   checks afterwards that every acknowledged write is in the file.
+//! * [`vring`] is vhost's own frontend with guest memory and a split ring built by hand, to
+//!   start a ring in a chosen state (as QEMU reconnecting to a restarted sluice finds it).
 //!
 //! The binary is looked up next to the test executable (`<target>/debug/sluice`) or taken
 //! from the `SLUICE_BIN` environment variable; build it first with `cargo build -p sluice`.
@@ -41,6 +43,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 pub mod vm;
+pub mod vring;
 
 /// How long a daemon may take to print its ready lines.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -96,7 +99,7 @@ pub fn sluice_bin() -> PathBuf {
     panic!("sluice binary not found at {first}: run `cargo build -p sluice` first");
 }
 
-/// Panics when a source file of the daemon (backend/ or hw/ in this workspace) is newer
+/// Panics when a source file of the daemon (backend/, hw/ or vendor/ in this workspace) is newer
 /// than the binary: `cargo test -p sluice-tests` does not rebuild it, and a stale daemon
 /// fails tests for reasons long fixed.
 fn assert_not_stale(bin: &Path) {
@@ -126,6 +129,7 @@ fn assert_not_stale(bin: &Path) {
         "backend/Cargo.toml",
         "hw/src",
         "hw/Cargo.toml",
+        "vendor/vhost-user-backend/src",
     ] {
         let p = root.join(part);
         if p.is_dir() {
@@ -222,7 +226,17 @@ impl Daemon {
         exports: usize,
         env: &[(&str, &str)],
     ) -> Result<Daemon, String> {
-        let bin = sluice_bin();
+        Self::try_spawn_bin(&sluice_bin(), args, exports, env)
+    }
+
+    /// [`Daemon::try_spawn_env`] of the executable at `bin` (a copy of the
+    /// binary, for an upgrade).
+    pub fn try_spawn_bin<S: AsRef<std::ffi::OsStr>>(
+        bin: &Path,
+        args: &[S],
+        exports: usize,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, String> {
         let stderr = tempfile::Builder::new()
             .prefix("sluice-stderr-")
             .tempfile()
@@ -246,7 +260,7 @@ impl Daemon {
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        let mut child = Command::new(&bin)
+        let mut child = Command::new(bin)
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -1739,6 +1753,14 @@ pub fn needs_fuse() -> Result<(), String> {
     Ok(())
 }
 
+/// Reads of a [`HangingFile`] that overlap `len` bytes at `offset` are answered `delay` late.
+#[derive(Debug, Clone, Copy)]
+pub struct SlowRead {
+    pub offset: u64,
+    pub len: u64,
+    pub delay: Duration,
+}
+
 /// One file served by `tests/fuse/hangfs.py` (a FUSE file system, mounted `direct_io`,
 /// so `O_DIRECT` opens work) that answers normally until [`HangingFile::hang`]; from then
 /// on every read, write, fsync and flush of it is taken from the kernel and never
@@ -1760,6 +1782,22 @@ impl HangingFile {
     /// 4096), stored in the sparse file `dir/hangfs-backing.img`, and waits (at most
     /// [`FUSE_READY_TIMEOUT`]) until it answers.
     pub fn start(dir: &Path, size_bytes: u64) -> Result<HangingFile, String> {
+        Self::start_with(dir, size_bytes, None)
+    }
+
+    /// [`HangingFile::start`], and every read that overlaps `slow` is answered `slow.delay`
+    /// late (the file stays fast elsewhere, and for writes). Each such read is announced:
+    /// [`HangingFile::wait_line`] sees `slow-read start OFFSET SIZE` when the file system
+    /// takes it and `slow-read done OFFSET SIZE` when it answers.
+    pub fn start_slow(dir: &Path, size_bytes: u64, slow: SlowRead) -> Result<HangingFile, String> {
+        Self::start_with(dir, size_bytes, Some(slow))
+    }
+
+    fn start_with(
+        dir: &Path,
+        size_bytes: u64,
+        slow: Option<SlowRead>,
+    ) -> Result<HangingFile, String> {
         needs_fuse()?;
         if size_bytes == 0 || size_bytes % 4096 != 0 {
             return Err(format!(
@@ -1782,6 +1820,9 @@ impl HangingFile {
             .arg("disk.img")
             .arg(size_bytes.to_string())
             .arg(dir.join("hangfs-hang"))
+            .args(
+                slow.map(|s| format!("slow-read={}:{}:{}", s.offset, s.len, s.delay.as_secs_f64())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr_handle))
@@ -1825,6 +1866,25 @@ impl HangingFile {
                         "hangfs did not say {want:?} {why}\n--- hangfs stderr ---\n{}",
                         self.stderr()
                     ));
+                }
+            }
+        }
+    }
+
+    /// Waits at most `timeout` for a line from the server that starts with `prefix` (lines
+    /// before it are skipped) and returns it.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.starts_with(prefix) => return Ok(line),
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(format!(
+                    "hangfs said no {prefix:?} line within {timeout:?}\n--- hangfs stderr ---\n{}",
+                    self.stderr()
+                ))
                 }
             }
         }

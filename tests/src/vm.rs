@@ -246,6 +246,7 @@ pub struct Vm {
     trace_events: Vec<String>,
     kernel_args: Vec<String>,
     timeout: Duration,
+    reconnect_ms: Option<u32>,
 }
 
 impl Vm {
@@ -261,6 +262,7 @@ impl Vm {
             trace_events: Vec::new(),
             kernel_args: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
+            reconnect_ms: None,
         }
     }
 
@@ -303,6 +305,14 @@ impl Vm {
             num_queues,
         });
         self.module("virtio_blk")
+    }
+
+    /// QEMU reconnects every vhost-user device's socket `ms` milliseconds after its backend
+    /// went away (`-chardev socket,…,reconnect-ms=MS`, QEMU 9.2+), and restores the device
+    /// on the new backend; without it a backend that goes away is gone for good.
+    pub fn vhost_user_reconnect_ms(mut self, ms: u32) -> Vm {
+        self.reconnect_ms = Some(ms);
+        self
     }
 
     /// Loads `name` (and what it depends on) from the cache before the job runs.
@@ -435,7 +445,12 @@ impl Vm {
                 ]),
                 Device::VhostUserBlk { socket, num_queues } => a.extend([
                     "-chardev".into(),
-                    format!("socket,id=vu{i},path={}", qemu_value(socket)),
+                    format!(
+                        "socket,id=vu{i},path={}{}",
+                        qemu_value(socket),
+                        self.reconnect_ms
+                            .map_or(String::new(), |ms| format!(",reconnect-ms={ms}"))
+                    ),
                     "-device".into(),
                     format!("vhost-user-blk-pci,chardev=vu{i},num-queues={num_queues}"),
                 ]),

@@ -8,9 +8,12 @@
 //! connection gets fresh queue state, so a frontend that goes away takes only
 //! its own requests with it, and a new one (a restarted QEMU) starts clean.
 
+mod chain;
+pub(crate) mod inflight;
 mod queue;
 pub(crate) mod virtio_blk;
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
@@ -21,7 +24,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -31,7 +36,8 @@ use vmm_sys_util::event::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use self::queue::{ExportShared, QueueWorker};
+use self::inflight::{Handoff, InflightRegion};
+use self::queue::{ExportShared, QueueParams, QueueWorker};
 use self::virtio_blk::Geometry;
 use super::{wait_idle, DrainBounds, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
 use crate::binding::Binding;
@@ -81,7 +87,28 @@ struct BlkBackend {
     /// Exit-event descriptors handed to vhost-user-backend, closed when the
     /// last clone of this backend (the library's workers hold clones) goes.
     handed_out: Arc<HandedOutFds>,
+    /// The inflight buffer the frontend set, for the queues to take.
+    inflight: Arc<Handoff>,
     export: Arc<str>,
+}
+
+impl BlkBackend {
+    /// What a frontend's inflight buffer may describe.
+    fn inflight_limits(&self) -> inflight::Limits {
+        inflight::Limits {
+            queues: self.geometry.queues,
+            queue_size: MAX_QUEUE_DEPTH,
+        }
+    }
+
+    /// Logs why an inflight message was refused; the frontend gets the error.
+    fn inflight_refused(&self, message: &str, e: inflight::InflightError) -> io::Error {
+        tracing::error!(
+            export = &*self.export,
+            "{message} refused: {e}; the frontend cannot start the device with this buffer"
+        );
+        io::Error::new(io::ErrorKind::InvalidInput, e.to_string())
+    }
 }
 
 /// vhost-user-backend 0.24 registers the exit event's consumer in its
@@ -133,6 +160,28 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(
+        &self,
+        request: &VhostUserInflight,
+    ) -> io::Result<(VhostUserInflight, File)> {
+        inflight::create(request, self.inflight_limits())
+            .map_err(|e| self.inflight_refused("GET_INFLIGHT_FD", e))
+    }
+
+    fn set_inflight_fd(&self, msg: &VhostUserInflight, file: File) -> io::Result<()> {
+        let region = InflightRegion::map(&file, msg, self.inflight_limits())
+            .map_err(|e| self.inflight_refused("SET_INFLIGHT_FD", e))?;
+        tracing::debug!(
+            export = &*self.export,
+            queues = region.num_queues(),
+            queue_size = region.queue_size(),
+            "inflight buffer set"
+        );
+        self.inflight.install(region);
+        Ok(())
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
@@ -490,6 +539,12 @@ impl Connection {
         let mut workers = Vec::with_capacity(usize::from(config.queues));
         let mut exit_events = Vec::with_capacity(usize::from(config.queues));
         let mut wakers = Vec::with_capacity(usize::from(config.queues));
+        let handoff = Arc::new(Handoff::new(config.queues));
+        let params = QueueParams {
+            geometry,
+            serial,
+            poll_window: Duration::from_micros(u64::from(config.poll_window_us)),
+        };
         let eventfd_err = |source: io::Error| ExportError::Os {
             export: config.name.clone(),
             what: "eventfd",
@@ -517,11 +572,10 @@ impl Connection {
             workers.push(Mutex::new(QueueWorker::new(
                 engine,
                 completion_event,
-                geometry,
-                serial,
+                params,
                 shared.clone(),
                 usize::from(q),
-                Duration::from_micros(u64::from(config.poll_window_us)),
+                handoff.clone(),
             )));
             let (consumer, notifier) =
                 new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
@@ -541,6 +595,7 @@ impl Connection {
                 shared: shared.clone(),
                 exit_events: exit_events.into(),
                 handed_out: Arc::default(),
+                inflight: handoff,
                 export: config.name.as_str().into(),
             },
         })

@@ -11,6 +11,8 @@ use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
+use super::chain::Chain;
+use super::inflight::{Handoff, QueueInflight, Recovery, RingIndices};
 use super::virtio_blk::{decode, status_of, Command, Decoded, Geometry};
 use crate::binding::Binding;
 use crate::engine::{Engine, SubmitError};
@@ -153,23 +155,54 @@ pub(super) struct QueueWorker {
     /// reconnects. Requests already in flight still complete.
     broken: Option<&'static str>,
     backing_errors: BackingErrorLog,
+    /// Where the frontend's inflight buffer (`SET_INFLIGHT_FD`) waits for
+    /// this queue's ring to start.
+    handoff: Arc<Handoff>,
+    /// This queue's part of the inflight buffer: every chain taken from the
+    /// ring is marked here until the used ring has it.
+    inflight: Option<QueueInflight>,
+    /// Heads a previous sluice (or connection) had taken and not answered,
+    /// in the order it took them: submitted again before anything new.
+    resubmit: Vec<u16>,
+    /// How many of `resubmit` are submitted.
+    resubmitted: usize,
+    /// The ring is new to this worker (a new process, or a restarted ring):
+    /// signal the guest once it runs. A sluice killed between publishing
+    /// completions in the used ring and signalling them leaves a guest that
+    /// waits for an interrupt that never comes: with `EVENT_IDX` the used
+    /// index has already passed the guest's `used_event`, so no later
+    /// completion crosses it again. A spurious interrupt costs the guest
+    /// one look at its used ring.
+    signal_at_start: bool,
 }
 
 // SAFETY: the raw pointers in `iovecs` are scratch space rewritten for every
 // request and never dereferenced across threads; the engine is Send.
 unsafe impl Send for QueueWorker {}
 
+/// What every queue of a connection is set up with.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct QueueParams {
+    pub geometry: Geometry,
+    pub serial: [u8; SERIAL_MAX_BYTES],
+    pub poll_window: Duration,
+}
+
 impl QueueWorker {
     /// A worker for queue `index` of an export.
     pub(super) fn new(
         engine: Engine<VirtioCtx>,
         completion_event: EventFd,
-        geometry: Geometry,
-        serial: [u8; SERIAL_MAX_BYTES],
+        params: QueueParams,
         shared: Arc<ExportShared>,
         index: usize,
-        poll_window: Duration,
+        handoff: Arc<Handoff>,
     ) -> Self {
+        let QueueParams {
+            geometry,
+            serial,
+            poll_window,
+        } = params;
         QueueWorker {
             backing_errors: BackingErrorLog::new(&shared.name, index),
             queue_depth: engine.depth(),
@@ -193,6 +226,11 @@ impl QueueWorker {
             switch_error_log: Throttle::per_ms(DATA_PATH_LOG_INTERVAL_MS),
             node_stale: false,
             broken: None,
+            handoff,
+            inflight: None,
+            resubmit: Vec::new(),
+            resubmitted: 0,
+            signal_at_start: true,
         }
     }
 
@@ -244,6 +282,20 @@ impl QueueWorker {
         &self.shared.queues[self.index]
     }
 
+    /// The frontend stopped the ring (`GET_VRING_BASE`) and starts it again:
+    /// a broken ring is served again, and the guest is signalled once the
+    /// ring runs.
+    fn ring_restarted(&mut self) {
+        self.signal_at_start = true;
+        if self.broken.take().is_some() {
+            tracing::info!(
+                export = &*self.shared.name,
+                queue = self.index,
+                "the frontend restarted the ring: serving it again"
+            );
+        }
+    }
+
     /// Handles a wake-up (vring kick or completions): works until the queue
     /// has been idle for the polling window, then arms notifications.
     pub(super) fn run(
@@ -255,16 +307,8 @@ impl QueueWorker {
         // A plain load first: the flag is almost never set, and an atomic
         // read-modify-write per wake-up would cost the request path.
         let ring_stopped = &self.shared().ring_stopped;
-        if ring_stopped.load(Ordering::Relaxed)
-            && ring_stopped.swap(false, Ordering::AcqRel)
-            && self.broken.is_some()
-        {
-            tracing::info!(
-                export = &*self.shared.name,
-                queue = self.index,
-                "the frontend restarted the ring: serving it again"
-            );
-            self.broken = None;
+        if ring_stopped.load(Ordering::Relaxed) && ring_stopped.swap(false, Ordering::AcqRel) {
+            self.ring_restarted();
         }
         self.follow_node();
         let mut idle_since = Instant::now();
@@ -369,12 +413,13 @@ impl QueueWorker {
         let shared = &self.shared.queues[self.index];
         let mut used_ring_ok = true;
         let (errors, binding) = (&mut self.backing_errors, &self.shared.binding);
+        let inflight = &mut self.inflight;
         let reaped = self.engine.reap(|ctx, result| {
             if let (Err(RequestError::Io(errno)), Some(op)) = (result, ctx.op) {
                 let node = binding.node();
                 errors.record(node.name(), op, errno, ctx.offset_bytes, ctx.len_bytes);
             }
-            used_ring_ok &= complete(state, mem, shared, ctx, result);
+            used_ring_ok &= complete(state, mem, shared, inflight.as_mut(), ctx, result);
         }) as usize;
         if !used_ring_ok {
             self.mark_broken("the used ring is not in guest memory");
@@ -393,6 +438,21 @@ impl QueueWorker {
             return 0;
         }
         let _ = state.disable_notification();
+        // The ring (re)started with an inflight buffer: take it, and with it
+        // what a previous sluice left in flight, before anything new.
+        if self.handoff.pending(self.index as u16) && !self.start_inflight(state) {
+            return 0;
+        }
+        if self.signal_at_start && ring_running(state) {
+            self.signal_at_start = false;
+            let _ = state.signal_used_queue();
+        }
+        if self.resubmitted < self.resubmit.len() {
+            count += self.resubmit(state, atomic_mem);
+            if self.resubmitted < self.resubmit.len() {
+                return count;
+            }
+        }
         // The frontend owns the available index: check it before every batch
         // (virtio-queue refuses an index more than a ring ahead, but logs and
         // reports it as "nothing to pop", so the ring would look busy and
@@ -423,8 +483,120 @@ impl QueueWorker {
             pending -= 1;
             count += 1;
             let head = chain.head_index();
+            if let Some(inflight) = &mut self.inflight {
+                inflight.mark(head);
+            }
             let decoded = decode(chain, mem, &self.geometry, &mut self.iovecs);
             self.dispatch(state, head, decoded);
+        }
+        count
+    }
+
+    /// Takes the inflight buffer the frontend set, once the ring is started
+    /// and enabled and nothing of an earlier start is still in flight:
+    /// checks this queue's region against the ring, and when it holds
+    /// requests a previous sluice took and did not answer, puts the ring back
+    /// where that sluice stood (the used index plus what is in flight) and
+    /// queues those requests for resubmission. False while it cannot be taken
+    /// yet (nothing is popped meanwhile) or when the region is invalid (the
+    /// queue is then broken: serving it without the region could run answered
+    /// requests twice or never run the ones in flight).
+    fn start_inflight(
+        &mut self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+    ) -> bool {
+        if !ring_running(state) || self.engine.in_flight() > 0 {
+            return false;
+        }
+        let queue = state.get_queue();
+        let index = self.index as u16;
+        self.resubmit.clear();
+        self.resubmitted = 0;
+        self.inflight = self.handoff.take(index);
+        let Some(inflight) = &mut self.inflight else {
+            // The buffer does not cover this queue (the frontend uses fewer).
+            return true;
+        };
+        let mem = &*self.mem;
+        let (Ok(used), Ok(avail)) = (
+            queue.used_idx(mem, Ordering::Acquire),
+            queue.avail_idx(mem, Ordering::Acquire),
+        ) else {
+            self.inflight = None;
+            self.mark_broken("the ring is not in guest memory");
+            return false;
+        };
+        let ring = RingIndices {
+            size: queue.size(),
+            used: used.0,
+            avail: avail.0,
+        };
+        match inflight.recover(ring) {
+            Ok(Recovery::Fresh) => true,
+            Ok(Recovery::Resume { resubmit }) => {
+                let in_flight = resubmit.len() as u16;
+                let queue = state.get_queue_mut();
+                let next_avail = ring.used.wrapping_add(in_flight);
+                if next_avail != queue.next_avail() {
+                    tracing::info!(
+                        export = &*self.shared.name,
+                        queue = self.index,
+                        frontend = queue.next_avail(),
+                        resumed = next_avail,
+                        "the ring resumes where the inflight buffer says, not at the frontend's base"
+                    );
+                }
+                queue.set_next_avail(next_avail);
+                queue.set_next_used(ring.used);
+                if !resubmit.is_empty() {
+                    tracing::info!(
+                        export = &*self.shared.name,
+                        queue = self.index,
+                        requests = resubmit.len(),
+                        "resubmitting the requests a previous sluice had in flight"
+                    );
+                }
+                self.resubmit = resubmit;
+                true
+            }
+            Err(e) => {
+                tracing::error!(
+                    export = &*self.shared.name,
+                    queue = self.index,
+                    "the frontend's inflight buffer does not fit this ring: {e}"
+                );
+                self.inflight = None;
+                self.mark_broken("its inflight buffer is invalid");
+                false
+            }
+        }
+    }
+
+    /// Submits what is left of `resubmit` while slots are free: each chain is
+    /// rebuilt from its head (its region entry stays marked). Returns how
+    /// many were taken.
+    fn resubmit(
+        &mut self,
+        state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+        atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> usize {
+        let mut count = 0;
+        while self.resubmitted < self.resubmit.len() && self.engine.has_free_slot() {
+            if !std::ptr::eq(&*atomic_mem.memory() as *const GuestMemoryMmap, &*self.mem) {
+                self.refresh_memory(atomic_mem);
+            }
+            let head = self.resubmit[self.resubmitted];
+            self.resubmitted += 1;
+            count += 1;
+            let queue = state.get_queue();
+            let mem = &*self.mem;
+            let chain = Chain::new(mem, GuestAddress(queue.desc_table()), queue.size(), head);
+            let decoded = decode(chain, mem, &self.geometry, &mut self.iovecs);
+            self.dispatch(state, head, decoded);
+        }
+        if self.resubmitted == self.resubmit.len() {
+            self.resubmit = Vec::new();
+            self.resubmitted = 0;
         }
         count
     }
@@ -468,7 +640,7 @@ impl QueueWorker {
             // No status byte to answer through: give the chain back so the
             // guest does not leak it, and say why.
             self.log_bad(decoded.reason.unwrap_or("malformed chain"));
-            if state.add_used(head, 0).is_err() {
+            if !add_used(state, self.inflight.as_mut(), head, 0) {
                 self.mark_broken("the used ring is not in guest memory");
             }
             return;
@@ -541,7 +713,15 @@ impl QueueWorker {
         if let (Err(_), Some(reason)) = (result, decoded.reason) {
             self.log_bad(reason);
         }
-        if !complete(state, &self.mem, self.shared(), ctx, result) {
+        let shared = &self.shared.queues[self.index];
+        if !complete(
+            state,
+            &self.mem,
+            shared,
+            self.inflight.as_mut(),
+            ctx,
+            result,
+        ) {
             self.mark_broken("the used ring is not in guest memory");
         }
     }
@@ -558,6 +738,12 @@ impl QueueWorker {
     }
 }
 
+/// The frontend started the ring (`SET_VRING_KICK`) and enabled it: its
+/// addresses and call descriptor are set, and it may be served.
+fn ring_running(state: &VringState<GuestMemoryAtomic<GuestMemoryMmap>>) -> bool {
+    state.get_queue().ready() && state.is_enabled()
+}
+
 /// Writes the status byte, returns the chain to the guest and counts it.
 /// Returns false when the used ring cannot be written (the caller marks the
 /// queue broken).
@@ -566,6 +752,7 @@ fn complete(
     state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     mem: &GuestMemoryMmap,
     shared: &QueueShared,
+    inflight: Option<&mut QueueInflight>,
     ctx: VirtioCtx,
     result: RequestResult,
 ) -> bool {
@@ -573,7 +760,7 @@ fn complete(
     let used_len = if result.is_ok() { ctx.used_len_ok } else { 1 };
     // The address was checked against this memory map when decoded.
     let _ = mem.write_obj(status, ctx.status_addr);
-    let used = state.add_used(ctx.head, used_len).is_ok();
+    let used = add_used(state, inflight, ctx.head, used_len);
     shared.record_latency(
         ctx.op,
         ctx.len_bytes,
@@ -581,4 +768,26 @@ fn complete(
         ctx.started.elapsed().as_nanos() as u64,
     );
     used
+}
+
+/// Returns chain `head` to the guest through the used ring, keeping the
+/// inflight region exact around it (the spec's order: link the head into the
+/// last batch, publish the used index, clear the head). Returns false when the
+/// used ring cannot be written; the head then stays marked in flight.
+#[must_use]
+fn add_used(
+    state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+    inflight: Option<&mut QueueInflight>,
+    head: u16,
+    len: u32,
+) -> bool {
+    let Some(inflight) = inflight else {
+        return state.add_used(head, len).is_ok();
+    };
+    inflight.link(head);
+    if state.add_used(head, len).is_err() {
+        return false;
+    }
+    inflight.clear(head, state.get_queue().next_used());
+    true
 }
