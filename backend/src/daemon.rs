@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use crate::api::{
     CountersSample, Event, ExportDescription, ExportInfo, ExportStats, MirrorParams, NodeInfo,
 };
-use crate::events::Events;
 use crate::config::{DiskConfig, ExportConfig, ServeConfig};
+use crate::events::Events;
 use crate::export::vhost_user::VhostUserExport;
 use crate::export::{start_export, DrainBounds, Export, ExportTotals};
 use crate::graph::{flush_bounded, Graph, GraphError, Holder};
@@ -533,8 +533,7 @@ impl Daemon {
                 // the exports already, so this one detaches itself.
                 drop(state);
                 let _ = x.drain(DrainBounds::FORCE);
-                if let Err(e) = self.detach_one(x, Duration::from_millis(DRAIN_TIMEOUT_MS), false)
-                {
+                if let Err(e) = self.detach_one(x, Duration::from_millis(DRAIN_TIMEOUT_MS), false) {
                     tracing::error!("export {}: {e}", config.name);
                 }
                 Err(OpError::ShuttingDown)
@@ -1281,8 +1280,8 @@ impl Daemon {
             let released = self.release_job(&job);
             self.emit(Event::JobCancelled { job: id.clone() });
             for e in [cancelled.err().map(OpError::from), released.err()]
-            .into_iter()
-            .flatten()
+                .into_iter()
+                .flatten()
             {
                 tracing::error!("close-all: cancel job {id}: {e}");
                 clean = false;

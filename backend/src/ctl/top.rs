@@ -605,12 +605,28 @@ mod tests {
         let text = plain_table(&rows(&before, &now), true);
         let lines: Vec<Vec<&str>> = text
             .lines()
-            .map(|l| l.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect())
+            .map(|l| {
+                l.split("  ")
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .collect()
+            })
             .collect();
         assert_eq!(lines[0], HEADER);
         assert_eq!(
             lines[1],
-            ["vm0", "vhost-user", "n", "250", "1.02", "0.13", "9.0", "9.0", "2", "25"]
+            [
+                "vm0",
+                "vhost-user",
+                "n",
+                "250",
+                "1.02",
+                "0.13",
+                "9.0",
+                "9.0",
+                "2",
+                "25"
+            ]
         );
         assert_eq!(
             lines[2],

@@ -17,8 +17,8 @@ use crate::request::BlockOp;
 
 // The counters' types are control-plane results (api.rs); how they are
 // summed over the queues is here.
-pub(crate) use crate::api::{ExportTotals, LatencyPercentiles};
 use crate::api::{ExportCounters, LatencyBucket, QueueCounters};
+pub(crate) use crate::api::{ExportTotals, LatencyPercentiles};
 
 /// Starts the export `config` describes on `node`.
 /// A vhost-user export tells `events` when a frontend connects or leaves.
@@ -584,7 +584,14 @@ mod tests {
         let c = q.counters(3);
         assert_eq!(c.queue, 3);
         assert_eq!(
-            (c.requests, c.errors, c.bytes_read, c.bytes_written, c.flushes, c.in_flight),
+            (
+                c.requests,
+                c.errors,
+                c.bytes_read,
+                c.bytes_written,
+                c.flushes,
+                c.in_flight
+            ),
             (5, 1, 8192, 512, 1, 2)
         );
         let b = |ns| latency_bucket_upper_ns(latency_bucket(ns));

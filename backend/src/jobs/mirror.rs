@@ -18,11 +18,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::api::{Event, JobPhase, JobStatus};
-use crate::events::Events;
-use crate::limits::JOB_PROGRESS_EVENT_INTERVAL_MS;
 use crate::binding::MirrorTap;
 use crate::engine::{Engine, SubmitError};
+use crate::events::Events;
 use crate::graph::FlushError;
+use crate::limits::JOB_PROGRESS_EVENT_INTERVAL_MS;
 use crate::node::Node;
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
@@ -298,8 +298,7 @@ impl MirrorJob {
     /// Current status.
     pub(crate) fn status(&self) -> JobStatus {
         let total = self.source.limits().capacity_bytes;
-        let (done_bytes, dirty_bytes) =
-            progress(&self.tap, &self.shared, self.chunk_bytes, total);
+        let (done_bytes, dirty_bytes) = progress(&self.tap, &self.shared, self.chunk_bytes, total);
         let error = self.shared.error.lock().unwrap().clone();
         JobStatus {
             id: self.id.clone(),
