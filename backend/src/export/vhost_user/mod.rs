@@ -717,7 +717,12 @@ impl ListenerCtx {
             daemon.request_shutdown();
         }
         let error = match daemon.wait() {
-            Ok(()) => {
+            // A frontend that hangs up ends the request loop with
+            // `Disconnected`: the ordinary way to leave.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => {
                 tracing::info!(export = %name, "frontend disconnected");
                 None
             }
