@@ -19,8 +19,9 @@ fi
 # Debian packages: libclang for bindgen (libublk's sys crate), losetup,
 # mkfs/fsck and fio for the storage checks; libfuse2 (libfuse.so.2, which
 # fusepy loads) and fuse (fusermount) for the FUSE file that stops answering
-# (tests/fuse/hangfs.py, tests/tests/hang.rs).
-want=(libclang-dev clang util-linux e2fsprogs fio libfuse2 fuse udev)
+# (tests/fuse/hangfs.py, tests/tests/hang.rs); tmux, the terminal that
+# `sluice ctl top` is tested in (tests/tests/top.rs).
+want=(libclang-dev clang util-linux e2fsprogs fio libfuse2 fuse udev tmux)
 missing=()
 for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

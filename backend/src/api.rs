@@ -236,6 +236,97 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A node was opened (`node_add`).
+    NodeAdded {
+        /// The node.
+        node: String,
+        /// What it was opened from.
+        disk: String,
+        /// Its size.
+        capacity_bytes: u64,
+    },
+    /// A node was flushed and closed: `node_remove`, or its last holder (an
+    /// export, a job) let it go.
+    NodeClosed {
+        /// The node.
+        node: String,
+    },
+    /// An export started serving (`export_add`).
+    ExportAdded {
+        /// The export.
+        export: String,
+        /// The node it serves.
+        node: String,
+        /// `type` and the socket or device.
+        #[serde(flatten)]
+        endpoint: ExportEndpoint,
+    },
+    /// An export was detached (`export_remove`, or `on_removed = "stop"`).
+    ExportRemoved {
+        /// The export.
+        export: String,
+        /// The node it served.
+        node: String,
+    },
+    /// A vhost-user frontend (QEMU, a libblkio client) connected to an
+    /// export's socket.
+    FrontendConnected {
+        /// The export.
+        export: String,
+    },
+    /// The vhost-user frontend of an export went away (its connection
+    /// ended; the export waits for the next one).
+    FrontendDisconnected {
+        /// The export.
+        export: String,
+        /// How the connection ended when it was not a clean hang-up.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// A running job's progress, at most once per
+    /// `JOB_PROGRESS_EVENT_INTERVAL_MS` per job until it is ready (the first
+    /// when it starts copying).
+    JobProgress {
+        /// Job id.
+        job: String,
+        /// Bytes known to be in sync.
+        done_bytes: u64,
+        /// Size of the copy.
+        total_bytes: u64,
+        /// Bytes waiting to be (re)copied.
+        dirty_bytes: u64,
+    },
+    /// A mirror is in sync for the first time: `job_complete` may pivot.
+    JobReady {
+        /// Job id.
+        job: String,
+        /// Size of the copy.
+        total_bytes: u64,
+    },
+    /// A mirror was completed: its exports serve the target.
+    JobCompleted {
+        /// Job id.
+        job: String,
+        /// The node the exports served.
+        source: String,
+        /// The node they serve now.
+        target: String,
+        /// The exports that switched.
+        exports: Vec<String>,
+    },
+    /// A job was cancelled (`job_cancel`, or close-all).
+    JobCancelled {
+        /// Job id.
+        job: String,
+    },
+    /// A job stopped on an error (it stays listed, `failed`, until
+    /// cancelled).
+    JobFailed {
+        /// Job id.
+        job: String,
+        /// What failed.
+        error: String,
+    },
 }
 
 /// The `event` of a ready line: always `"ready"`.
@@ -400,6 +491,66 @@ pub struct ExportStats {
     pub stats: ExportTotals,
     /// Completion latency.
     pub latency: LatencyPercentiles,
+}
+
+/// What `export_counters` answers: every export's cumulative per-queue
+/// counters and latency histograms, for a client that samples them (`sluice
+/// ctl top` computes rates and interval percentiles from two samples).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersSample {
+    /// When the counters were read: `CLOCK_MONOTONIC` of the daemon, in ns
+    /// (differences of two samples are the interval).
+    pub monotonic_ns: u64,
+    /// One entry per export, in name order.
+    pub exports: Vec<ExportCounters>,
+}
+
+/// One export's counters in `export_counters`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportCounters {
+    /// Export name.
+    pub export: String,
+    /// The node it serves.
+    pub node: String,
+    /// `vhost-user` or `ublk`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// One entry per queue, in queue order.
+    pub queues: Vec<QueueCounters>,
+}
+
+/// One queue's cumulative counters (since the export started; a vhost-user
+/// queue's go on across frontend connections).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueCounters {
+    /// Queue index.
+    pub queue: u16,
+    /// Requests completed.
+    pub requests: u64,
+    /// Requests completed with an error status.
+    pub errors: u64,
+    /// Bytes read by completed requests.
+    pub bytes_read: u64,
+    /// Bytes written by completed requests.
+    pub bytes_written: u64,
+    /// Flushes completed.
+    pub flushes: u64,
+    /// Requests in flight now.
+    pub in_flight: u32,
+    /// The completion latency histogram: its non-empty buckets, in
+    /// increasing order.
+    pub latency: Vec<LatencyBucket>,
+}
+
+/// One bucket of a latency histogram: `count` requests took at most
+/// `upper_ns` (and more than the previous bucket's bound).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencyBucket {
+    /// Upper bound in nanoseconds; `null` for the last bucket, which has
+    /// none (requests beyond about 69 s).
+    pub upper_ns: Option<u64>,
+    /// Requests in the bucket.
+    pub count: u64,
 }
 
 /// Where a job is.
@@ -735,6 +886,139 @@ mod tests {
             json!({"event": "export_stopped", "export": "u1", "reason": "r"})
         );
         assert_eq!(round_trip(&OnRemoved::Stop), json!("stop"));
+        let e = Event::ExportAdded {
+            export: "vm2".into(),
+            node: "spare".into(),
+            endpoint: ExportEndpoint::VhostUser {
+                socket: "/run/sluice/vm2.sock".into(),
+            },
+        };
+        assert_eq!(
+            round_trip(&e),
+            json!({"event": "export_added", "export": "vm2", "node": "spare",
+                   "type": "vhost-user", "socket": "/run/sluice/vm2.sock"})
+        );
+        let e = Event::ExportAdded {
+            export: "u".into(),
+            node: "n".into(),
+            endpoint: ExportEndpoint::Ublk {
+                dev_id: 3,
+                device: "/dev/ublkb3".into(),
+            },
+        };
+        assert_eq!(
+            round_trip(&e),
+            json!({"event": "export_added", "export": "u", "node": "n", "type": "ublk",
+                   "dev_id": 3, "device": "/dev/ublkb3"})
+        );
+        let e = Event::FrontendDisconnected {
+            export: "vm0".into(),
+            error: None,
+        };
+        assert_eq!(
+            round_trip(&e),
+            json!({"event": "frontend_disconnected", "export": "vm0"})
+        );
+        let e = Event::JobProgress {
+            job: "mirror0".into(),
+            done_bytes: 1,
+            total_bytes: 3,
+            dirty_bytes: 2,
+        };
+        assert_eq!(
+            round_trip(&e),
+            json!({"event": "job_progress", "job": "mirror0", "done_bytes": 1,
+                   "total_bytes": 3, "dirty_bytes": 2})
+        );
+        let e = Event::JobFailed {
+            job: "m".into(),
+            error: "read chunk 3 of the source: EIO".into(),
+        };
+        assert_eq!(
+            round_trip(&e),
+            json!({"event": "job_failed", "job": "m",
+                   "error": "read chunk 3 of the source: EIO"})
+        );
+        for (e, name) in [
+            (
+                Event::NodeAdded {
+                    node: "n".into(),
+                    disk: "null:1M".into(),
+                    capacity_bytes: 1 << 20,
+                },
+                "node_added",
+            ),
+            (Event::NodeClosed { node: "n".into() }, "node_closed"),
+            (
+                Event::ExportRemoved {
+                    export: "x".into(),
+                    node: "n".into(),
+                },
+                "export_removed",
+            ),
+            (
+                Event::FrontendConnected { export: "x".into() },
+                "frontend_connected",
+            ),
+            (
+                Event::JobReady {
+                    job: "m".into(),
+                    total_bytes: 1,
+                },
+                "job_ready",
+            ),
+            (
+                Event::JobCompleted {
+                    job: "m".into(),
+                    source: "a".into(),
+                    target: "b".into(),
+                    exports: vec!["x".into()],
+                },
+                "job_completed",
+            ),
+            (Event::JobCancelled { job: "m".into() }, "job_cancelled"),
+        ] {
+            assert_eq!(round_trip(&e)["event"], name);
+        }
+    }
+
+    #[test]
+    fn export_counters_on_the_wire() {
+        let sample = CountersSample {
+            monotonic_ns: 5,
+            exports: vec![ExportCounters {
+                export: "vm0".into(),
+                node: "disk0".into(),
+                kind: "vhost-user".into(),
+                queues: vec![QueueCounters {
+                    queue: 1,
+                    requests: 10,
+                    errors: 1,
+                    bytes_read: 4096,
+                    bytes_written: 8192,
+                    flushes: 2,
+                    in_flight: 3,
+                    latency: vec![
+                        LatencyBucket {
+                            upper_ns: Some(1152),
+                            count: 9,
+                        },
+                        LatencyBucket {
+                            upper_ns: None,
+                            count: 1,
+                        },
+                    ],
+                }],
+            }],
+        };
+        assert_eq!(
+            round_trip(&sample),
+            json!({"monotonic_ns": 5, "exports": [{"export": "vm0", "node": "disk0",
+                   "type": "vhost-user", "queues": [{"queue": 1, "requests": 10, "errors": 1,
+                   "bytes_read": 4096, "bytes_written": 8192, "flushes": 2, "in_flight": 3,
+                   "latency": [{"upper_ns": 1152, "count": 9},
+                               {"upper_ns": null, "count": 1}]}]}]})
+        );
     }
 
     #[test]

@@ -10,8 +10,11 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use crate::api::{ExportDescription, ExportInfo, ExportStats, MirrorParams, NodeInfo};
+use crate::api::{
+    CountersSample, Event, ExportDescription, ExportInfo, ExportStats, MirrorParams, NodeInfo,
+};
 use crate::config::{DiskConfig, ExportConfig, ServeConfig};
+use crate::events::Events;
 use crate::export::vhost_user::VhostUserExport;
 use crate::export::{start_export, DrainBounds, Export, ExportTotals};
 use crate::graph::{flush_bounded, Graph, GraphError, Holder};
@@ -45,8 +48,9 @@ pub struct Daemon {
     /// still open without the state lock (close-all may hold it).
     opened: Mutex<Vec<Weak<Node>>>,
     /// Clients streaming events (`events_subscribe`); a closed one is
-    /// dropped at the next event.
-    events: Mutex<Vec<mpsc::Sender<crate::api::Event>>>,
+    /// dropped at the next event. Shared with the exports' connection
+    /// threads and the jobs' copiers.
+    events: Events,
 }
 
 /// The close-all step under way and what it still waits for.
@@ -299,7 +303,7 @@ impl Daemon {
             undoing_start: AtomicBool::new(false),
             pending: Mutex::new(Pending::default()),
             opened: Mutex::new(Vec::new()),
-            events: Mutex::new(Vec::new()),
+            events: Events::default(),
         });
         let mut created = CreatedFiles::default();
         let result = (|| {
@@ -451,7 +455,7 @@ impl Daemon {
             "the drive of node {name} ({}) is back: reopened; exports {exports:?} serve it again",
             new.spec()
         );
-        self.emit(crate::api::Event::NodeReopened {
+        self.emit(Event::NodeReopened {
             node: name.to_owned(),
             exports,
         });
@@ -464,6 +468,11 @@ impl Daemon {
         let mut created = CreatedFiles::default();
         let info = self.open_node(disk, disk.read_only, &mut created)?;
         created.keep();
+        self.emit(Event::NodeAdded {
+            node: info.name.clone(),
+            disk: info.disk.clone(),
+            capacity_bytes: info.capacity_bytes,
+        });
         Ok(info)
     }
 
@@ -472,10 +481,16 @@ impl Daemon {
     pub fn remove_node(&self, name: &str) -> Result<(), OpError> {
         self.check_open()?;
         let node = self.state().graph.remove_by_monitor(name)?;
-        Ok(flush_bounded(
-            node,
-            Duration::from_millis(FLUSH_TIMEOUT_MS),
-        )?)
+        self.close_node(node)
+    }
+
+    /// Flushes and closes a node that left the graph (its last holder let
+    /// it go), and says so.
+    fn close_node(&self, node: Arc<Node>) -> Result<(), OpError> {
+        let name = node.name().to_owned();
+        let flushed = flush_bounded(node, Duration::from_millis(FLUSH_TIMEOUT_MS));
+        self.emit(Event::NodeClosed { node: name });
+        Ok(flushed?)
     }
 
     /// `export-add`: starts an export on an existing node, which it holds.
@@ -509,7 +524,7 @@ impl Daemon {
             state.exports_busy.insert(config.name.clone());
             node
         };
-        let started = start_export(node, config);
+        let started = start_export(node, config, &self.events);
         let mut state = self.state();
         state.exports_busy.remove(&config.name);
         match started {
@@ -518,7 +533,7 @@ impl Daemon {
                 // the exports already, so this one detaches itself.
                 drop(state);
                 let _ = x.drain(DrainBounds::FORCE);
-                if let Err(e) = self.detach_one(x, Duration::from_millis(DRAIN_TIMEOUT_MS)) {
+                if let Err(e) = self.detach_one(x, Duration::from_millis(DRAIN_TIMEOUT_MS), false) {
                     tracing::error!("export {}: {e}", config.name);
                 }
                 Err(OpError::ShuttingDown)
@@ -529,6 +544,12 @@ impl Daemon {
                     .on_removed
                     .insert(config.name.clone(), config.on_removed);
                 state.exports.insert(config.name.clone(), x);
+                drop(state);
+                self.emit(Event::ExportAdded {
+                    export: config.name.clone(),
+                    node: config.disk.clone(),
+                    endpoint: description.endpoint.clone(),
+                });
                 Ok(description)
             }
             Err(e) => {
@@ -575,13 +596,14 @@ impl Daemon {
             );
         }
         let totals = x.totals();
-        let detached = self.detach_one(x, timeout);
+        let detached = self.detach_one(x, timeout, true);
         detached.map(|()| totals)
     }
 
     /// Detaches one export and gives its node reference back; closes the
-    /// node if that was the last reference.
-    fn detach_one(&self, x: Export, timeout: Duration) -> Result<(), OpError> {
+    /// node if that was the last reference. `announce`: emit
+    /// `export_removed` (not for an export nobody was told of).
+    fn detach_one(&self, x: Export, timeout: Duration, announce: bool) -> Result<(), OpError> {
         let name = x.name().to_owned();
         let node = x.node().name().to_owned();
         let result = if self.undoing_start.load(Ordering::Relaxed) && x.taken_over() {
@@ -594,9 +616,15 @@ impl Daemon {
         } else {
             x.detach(timeout).map(|_| ()).map_err(OpError::from)
         };
+        if announce {
+            self.emit(Event::ExportRemoved {
+                export: name.clone(),
+                node: node.clone(),
+            });
+        }
         let released = self.state().graph.release(&node, &Holder::Export(name));
         match released {
-            Ok(Some(last)) => flush_bounded(last, Duration::from_millis(FLUSH_TIMEOUT_MS))?,
+            Ok(Some(last)) => self.close_node(last)?,
             Ok(None) => {}
             Err(e) => tracing::error!("{e}"),
         }
@@ -647,7 +675,7 @@ impl Daemon {
         for x in state.exports_of(&p.node) {
             x.binding().set_mirror(Some(job.tap().clone()));
         }
-        if let Err(e) = job.start_copier() {
+        if let Err(e) = job.start_copier(self.events.clone()) {
             for x in state.exports_of(&p.node) {
                 x.binding().set_mirror(None);
             }
@@ -684,7 +712,7 @@ impl Daemon {
 
     /// Gives a finished job's node references back, closing nodes it held
     /// last.
-    fn release_job(&self, job: &MirrorJob) -> Result<(), crate::graph::FlushError> {
+    fn release_job(&self, job: &MirrorJob) -> Result<(), OpError> {
         let holder = Holder::Job(job.id().to_owned());
         let mut closing = Vec::new();
         {
@@ -696,7 +724,7 @@ impl Daemon {
             }
         }
         for node in closing {
-            flush_bounded(node, Duration::from_millis(FLUSH_TIMEOUT_MS))?;
+            self.close_node(node)?;
         }
         Ok(())
     }
@@ -714,6 +742,7 @@ impl Daemon {
         let cancelled = job.cancel(Instant::now() + Duration::from_millis(JOB_CANCEL_TIMEOUT_MS));
         let released = self.release_job(&job);
         tracing::info!(job = id, "mirror cancelled");
+        self.emit(Event::JobCancelled { job: id.to_owned() });
         cancelled?;
         released?;
         Ok(status)
@@ -762,6 +791,12 @@ impl Daemon {
         status.done_bytes = status.total_bytes;
         self.release_job(&job)?;
         tracing::info!(job = id, exports = ?names, target = job.target().name(), "mirror completed: exports switched to the target");
+        self.emit(Event::JobCompleted {
+            job: id.to_owned(),
+            source: job.source().name().to_owned(),
+            target: job.target().name().to_owned(),
+            exports: names,
+        });
         Ok(status)
     }
 
@@ -803,6 +838,17 @@ impl Daemon {
         })
     }
 
+    /// `export_counters`: every export's per-queue counters and latency
+    /// histograms, with the time they were read.
+    pub fn export_counters(&self) -> CountersSample {
+        let state = self.state();
+        let exports = state.exports.values().map(Export::counters).collect();
+        CountersSample {
+            monotonic_ns: monotonic_ns(),
+            exports,
+        }
+    }
+
     /// One JSON line per export, printed when it accepts its consumer
     /// (socket listening, or `/dev/ublkbN` present).
     pub fn ready_lines(&self) -> Vec<String> {
@@ -833,20 +879,12 @@ impl Daemon {
 
     /// A stream of the daemon's events from now on (ends when the daemon
     /// goes).
-    pub(crate) fn subscribe_events(&self) -> mpsc::Receiver<crate::api::Event> {
-        let (tx, rx) = mpsc::channel();
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(tx);
-        rx
+    pub(crate) fn subscribe_events(&self) -> mpsc::Receiver<Event> {
+        self.events.subscribe()
     }
 
-    fn emit(&self, event: crate::api::Event) {
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|tx| tx.send(event.clone()).is_ok());
+    fn emit(&self, event: Event) {
+        self.events.emit(event);
     }
 
     /// Finds nodes whose drive went away (marked by the data path, or gone
@@ -892,7 +930,7 @@ impl Daemon {
                  request with an I/O error",
                 node.name()
             );
-            self.emit(crate::api::Event::NodeRemoved {
+            self.emit(Event::NodeRemoved {
                 node: node.name().to_owned(),
                 device,
                 exports,
@@ -902,7 +940,7 @@ impl Daemon {
                 std::thread::spawn(move || match daemon.remove_export(&name, true) {
                     Ok(_) => {
                         tracing::warn!(export = name, "stopped: its node's drive was removed");
-                        daemon.emit(crate::api::Event::ExportStopped {
+                        daemon.emit(Event::ExportStopped {
                             export: name,
                             reason: "its node's drive was removed".into(),
                         });
@@ -1052,7 +1090,7 @@ impl Daemon {
                         x.totals()
                     ));
                     s.spawn(move || {
-                        let r = self.detach_one(x, timeout);
+                        let r = self.detach_one(x, timeout, true);
                         self.done_pending(&format!("export {name}"));
                         r.map_err(|e| format!("close-all: detach export {name}: {e}"))
                     })
@@ -1240,18 +1278,22 @@ impl Daemon {
             // Its nodes are let go even if the copier is stuck: the loop
             // goes on to the next job either way.
             let released = self.release_job(&job);
-            for e in [
-                cancelled.err().map(OpError::from),
-                released.err().map(OpError::from),
-            ]
-            .into_iter()
-            .flatten()
+            self.emit(Event::JobCancelled { job: id.clone() });
+            for e in [cancelled.err().map(OpError::from), released.err()]
+                .into_iter()
+                .flatten()
             {
                 tracing::error!("close-all: cancel job {id}: {e}");
                 clean = false;
             }
         }
     }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds.
+fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
 }
 
 fn node_info(graph: &Graph, name: &str) -> NodeInfo {

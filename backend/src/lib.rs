@@ -25,6 +25,7 @@ pub mod config;
 pub mod ctl;
 pub(crate) mod daemon;
 pub(crate) mod engine;
+pub(crate) mod events;
 pub(crate) mod export;
 pub mod fuzzing;
 pub(crate) mod graph;

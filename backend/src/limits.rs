@@ -104,3 +104,6 @@ pub const HOTPLUG_CHECK_INTERVAL_MS: u64 = 500;
 /// How often a client streaming events (`events_subscribe`) is checked for
 /// having gone away while no event comes.
 pub const EVENT_STREAM_CHECK_MS: u64 = 1_000;
+/// A running job's `job_progress` event is sent at most this often (the
+/// first when it starts copying).
+pub const JOB_PROGRESS_EVENT_INTERVAL_MS: u64 = 1_000;

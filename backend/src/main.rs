@@ -192,9 +192,25 @@ enum CtlCommand {
     },
     /// List the monitor's methods.
     Methods,
-    /// Print the daemon's events (a drive removed, an export stopped) as they
-    /// come, until the daemon stops or Ctrl-C.
+    /// Print the daemon's events (exports and nodes added and removed, job
+    /// progress, frontends connecting, a drive removed...) as they come,
+    /// one per line, until the daemon stops or Ctrl-C.
     Events,
+    /// A live view of every export's load, refreshed every interval: IOPS,
+    /// MB/s read and written, mean and p99 latency of the interval, requests
+    /// in flight, errors per second, busiest first. Keys: q quits, p shows
+    /// the queues. When stdout is not a terminal, prints one snapshot (two
+    /// samples one interval apart) as a plain table and exits.
+    Top {
+        /// Refresh interval in milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = sluice::ctl::top::TOP_DEFAULT_INTERVAL_MS,
+              value_parser = clap::value_parser!(u64).range(
+                  sluice::ctl::top::TOP_MIN_INTERVAL_MS..=sluice::ctl::top::TOP_MAX_INTERVAL_MS))]
+        interval_ms: u64,
+        /// Start with each export's queues shown (the p key toggles them).
+        #[arg(long)]
+        per_queue: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -538,6 +554,20 @@ fn ctl(args: CtlArgs) -> ExitCode {
     if let CtlCommand::Events = args.command {
         return ctl_events(&path, args.json);
     }
+    if let CtlCommand::Top {
+        interval_ms,
+        per_queue,
+    } = args.command
+    {
+        let interval = std::time::Duration::from_millis(interval_ms);
+        return match sluice::ctl::top::run(&path, interval, per_queue) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sluice ctl top: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let wait_for = match &args.command {
         CtlCommand::Mirror { wait: true, .. } => Some(None),
         CtlCommand::JobStatus { id, wait: true } => Some(Some(id.clone())),
@@ -715,6 +745,7 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), CliError
         CtlCommand::Shutdown => ("shutdown".into(), params(&NoParams {})?),
         CtlCommand::Methods => ("rpc_methods".into(), params(&NoParams {})?),
         CtlCommand::Events => ("events_subscribe".into(), params(&NoParams {})?),
+        CtlCommand::Top { .. } => ("export_counters".into(), params(&NoParams {})?),
         CtlCommand::Call { method, params } => {
             let p = match params {
                 Some(text) => serde_json::from_str(text).map_err(CliError::CallParams)?,

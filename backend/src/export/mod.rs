@@ -17,12 +17,15 @@ use crate::request::BlockOp;
 
 // The counters' types are control-plane results (api.rs); how they are
 // summed over the queues is here.
+use crate::api::{ExportCounters, LatencyBucket, QueueCounters};
 pub(crate) use crate::api::{ExportTotals, LatencyPercentiles};
 
 /// Starts the export `config` describes on `node`.
+/// A vhost-user export tells `events` when a frontend connects or leaves.
 pub(crate) fn start_export(
     node: Arc<Node>,
     config: &crate::config::ExportConfig,
+    events: &crate::events::Events,
 ) -> Result<Export, ExportError> {
     use crate::config::ExportKind;
     match &config.kind {
@@ -41,6 +44,7 @@ pub(crate) fn start_export(
                 poll_window_us: config.poll_window_us,
                 socket_mode: *socket_mode,
             },
+            events.clone(),
         )
         .map(Export::VhostUser),
         ExportKind::Ublk { id, recovery } => ublk::UblkExport::start(
@@ -163,6 +167,25 @@ impl Export {
         match self {
             Export::VhostUser(x) => x.latency(),
             Export::Ublk(x) => x.latency(),
+        }
+    }
+
+    /// Every queue's cumulative counters and latency histogram
+    /// (`export_counters`).
+    pub(crate) fn counters(&self) -> ExportCounters {
+        let (kind, queues) = match self {
+            Export::VhostUser(x) => ("vhost-user", x.queues()),
+            Export::Ublk(x) => ("ublk", x.queues()),
+        };
+        ExportCounters {
+            export: self.name().to_owned(),
+            node: self.node().name().to_owned(),
+            kind: kind.to_owned(),
+            queues: queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| q.counters(i as u16))
+                .collect(),
         }
     }
 
@@ -460,6 +483,37 @@ impl QueueShared {
     }
 }
 
+impl QueueShared {
+    /// Everything this queue counts, read once (relaxed loads; a request
+    /// completing meanwhile may be in one counter and not yet in another):
+    /// what `export_counters` reports. The one place that reads the queue's
+    /// counters for a client, so a new counter is added here.
+    pub(crate) fn counters(&self, queue: u16) -> QueueCounters {
+        let latency = self
+            .latency
+            .iter()
+            .enumerate()
+            .filter_map(|(b, n)| {
+                let count = n.load(Ordering::Relaxed);
+                (count > 0).then(|| LatencyBucket {
+                    upper_ns: (b < LATENCY_BUCKETS - 1).then(|| latency_bucket_upper_ns(b)),
+                    count,
+                })
+            })
+            .collect();
+        QueueCounters {
+            queue,
+            requests: self.requests.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            flushes: self.flushes.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            latency,
+        }
+    }
+}
+
 impl ExportTotals {
     /// Sums the counters of `queues`.
     pub fn of(queues: &[QueueShared]) -> Self {
@@ -515,6 +569,50 @@ mod tests {
             );
             last = b;
         }
+    }
+
+    #[test]
+    fn counters_read_what_the_queue_recorded() {
+        let q = QueueShared::default();
+        assert_eq!(q.counters(3).latency, vec![]);
+        q.record_latency(Some(BlockOp::Read), 4096, true, 10_000);
+        q.record_latency(Some(BlockOp::Read), 4096, true, 10_100);
+        q.record_latency(Some(BlockOp::Write { fua: false }), 512, true, 1 << 40);
+        q.record_latency(Some(BlockOp::Flush), 0, true, 2_000);
+        q.record_latency(Some(BlockOp::Write { fua: false }), 512, false, 2_000);
+        q.in_flight.store(2, Ordering::Relaxed);
+        let c = q.counters(3);
+        assert_eq!(c.queue, 3);
+        assert_eq!(
+            (
+                c.requests,
+                c.errors,
+                c.bytes_read,
+                c.bytes_written,
+                c.flushes,
+                c.in_flight
+            ),
+            (5, 1, 8192, 512, 1, 2)
+        );
+        let b = |ns| latency_bucket_upper_ns(latency_bucket(ns));
+        assert_eq!(
+            c.latency,
+            vec![
+                LatencyBucket {
+                    upper_ns: Some(b(2_000)),
+                    count: 2
+                },
+                LatencyBucket {
+                    upper_ns: Some(b(10_000)),
+                    count: 2
+                },
+                LatencyBucket {
+                    upper_ns: None,
+                    count: 1
+                },
+            ]
+        );
+        assert!(b(10_000) >= 10_100, "10 000 and 10 100 ns share a bucket");
     }
 
     #[test]

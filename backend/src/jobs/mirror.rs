@@ -17,10 +17,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::api::{JobPhase, JobStatus};
+use crate::api::{Event, JobPhase, JobStatus};
 use crate::binding::MirrorTap;
 use crate::engine::{Engine, SubmitError};
+use crate::events::Events;
 use crate::graph::FlushError;
+use crate::limits::JOB_PROGRESS_EVENT_INTERVAL_MS;
 use crate::node::Node;
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
@@ -209,8 +211,10 @@ impl MirrorJob {
         })
     }
 
-    /// Starts the background copy.
-    pub(crate) fn start_copier(&mut self) -> Result<(), JobError> {
+    /// Starts the background copy. Its thread tells `events` the job's
+    /// progress (at most once per `JOB_PROGRESS_EVENT_INTERVAL_MS`), when
+    /// it is ready, and when it fails.
+    pub(crate) fn start_copier(&mut self, events: Events) -> Result<(), JobError> {
         let (chunk_bytes, max_in_flight) = (self.chunk_bytes, self.max_in_flight);
         let (source, target, tap, shared) = (
             self.source.clone(),
@@ -218,20 +222,41 @@ impl MirrorJob {
             self.tap.clone(),
             self.shared.clone(),
         );
+        let id = self.id.clone();
         let copier = std::thread::Builder::new()
             .name(format!("mirror-{}", self.id))
             .spawn(move || {
-                let mut copier = match Copier::new(source, target, tap, chunk_bytes, max_in_flight)
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        *shared.error.lock().unwrap() = Some(e.to_string());
-                        return;
-                    }
+                let total = source.limits().capacity_bytes;
+                let failed = |e: String| {
+                    *shared.error.lock().unwrap() = Some(e.clone());
+                    events.emit(Event::JobFailed {
+                        job: id.clone(),
+                        error: e,
+                    });
                 };
-                if let Err(e) = copier.run(&shared, None) {
+                let mut copier =
+                    match Copier::new(source, target, tap.clone(), chunk_bytes, max_in_flight) {
+                        Ok(c) => c,
+                        Err(e) => return failed(e.to_string()),
+                    };
+                let mut reporter = ProgressReporter {
+                    id: id.clone(),
+                    events: &events,
+                    last: None,
+                    ready_told: false,
+                };
+                let mut tick = || {
+                    let (done_bytes, dirty_bytes) = progress(&tap, &shared, chunk_bytes, total);
+                    reporter.tick(
+                        shared.ready.load(Ordering::Acquire),
+                        done_bytes,
+                        total,
+                        dirty_bytes,
+                    );
+                };
+                if let Err(e) = copier.run(&shared, None, &mut tick) {
                     tracing::error!("mirror job: {e}");
-                    *shared.error.lock().unwrap() = Some(e.to_string());
+                    failed(e.to_string());
                 }
             })
             .map_err(JobError::Spawn)?;
@@ -273,10 +298,7 @@ impl MirrorJob {
     /// Current status.
     pub(crate) fn status(&self) -> JobStatus {
         let total = self.source.limits().capacity_bytes;
-        let pending = (self.tap.bitmap().dirty() as u64
-            + self.shared.in_flight_chunks.load(Ordering::Relaxed))
-        .saturating_mul(self.chunk_bytes)
-        .min(total);
+        let (done_bytes, dirty_bytes) = progress(&self.tap, &self.shared, self.chunk_bytes, total);
         let error = self.shared.error.lock().unwrap().clone();
         JobStatus {
             id: self.id.clone(),
@@ -290,9 +312,9 @@ impl MirrorJob {
             } else {
                 JobPhase::Running
             },
-            done_bytes: total - pending,
+            done_bytes,
             total_bytes: total,
-            dirty_bytes: self.tap.bitmap().dirty() as u64 * self.chunk_bytes,
+            dirty_bytes,
             chunk_bytes: self.chunk_bytes,
             max_in_flight: self.max_in_flight,
             error,
@@ -342,7 +364,7 @@ impl MirrorJob {
         )?;
         let shared = Shared::default();
         let deadline = Instant::now() + Duration::from_millis(MIRROR_FINISH_TIMEOUT_MS);
-        copier.run(&shared, Some(deadline))?;
+        copier.run(&shared, Some(deadline), &mut || {})?;
         drop(copier);
         Ok(crate::graph::flush_bounded(
             self.target.clone(),
@@ -365,6 +387,53 @@ impl MirrorJob {
             self.target.clone(),
             Duration::from_millis(crate::limits::FLUSH_TIMEOUT_MS).min(left),
         )?)
+    }
+}
+
+/// A job's bytes in sync and bytes dirty, of `total_bytes`.
+fn progress(tap: &MirrorTap, shared: &Shared, chunk_bytes: u64, total_bytes: u64) -> (u64, u64) {
+    let dirty = tap.bitmap().dirty() as u64;
+    let pending = (dirty + shared.in_flight_chunks.load(Ordering::Relaxed))
+        .saturating_mul(chunk_bytes)
+        .min(total_bytes);
+    (total_bytes - pending, dirty * chunk_bytes)
+}
+
+/// What a copier tells the event stream as it goes: `job_progress` when it
+/// starts and then at most once per `JOB_PROGRESS_EVENT_INTERVAL_MS` until
+/// the job is ready, then `job_ready` once.
+struct ProgressReporter<'a> {
+    id: String,
+    events: &'a Events,
+    last: Option<Instant>,
+    ready_told: bool,
+}
+
+impl ProgressReporter<'_> {
+    /// Called by the copier once per pass of its loop.
+    fn tick(&mut self, ready: bool, done_bytes: u64, total_bytes: u64, dirty_bytes: u64) {
+        if self.ready_told {
+            return;
+        }
+        if ready {
+            self.ready_told = true;
+            self.events.emit(Event::JobReady {
+                job: self.id.clone(),
+                total_bytes,
+            });
+            return;
+        }
+        let interval = Duration::from_millis(JOB_PROGRESS_EVENT_INTERVAL_MS);
+        if self.last.is_some_and(|t| t.elapsed() < interval) {
+            return;
+        }
+        self.last = Some(Instant::now());
+        self.events.emit(Event::JobProgress {
+            job: self.id.clone(),
+            done_bytes,
+            total_bytes,
+            dirty_bytes,
+        });
     }
 }
 
@@ -533,7 +602,13 @@ impl Copier {
     /// Copies dirty chunks until told to stop; with `until_clean` (a
     /// deadline), returns as soon as nothing is dirty or in flight, or fails
     /// at the deadline.
-    fn run(&mut self, shared: &Shared, until_clean: Option<Instant>) -> Result<(), CopyError> {
+    /// `tick` is called once per pass (the copier's progress reports).
+    fn run(
+        &mut self,
+        shared: &Shared,
+        until_clean: Option<Instant>,
+        tick: &mut dyn FnMut(),
+    ) -> Result<(), CopyError> {
         let source_capacity = self
             .reads
             .node()
@@ -544,6 +619,7 @@ impl Copier {
             if shared.stop.load(Ordering::Acquire) && until_clean.is_none() {
                 break;
             }
+            tick();
             if until_clean.is_some_and(|d| Instant::now() >= d) {
                 return Err(CopyError::FinishTimeout(
                     self.reads.in_flight() + self.writes.in_flight(),

@@ -25,13 +25,14 @@ pub const METHODS: &[(&str, &str)] = &[
     ("export_remove", "detach an export: {name, mode: \"safe\" (wait for in-flight) | \"force\"}"),
     ("export_list", "exports with their node and counters"),
     ("export_stats", "counters and latency percentiles of one export: {name}"),
+    ("export_counters", "every export's cumulative per-queue counters (requests, errors, bytes read and written, flushes, in flight) and non-empty latency buckets (upper_ns, count), with the daemon's CLOCK_MONOTONIC ns; rates come from two samples (sluice ctl top)"),
     ("job_mirror", "copy a node to a target node while it is served: {node, target, id?, chunk_bytes?, max_in_flight?}"),
     ("job_list", "jobs with their progress"),
     ("job_status", "one job's phase and progress: {id}"),
     ("job_cancel", "stop a job and flush its target: {id}"),
     ("job_complete", "pivot a ready mirror: its exports switch to the target: {id}"),
     ("daemon_stats", "process-wide counters: heap allocations so far"),
-    ("events_subscribe", "this connection streams the daemon's events from now on (node_removed, export_stopped) as JSON-RPC notifications {\"method\": \"event\", \"params\": EVENT} until it closes"),
+    ("events_subscribe", "this connection streams the daemon's events from now on (node_added, node_closed, node_removed, node_reopened, export_added, export_removed, export_stopped, frontend_connected, frontend_disconnected, job_progress, job_ready, job_completed, job_cancelled, job_failed) as JSON-RPC notifications {\"method\": \"event\", \"params\": EVENT} until it closes"),
     ("rpc_methods", "this list"),
     ("shutdown", "close everything in order and exit"),
 ];
@@ -91,6 +92,8 @@ pub enum Call {
         /// Export name.
         name: String,
     },
+    /// `export_counters`.
+    ExportCounters,
     /// `job_mirror`.
     JobMirror(MirrorParams),
     /// `job_list`.
@@ -132,6 +135,7 @@ impl Call {
             Call::ExportRemove { .. } => "export_remove",
             Call::ExportList => "export_list",
             Call::ExportStats { .. } => "export_stats",
+            Call::ExportCounters => "export_counters",
             Call::JobMirror(_) => "job_mirror",
             Call::JobList => "job_list",
             Call::JobStatus { .. } => "job_status",
@@ -181,6 +185,10 @@ pub fn parse_call(method: &str, p: Value, cwd: &Path) -> Result<Call, RpcError> 
         "export_stats" => {
             let NameParams { name } = params(p)?;
             Call::ExportStats { name }
+        }
+        "export_counters" => {
+            params::<NoParams>(p)?;
+            Call::ExportCounters
         }
         "job_mirror" => Call::JobMirror(params(p)?),
         "job_list" => {
@@ -245,6 +253,7 @@ pub(super) fn run(
         }
         Call::ExportList => answer(&daemon.list_exports()),
         Call::ExportStats { name } => answer(&daemon.export_stats(&name)?),
+        Call::ExportCounters => answer(&daemon.export_counters()),
         Call::JobMirror(p) => answer(&daemon.start_mirror(&p)?),
         Call::JobList => answer(&daemon.list_jobs()),
         Call::JobStatus { id } => answer(&daemon.job_status(&id)?),

@@ -564,6 +564,11 @@ impl UblkExport {
         ExportTotals::of(&self.shared.queues)
     }
 
+    /// The queues' shared counters.
+    pub(crate) fn queues(&self) -> &[QueueShared] {
+        &self.shared.queues
+    }
+
     /// Completion latency percentiles.
     pub(crate) fn latency(&self) -> LatencyPercentiles {
         LatencyPercentiles::of(&self.shared.queues)

@@ -40,6 +40,7 @@ use self::inflight::{Handoff, InflightRegion};
 use self::queue::{ExportShared, QueueParams, QueueWorker};
 use self::virtio_blk::Geometry;
 use super::{wait_idle, DrainBounds, ExportError, ExportTotals, LatencyPercentiles, QueueShared};
+use crate::api::Event;
 use crate::binding::Binding;
 use crate::engine::Engine;
 use crate::limits::{
@@ -299,7 +300,12 @@ impl std::fmt::Debug for VhostUserExport {
 impl VhostUserExport {
     /// Binds the socket and starts accepting frontends. When this returns,
     /// the socket accepts connections.
-    pub fn start(node: Arc<Node>, config: VhostUserConfig) -> Result<Self, ExportError> {
+    /// Frontends connecting and leaving are told to `events`.
+    pub(crate) fn start(
+        node: Arc<Node>,
+        config: VhostUserConfig,
+        events: crate::events::Events,
+    ) -> Result<Self, ExportError> {
         let geometry = Geometry {
             limits: *node.limits(),
             read_only: config.read_only || node.read_only(),
@@ -335,6 +341,7 @@ impl VhostUserExport {
                 stop: stop.clone(),
                 stopping: stopping.clone(),
                 connection: connection.clone(),
+                events,
             };
             std::thread::Builder::new()
                 .name(format!("vu-{}", config.name))
@@ -439,6 +446,11 @@ impl VhostUserExport {
     /// Cumulative statistics.
     pub fn totals(&self) -> ExportTotals {
         ExportTotals::of(&self.shared.queues)
+    }
+
+    /// The queues' shared counters.
+    pub(crate) fn queues(&self) -> &[QueueShared] {
+        &self.shared.queues
     }
 
     /// Completion latency percentiles.
@@ -609,6 +621,9 @@ struct ListenerCtx {
     stop: Arc<StopEvent>,
     stopping: Arc<AtomicBool>,
     connection: Arc<Mutex<Option<ShutdownHandle>>>,
+    /// Told when a frontend connects and leaves (from this thread, never a
+    /// queue's).
+    events: crate::events::Events,
 }
 
 /// An eventfd that tells the listener to stop: written once, polled (never
@@ -695,18 +710,38 @@ impl ListenerCtx {
         daemon.start(listener).map_err(ConnectionError::Accept)?;
         *self.connection.lock().unwrap() = daemon.shutdown_handle();
         tracing::info!(export = %name, "frontend connected");
+        self.events.emit(Event::FrontendConnected {
+            export: name.clone(),
+        });
         if self.stopping.load(Ordering::SeqCst) {
             daemon.request_shutdown();
         }
-        match daemon.wait() {
-            Ok(()) => tracing::info!(export = %name, "frontend disconnected"),
-            Err(e) => tracing::info!(export = %name, "frontend connection ended: {e}"),
-        }
+        let error = match daemon.wait() {
+            // A frontend that hangs up ends the request loop with
+            // `Disconnected`: the ordinary way to leave.
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => {
+                tracing::info!(export = %name, "frontend disconnected");
+                None
+            }
+            Err(e) => {
+                tracing::info!(export = %name, "frontend connection ended: {e}");
+                Some(e.to_string())
+            }
+        };
         self.connection.lock().unwrap().take();
         // Dropping the daemon stops and joins the queue workers; dropping the
         // last backend clone drains each engine before its memory goes.
         drop(daemon);
         drop(backend);
+        // Once the connection's workers and engines are gone: a frontend
+        // that reconnects on this event finds the export ready for it.
+        self.events.emit(Event::FrontendDisconnected {
+            export: name.clone(),
+            error,
+        });
         Ok(())
     }
 }

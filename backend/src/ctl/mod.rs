@@ -19,6 +19,8 @@ use crate::api::{
 };
 use crate::graph::Holder;
 
+pub mod top;
+
 /// How long `ctl` waits for an answer (export removal may wait for the
 /// drain, bounded by the daemon's own timeouts).
 pub const CTL_REPLY_TIMEOUT_MS: u64 = 120_000;
@@ -157,6 +159,11 @@ impl CtlClient {
             reader: BufReader::new(stream),
             next_id: 1,
         })
+    }
+
+    /// How long a reply may take (default `CTL_REPLY_TIMEOUT_MS`).
+    pub fn set_reply_timeout(&self, timeout: Duration) {
+        let _ = self.reader.get_ref().set_read_timeout(Some(timeout));
     }
 
     /// The next notification the daemon sends (after `events_subscribe`):
@@ -366,6 +373,70 @@ pub fn render_event(event: &Value) -> String {
         ),
         Ok(crate::api::Event::ExportStopped { export, reason }) => {
             format!("export_stopped: export {export}: {reason}")
+        }
+        Ok(crate::api::Event::NodeAdded {
+            node,
+            disk,
+            capacity_bytes,
+        }) => format!(
+            "node_added: node {node} ({disk}, {})",
+            crate::size::HumanBytes(capacity_bytes)
+        ),
+        Ok(crate::api::Event::NodeClosed { node }) => {
+            format!("node_closed: node {node}: flushed and closed")
+        }
+        Ok(crate::api::Event::ExportAdded {
+            export,
+            node,
+            endpoint,
+        }) => format!(
+            "export_added: export {export} on node {node}: {}",
+            match endpoint {
+                ExportEndpoint::VhostUser { socket } => format!("vhost-user {}", socket.display()),
+                ExportEndpoint::Ublk { device, .. } => format!("ublk {}", device.display()),
+            }
+        ),
+        Ok(crate::api::Event::ExportRemoved { export, node }) => {
+            format!("export_removed: export {export} (node {node})")
+        }
+        Ok(crate::api::Event::FrontendConnected { export }) => {
+            format!("frontend_connected: export {export}: a vhost-user frontend connected")
+        }
+        Ok(crate::api::Event::FrontendDisconnected { export, error }) => match error {
+            None => format!("frontend_disconnected: export {export}: the frontend left"),
+            Some(e) => format!("frontend_disconnected: export {export}: {e}"),
+        },
+        Ok(crate::api::Event::JobProgress {
+            job,
+            done_bytes,
+            total_bytes,
+            dirty_bytes,
+        }) => format!(
+            "job_progress: job {job}: {} of {} in sync, {} dirty",
+            crate::size::HumanBytes(done_bytes),
+            crate::size::HumanBytes(total_bytes),
+            crate::size::HumanBytes(dirty_bytes)
+        ),
+        Ok(crate::api::Event::JobReady { job, total_bytes }) => format!(
+            "job_ready: job {job}: {} in sync; job-complete pivots",
+            crate::size::HumanBytes(total_bytes)
+        ),
+        Ok(crate::api::Event::JobCompleted {
+            job,
+            source,
+            target,
+            exports,
+        }) => format!(
+            "job_completed: job {job}: exports {} moved from node {source} to node {target}",
+            if exports.is_empty() {
+                "none".to_owned()
+            } else {
+                exports.join(", ")
+            }
+        ),
+        Ok(crate::api::Event::JobCancelled { job }) => format!("job_cancelled: job {job}"),
+        Ok(crate::api::Event::JobFailed { job, error }) => {
+            format!("job_failed: job {job}: {error}")
         }
         // A newer daemon's event: as it came.
         Err(_) => event.to_string(),
