@@ -107,3 +107,7 @@ pub const EVENT_STREAM_CHECK_MS: u64 = 1_000;
 /// A running job's `job_progress` event is sent at most this often (the
 /// first when it starts copying).
 pub const JOB_PROGRESS_EVENT_INTERVAL_MS: u64 = 1_000;
+
+/// Events queued for one `events_subscribe` client at most: a client this
+/// far behind is dropped rather than grow the daemon's memory.
+pub const EVENT_QUEUE_EVENTS: usize = 1024;
