@@ -30,6 +30,9 @@ far away network block device), and says so on stdout: `slow-read start
 OFFSET SIZE` when it is taken, `slow-read done OFFSET SIZE` when answered.
 Other reads, and all writes, answer at once.
 
+SIGUSR2 makes every write of the file from then on fail with EIO (a drive
+whose media went bad: reads still work), and prints `failing writes`.
+
 It prints `ready` on stdout once the mount is visible. Needs fusepy
 (`pip install fusepy`) and libfuse2 (`libfuse.so.2`, Debian `libfuse2`).
 """
@@ -53,6 +56,7 @@ class HangFS(Operations):
         self.size = size
         self.control = control
         self.hung = threading.Event()
+        self.failing_writes = threading.Event()
         self.never = threading.Event()
         fd = os.open(backing, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(fd).st_size < size:
@@ -125,6 +129,8 @@ class HangFS(Operations):
 
     def write(self, path, data, offset, fh):
         self._maybe_hang()
+        if self.failing_writes.is_set():
+            raise FuseOSError(errno.EIO)
         if offset + len(data) > self.size:
             raise FuseOSError(errno.ENOSPC)
         return os.pwrite(self.fd, data, offset)
@@ -168,14 +174,20 @@ def main():
     # SIGUSR1: hang. Python runs signal handlers on the main thread only, and
     # that one sits in libfuse's loop; so block the signal everywhere (the
     # libfuse threads inherit the mask) and take it on a thread of our own.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    # The same for SIGUSR2 (writes fail).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
 
-    def on_sigusr1():
-        signal.sigwait({signal.SIGUSR1})
-        fs.hung.set()
-        print("hung", flush=True)
+    def on_signals():
+        while True:
+            sig = signal.sigwait({signal.SIGUSR1, signal.SIGUSR2})
+            if sig == signal.SIGUSR1:
+                fs.hung.set()
+                print("hung", flush=True)
+            else:
+                fs.failing_writes.set()
+                print("failing writes", flush=True)
 
-    threading.Thread(target=on_sigusr1, daemon=True).start()
+    threading.Thread(target=on_signals, daemon=True).start()
 
     # Say ready once the mount answers (FUSE() below blocks in libfuse).
     def announce():

@@ -1918,6 +1918,14 @@ impl HangingFile {
         Ok(())
     }
 
+    /// Makes every write of the file from now on fail with EIO (reads still work)
+    /// (SIGUSR2 to the server), and waits (at most [`FUSE_READY_TIMEOUT`]) for the server
+    /// to confirm.
+    pub fn fail_writes(&mut self) -> Result<(), String> {
+        send_signal(self.child.id(), libc::SIGUSR2);
+        self.expect_line("failing writes")
+    }
+
     /// What the server wrote to stderr so far.
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.stderr.path()).unwrap_or_else(|e| format!("<{e}>"))

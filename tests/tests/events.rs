@@ -45,6 +45,36 @@ impl Events {
         Events { child, lines }
     }
 
+    /// [`Events::subscribe`], returning once the subscription is live: the command has
+    /// its answer when it first prints, so a probe node is added (and removed) until its
+    /// `node_added` (and `node_closed`) come through.
+    fn subscribe_live(control: &Path) -> Events {
+        let events = Events::subscribe(control);
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        let first = loop {
+            ctl(
+                control,
+                "node_add",
+                json!({"name": "probe", "path": "null:1M"}),
+            );
+            if let Ok(line) = events.lines.recv_timeout(Duration::from_millis(200)) {
+                break serde_json::from_str::<Value>(&line).unwrap();
+            }
+            ctl(control, "node_remove", json!({"name": "probe"}));
+            // Subscribed in between: its node_closed, and the next node_add's event follows.
+            let _ = events.lines.recv_timeout(Duration::from_millis(200));
+            assert!(Instant::now() < deadline, "events never subscribed");
+        };
+        assert_eq!(
+            first,
+            json!({"event": "node_added", "node": "probe", "disk": "null:1M",
+                   "capacity_bytes": MIB})
+        );
+        ctl(control, "node_remove", json!({"name": "probe"}));
+        events.expect(json!({"event": "node_closed", "node": "probe"}));
+        events
+    }
+
     /// The next event, as its JSON line parsed.
     fn next(&self, waiting_for: &str) -> Value {
         let line = self.lines.recv_timeout(EVENT_TIMEOUT).unwrap_or_else(|e| {
@@ -108,30 +138,7 @@ fn every_event_comes_as_one_json_line_when_it_happens() {
         1,
     );
     let control = daemon.control.clone();
-    let events = Events::subscribe(&control);
-    // Subscribed once the command has its answer: wait for a first event we cause.
-    let deadline = Instant::now() + EVENT_TIMEOUT;
-    let first = loop {
-        ctl(
-            &control,
-            "node_add",
-            json!({"name": "probe", "path": "null:1M"}),
-        );
-        if let Ok(line) = events.lines.recv_timeout(Duration::from_millis(200)) {
-            break serde_json::from_str::<Value>(&line).unwrap();
-        }
-        ctl(&control, "node_remove", json!({"name": "probe"}));
-        // Subscribed in between: its node_closed, and the next node_add's event follows.
-        let _ = events.lines.recv_timeout(Duration::from_millis(200));
-        assert!(Instant::now() < deadline, "events never subscribed");
-    };
-    assert_eq!(
-        first,
-        json!({"event": "node_added", "node": "probe", "disk": "null:1M",
-               "capacity_bytes": MIB})
-    );
-    ctl(&control, "node_remove", json!({"name": "probe"}));
-    events.expect(json!({"event": "node_closed", "node": "probe"}));
+    let events = Events::subscribe_live(&control);
 
     // An export added and served: a frontend connects and leaves; removed.
     ctl(
@@ -249,4 +256,58 @@ fn every_event_comes_as_one_json_line_when_it_happens() {
 
     let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
     daemon.assert_exit_ok(status);
+}
+
+/// A mirror whose target's writes fail (a FUSE file that answers every write EIO, as a
+/// drive with bad media does) ends with one `job_failed` event that says what failed.
+#[test]
+fn a_mirror_whose_target_fails_writes_sends_job_failed() {
+    if let Err(why) = sluice_tests::needs_fuse() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    make_file(&disk, 4 * MIB);
+    let mut bad = sluice_tests::HangingFile::start(dir.path(), 4 * MIB).expect("hangfs");
+    let sock = dir.path().join("vm0.sock");
+    let mut daemon = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            path_str(&disk),
+            "--vhost-user",
+            path_str(&sock),
+        ],
+        1,
+    );
+    let control = daemon.control.clone();
+    let events = Events::subscribe_live(&control);
+    ctl(
+        &control,
+        "node_add",
+        json!({"name": "bad", "path": path_str(bad.path())}),
+    );
+    assert_eq!(events.next("node_added")["event"], "node_added");
+    bad.fail_writes().expect("hangfs failing writes");
+    ctl(
+        &control,
+        "job_mirror",
+        json!({"node": "disk0", "target": "bad", "id": "m"}),
+    );
+    let mut e = events.next("job_failed");
+    while e["event"] == "job_progress" {
+        e = events.next("job_failed");
+    }
+    assert_eq!(e["event"], "job_failed", "{e}");
+    assert_eq!(e["job"], "m", "{e}");
+    let error = e["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("target") && error.contains("error"),
+        "the error must say the target's write failed: {e}"
+    );
+    events.expect_none(Duration::from_millis(300));
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+    drop(bad);
 }
