@@ -218,3 +218,102 @@ fn out_of_descriptors_the_listener_backs_off_quietly_and_recovers() {
     let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
     daemon.assert_exit_ok(status);
 }
+
+/// A frontend whose memory table maps more of a file than the file holds (a memfd of 1 MiB
+/// described as 4 MiB) and puts a request header in the part with nothing behind it: the
+/// daemon touching that page would die of SIGBUS, and every export with it. The queue
+/// refuses the table before it touches guest memory (one line naming the region and the
+/// file's size), the daemon lives, the other export serves, and SIGTERM exits cleanly.
+#[test]
+fn a_memory_table_past_the_end_of_its_file_is_refused_not_a_sigbus() {
+    use sluice_tests::vring::{
+        negotiate, wait_until, Desc, GuestMemory, SplitRing, VIRTIO_F_VERSION_1, VRING_DESC_F_WRITE,
+    };
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::VhostBackend;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut daemon = two_exports(dir.path());
+    let (mut f, features) = negotiate(
+        &dir.path().join("victim.sock"),
+        1,
+        1u64 << VIRTIO_F_VERSION_1,
+    );
+    let file_bytes = MIB as usize;
+    let mem = GuestMemory::new(file_bytes);
+    let mut region = mem.region();
+    region.memory_size = 4 * MIB;
+    let (ring, end) = SplitRing::layout(16, 0x1000);
+    // A read whose header lies at 2 MiB, past the file's end; its status byte inside.
+    let (header, status, data) = (2 * MIB, end, end + 4096);
+    ring.set_chain(
+        &mem,
+        &[0, 1, 2],
+        &[
+            Desc {
+                addr: header,
+                len: 16,
+                flags: 0,
+                next: 0,
+            },
+            Desc {
+                addr: data,
+                len: 4096,
+                flags: VRING_DESC_F_WRITE as u16,
+                next: 0,
+            },
+            Desc {
+                addr: status,
+                len: 1,
+                flags: VRING_DESC_F_WRITE as u16,
+                next: 0,
+            },
+        ],
+    );
+    ring.set_avail_entry(&mem, 0, 0);
+    ring.set_avail_idx(&mem, 1);
+    let (kick, call) = (
+        EventFd::new(EFD_NONBLOCK).expect("kick"),
+        EventFd::new(EFD_NONBLOCK).expect("call"),
+    );
+    f.set_features(features).expect("SET_FEATURES");
+    f.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+    f.set_vring_num(0, ring.size).expect("SET_VRING_NUM");
+    f.set_vring_base(0, 0).expect("SET_VRING_BASE");
+    f.set_vring_addr(0, &ring.config(&mem))
+        .expect("SET_VRING_ADDR");
+    f.set_vring_kick(0, &kick).expect("SET_VRING_KICK");
+    f.set_vring_call(0, &call).expect("SET_VRING_CALL");
+    f.set_vring_enable(0, true).expect("SET_VRING_ENABLE");
+    kick.write(1).expect("kick");
+
+    let refused = wait_until(Duration::from_secs(10), || {
+        daemon.stderr().contains("memory table is refused")
+    });
+    let exited = daemon.wait(Duration::from_millis(300));
+    let stderr = daemon.stderr();
+    assert!(exited.is_none(), "the daemon died: {exited:?}\n{stderr}");
+    assert!(refused, "no line refusing the memory table:\n{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("memory table is refused"))
+        .unwrap();
+    assert!(
+        line.contains("victim") && line.contains(&format!("a file of {file_bytes} bytes")),
+        "the line names the export and the file's size: {line}"
+    );
+    assert_eq!(
+        ring.used_idx(&mem),
+        0,
+        "nothing is answered from that table"
+    );
+
+    let mut other = Client::connect(&dir.path().join("bystander.sock"), 1, 4).expect("bystander");
+    let data = pattern(0, 64 * 1024, 9);
+    assert_eq!(other.write(0, &data), 0, "bystander write");
+    drop(other);
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+    drop(f);
+}

@@ -136,6 +136,9 @@ pub(super) struct QueueWorker {
     /// (handed to the kernel as host pointers) must stay mapped, so the old
     /// maps live until the queue is idle.
     retired: Vec<Arc<GuestMemoryMmap>>,
+    /// The last map refused by [`check_memory_files`] (kept so it is not
+    /// checked again at every iteration while the frontend sends no other).
+    refused_map: Option<Arc<GuestMemoryMmap>>,
     geometry: Geometry,
     serial: [u8; SERIAL_MAX_BYTES],
     iovecs: Box<[libc::iovec; MAX_SEGMENTS]>,
@@ -210,6 +213,7 @@ impl QueueWorker {
             completion_event,
             mem: Arc::new(GuestMemoryMmap::new()),
             retired: Vec::new(),
+            refused_map: None,
             geometry,
             serial,
             iovecs: Box::new(
@@ -394,12 +398,35 @@ impl QueueWorker {
     /// by libblkio after start or by memory hotplug): new requests use the
     /// newest map at once; maps still referenced by in-flight requests are
     /// retired until the queue is idle.
+    ///
+    /// A map with a region that reaches past the end of its file is refused
+    /// (the queue breaks and keeps the old map): touching such a page would
+    /// kill the daemon with SIGBUS, every export with it.
     fn refresh_memory(&mut self, atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
         let current = atomic_mem.memory();
-        if !std::ptr::eq(&*current as *const GuestMemoryMmap, Arc::as_ptr(&self.mem)) {
-            let old = std::mem::replace(&mut self.mem, current.into_inner());
-            if self.engine.in_flight() > 0 {
-                self.retired.push(old);
+        let current_ptr = &*current as *const GuestMemoryMmap;
+        let refused = self
+            .refused_map
+            .as_ref()
+            .is_some_and(|m| std::ptr::eq(Arc::as_ptr(m), current_ptr));
+        if refused {
+            self.mark_broken(MAP_PAST_EOF);
+        } else if !std::ptr::eq(current_ptr, Arc::as_ptr(&self.mem)) {
+            let current = current.into_inner();
+            if let Err(e) = check_memory_files(&current) {
+                tracing::error!(
+                    export = &*self.shared.name,
+                    queue = self.index,
+                    "the frontend's memory table is refused: {e}"
+                );
+                self.refused_map = Some(current);
+                self.mark_broken(MAP_PAST_EOF);
+            } else {
+                self.refused_map = None;
+                let old = std::mem::replace(&mut self.mem, current);
+                if self.engine.in_flight() > 0 {
+                    self.retired.push(old);
+                }
             }
         }
         if self.engine.in_flight() == 0 && !self.retired.is_empty() {
@@ -478,6 +505,9 @@ impl QueueWorker {
             if !std::ptr::eq(&*atomic_mem.memory() as *const GuestMemoryMmap, mem) {
                 state.get_queue_mut().go_to_previous_position();
                 self.refresh_memory(atomic_mem);
+                if self.broken.is_some() {
+                    break;
+                }
                 continue;
             }
             pending -= 1;
@@ -584,6 +614,9 @@ impl QueueWorker {
         while self.resubmitted < self.resubmit.len() && self.engine.has_free_slot() {
             if !std::ptr::eq(&*atomic_mem.memory() as *const GuestMemoryMmap, &*self.mem) {
                 self.refresh_memory(atomic_mem);
+                if self.broken.is_some() {
+                    break;
+                }
             }
             let head = self.resubmit[self.resubmitted];
             self.resubmitted += 1;
@@ -736,6 +769,45 @@ impl QueueWorker {
             );
         }
     }
+}
+
+/// Why a queue whose frontend's memory table was refused is broken.
+const MAP_PAST_EOF: &str = "its memory table maps past the end of a file";
+
+/// Every file-backed region of `mem` lies inside its file. A frontend's
+/// memory table is taken as it says (vm-memory maps whatever size it is
+/// told), but a page past the end of a regular file (a memfd, a hugetlbfs or
+/// tmpfs file) has nothing behind it: our access raises SIGBUS. Checked when
+/// a queue first sees a map, before it touches it. (A file the frontend
+/// shrinks after that is beyond reach: QEMU's memfd backend seals its files
+/// against it.)
+fn check_memory_files(mem: &GuestMemoryMmap) -> Result<(), String> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in mem.iter() {
+        let Some(file) = region.file_offset() else {
+            continue;
+        };
+        let meta = file.file().metadata().map_err(|e| {
+            format!(
+                "cannot stat the file of the region at {:#x}: {e}",
+                region.start_addr().0
+            )
+        })?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let end = file.start().checked_add(region.len());
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(format!(
+                "the region at guest address {:#x} maps {} bytes at offset {} of a file of {} bytes",
+                region.start_addr().0,
+                region.len(),
+                file.start(),
+                meta.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The frontend started the ring (`SET_VRING_KICK`) and enabled it: its
