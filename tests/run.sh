@@ -19,8 +19,9 @@ fi
 # Debian packages: libclang for bindgen (libublk's sys crate), losetup,
 # mkfs/fsck and fio for the storage checks; libfuse2 (libfuse.so.2, which
 # fusepy loads) and fuse (fusermount) for the FUSE file that stops answering
-# (tests/fuse/hangfs.py, tests/tests/hang.rs).
-want=(libclang-dev clang util-linux e2fsprogs fio libfuse2 fuse udev)
+# (tests/fuse/hangfs.py, tests/tests/hang.rs); prometheus for promtool, which
+# checks the metrics exposition (tests/tests/metrics.rs).
+want=(libclang-dev clang util-linux e2fsprogs fio libfuse2 fuse udev prometheus)
 missing=()
 for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,6 +30,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    # Only promtool is wanted: the Prometheus server the package starts
+    # under systemd is stopped again (when we installed it just now).
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 fi
 
 # fusepy for hangfs.py, in the python3 the tests run: pip when it can; a

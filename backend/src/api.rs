@@ -336,6 +336,24 @@ impl fmt::Display for ControlReady {
     }
 }
 
+/// The ready line of the metrics server (`--metrics`), before the control
+/// socket's: where `GET /metrics` is served, with the port the kernel
+/// picked for port 0 (`127.0.0.1:34567`), or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsReady {
+    /// Always `"ready"`.
+    pub event: ReadyEvent,
+    /// The address.
+    pub metrics: String,
+}
+
+impl fmt::Display for MetricsReady {
+    /// The ready line: one JSON object.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        json_line(f, self)
+    }
+}
+
 /// Cumulative counters of one export.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportTotals {
@@ -473,8 +491,12 @@ pub struct ExportRemoved {
 /// What `daemon_stats` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DaemonStats {
-    /// Heap allocations since the process started (see `alloc.rs`).
+    /// Heap allocations since the process started (see `alloc.rs`), except
+    /// those of the metrics server's thread.
     pub heap_allocations: u64,
+    /// Heap allocations of the metrics server's thread (its scrapes).
+    #[serde(default)]
+    pub metrics_heap_allocations: u64,
 }
 
 /// One entry of `rpc_methods`.
@@ -896,9 +918,10 @@ mod tests {
         );
         assert_eq!(
             round_trip(&DaemonStats {
-                heap_allocations: 2074
+                heap_allocations: 2074,
+                metrics_heap_allocations: 12
             }),
-            json!({"heap_allocations": 2074})
+            json!({"heap_allocations": 2074, "metrics_heap_allocations": 12})
         );
         assert_eq!(
             round_trip(&MethodInfo {

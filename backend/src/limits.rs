@@ -104,3 +104,16 @@ pub const HOTPLUG_CHECK_INTERVAL_MS: u64 = 500;
 /// How often a client streaming events (`events_subscribe`) is checked for
 /// having gone away while no event comes.
 pub const EVENT_STREAM_CHECK_MS: u64 = 1_000;
+
+/// One metrics connection, from its accept to the last byte of the answer,
+/// takes at most this long; the server serves one connection at a time,
+/// so a client that stalls holds back other scrapes at most this long
+/// (Prometheus' default scrape timeout is 10 s).
+pub const METRICS_REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// Longest HTTP request head the metrics server reads (request line and
+/// headers); a longer one is answered 400.
+pub const METRICS_MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// After a failed accept (out of descriptors), the metrics server waits
+/// this long before it tries again, instead of spinning on a listener that
+/// stays readable.
+pub const METRICS_ACCEPT_FAILURE_PAUSE_MS: u64 = 100;

@@ -166,6 +166,22 @@ impl Export {
         }
     }
 
+    /// Each queue's counters, as its thread writes them.
+    pub(crate) fn queues(&self) -> &[QueueShared] {
+        match self {
+            Export::VhostUser(x) => x.queues(),
+            Export::Ublk(x) => x.queues(),
+        }
+    }
+
+    /// `vhost-user` or `ublk`, as the ready line's `type`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Export::VhostUser(_) => "vhost-user",
+            Export::Ublk(_) => "ublk",
+        }
+    }
+
     /// Drain, first half: new requests fail from now on (vhost-user; ublk
     /// keeps admitting, see [`ublk::UblkExport::drain`]). Cheap and
     /// immediate, so close-all closes every export before it waits on any.
@@ -609,7 +625,12 @@ pub(crate) fn latency_bucket_upper_ns(b: usize) -> u64 {
 /// per-queue buckets, so no sample is counted under a bound below it.
 pub(crate) fn exported_latency_buckets() -> impl Iterator<Item = usize> {
     // 1.5 × 2^(10+k) is the end of sub-bucket 3 of octave k, 2^(11+k) of 7.
-    (0..20).flat_map(|octave| [octave * LATENCY_SUB_BUCKETS + 3, octave * LATENCY_SUB_BUCKETS + 7])
+    (0..20).flat_map(|octave| {
+        [
+            octave * LATENCY_SUB_BUCKETS + 3,
+            octave * LATENCY_SUB_BUCKETS + 7,
+        ]
+    })
 }
 
 impl QueueShared {
@@ -721,7 +742,12 @@ mod tests {
         for b in 0..LATENCY_BUCKETS - 1 {
             let upper = latency_bucket_upper_ns(b);
             assert_eq!(latency_bucket(upper), b, "{upper} ns belongs to bucket {b}");
-            assert_eq!(latency_bucket(upper + 1), b + 1, "{} ns is above bucket {b}", upper + 1);
+            assert_eq!(
+                latency_bucket(upper + 1),
+                b + 1,
+                "{} ns is above bucket {b}",
+                upper + 1
+            );
         }
         assert_eq!(latency_bucket(0), 0);
         assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
@@ -769,9 +795,17 @@ mod tests {
         q[0].record(Some(BlockOp::WriteZeroes { unmap: false }), 1 << 20, Ok(()));
         q[0].record(None, 20, Ok(()));
         q[0].record(Some(BlockOp::Read), 4096, Err(RequestError::Io(libc::EIO)));
-        q[0].record(Some(BlockOp::Read), 4096, Err(RequestError::Io(libc::ESHUTDOWN)));
+        q[0].record(
+            Some(BlockOp::Read),
+            4096,
+            Err(RequestError::Io(libc::ESHUTDOWN)),
+        );
         q[0].record(None, 0, Err(RequestError::Unsupported));
-        q[0].record(Some(BlockOp::Write { fua: false }), 0, Err(RequestError::Invalid));
+        q[0].record(
+            Some(BlockOp::Write { fua: false }),
+            0,
+            Err(RequestError::Invalid),
+        );
         let c = QueueCounters::of(&q[0]);
         assert_eq!(c.completed, [1; OP_KINDS]);
         assert_eq!(c.failed, [1; ERROR_KINDS]);

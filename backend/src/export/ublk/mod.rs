@@ -564,6 +564,11 @@ impl UblkExport {
         ExportTotals::of(&self.shared.queues)
     }
 
+    /// Each queue's counters.
+    pub(crate) fn queues(&self) -> &[QueueShared] {
+        &self.shared.queues
+    }
+
     /// Completion latency percentiles.
     pub(crate) fn latency(&self) -> LatencyPercentiles {
         LatencyPercentiles::of(&self.shared.queues)
@@ -1068,7 +1073,8 @@ impl<'a> QueueServer<'a> {
         if self.stale {
             self.follow_node();
             if self.stale {
-                self.queue.record(Some(op), 0, Err(RequestError::Io(libc::EIO)));
+                self.queue
+                    .record(Some(op), 0, Err(RequestError::Io(libc::EIO)));
                 return self.complete(q, tag, -libc::EIO);
             }
         }

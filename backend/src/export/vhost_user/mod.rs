@@ -441,6 +441,11 @@ impl VhostUserExport {
         ExportTotals::of(&self.shared.queues)
     }
 
+    /// Each queue's counters.
+    pub(crate) fn queues(&self) -> &[QueueShared] {
+        &self.shared.queues
+    }
+
     /// Completion latency percentiles.
     pub fn latency(&self) -> LatencyPercentiles {
         LatencyPercentiles::of(&self.shared.queues)
