@@ -113,6 +113,10 @@ pub const METRICS_REQUEST_TIMEOUT_MS: u64 = 2_000;
 /// Longest HTTP request head the metrics server reads (request line and
 /// headers); a longer one is answered 400.
 pub const METRICS_MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// After answering, the metrics server reads what the client still sends
+/// for at most this long (until it closes), so that closing with unread
+/// input does not reset the connection under the answer.
+pub const METRICS_LINGER_MS: u64 = 200;
 /// After a failed accept (out of descriptors), the metrics server waits
 /// this long before it tries again, instead of spinning on a listener that
 /// stays readable.

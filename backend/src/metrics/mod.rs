@@ -32,7 +32,8 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use crate::config::MetricsAddr;
 use crate::daemon::Daemon;
 use crate::limits::{
-    METRICS_ACCEPT_FAILURE_PAUSE_MS, METRICS_MAX_REQUEST_BYTES, METRICS_REQUEST_TIMEOUT_MS,
+    METRICS_ACCEPT_FAILURE_PAUSE_MS, METRICS_LINGER_MS, METRICS_MAX_REQUEST_BYTES,
+    METRICS_REQUEST_TIMEOUT_MS,
 };
 use crate::logging::Throttle;
 use crate::unix_socket::{self, BindError};
@@ -352,11 +353,37 @@ fn answer(stream: &mut Stream, registry: &prometheus_client::registry::Registry)
         body.len()
     );
     let with_body = !matches!(asked, Asked::Metrics { head: true });
-    let _ = write_all_by(stream, header.as_bytes(), deadline).and_then(|()| match with_body {
-        true => write_all_by(stream, body.as_bytes(), deadline),
-        false => Ok(()),
-    });
+    let written =
+        write_all_by(stream, header.as_bytes(), deadline).and_then(|()| match with_body {
+            true => write_all_by(stream, body.as_bytes(), deadline),
+            false => Ok(()),
+        });
+    if written.is_ok() {
+        linger(stream, deadline);
+    }
     stream.close();
+}
+
+/// Closes our side for writing and reads what the client still sends
+/// until it closes (at most `METRICS_LINGER_MS`, and never past
+/// `deadline`): closing a socket with unread input resets the connection,
+/// and the client could lose the answer (a head too long, a body we did
+/// not read).
+fn linger(stream: &mut Stream, deadline: Instant) {
+    let _ = match stream {
+        Stream::Tcp(s) => s.shutdown(Shutdown::Write),
+        Stream::Unix(s) => s.shutdown(Shutdown::Write),
+    };
+    let until = deadline.min(Instant::now() + Duration::from_millis(METRICS_LINGER_MS));
+    let mut sink = [0u8; 4096];
+    while stream.bound_by(until) {
+        match stream.read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
 }
 
 /// Reads until the end of the request head (or `METRICS_MAX_REQUEST_BYTES`)
