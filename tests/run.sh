@@ -20,8 +20,9 @@ fi
 # mkfs/fsck and fio for the storage checks; libfuse2 (libfuse.so.2, which
 # fusepy loads) and fuse (fusermount) for the FUSE file that stops answering
 # (tests/fuse/hangfs.py, tests/tests/hang.rs); tmux, the terminal that
-# `sluice ctl top` is tested in (tests/tests/top.rs).
-want=(libclang-dev clang util-linux e2fsprogs fio libfuse2 fuse udev tmux)
+# `sluice ctl top` is tested in (tests/tests/top.rs); prometheus for promtool,
+# which checks the metrics exposition (tests/tests/metrics.rs).
+want=(libclang-dev clang util-linux e2fsprogs fio libfuse2 fuse udev tmux prometheus)
 missing=()
 for p in "${want[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -30,6 +31,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "== installing ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+    # Only promtool is wanted: the Prometheus server the package starts
+    # under systemd is stopped again (when we installed it just now).
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 fi
 
 # fusepy for hangfs.py, in the python3 the tests run: pip when it can; a

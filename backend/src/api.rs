@@ -427,6 +427,24 @@ impl fmt::Display for ControlReady {
     }
 }
 
+/// The ready line of the metrics server (`--metrics`), before the control
+/// socket's: where `GET /metrics` is served, with the port the kernel
+/// picked for port 0 (`127.0.0.1:34567`), or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsReady {
+    /// Always `"ready"`.
+    pub event: ReadyEvent,
+    /// The address.
+    pub metrics: String,
+}
+
+impl fmt::Display for MetricsReady {
+    /// The ready line: one JSON object.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        json_line(f, self)
+    }
+}
+
 /// Cumulative counters of one export.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportTotals {
@@ -529,6 +547,12 @@ pub struct QueueCounters {
     pub requests: u64,
     /// Requests completed with an error status.
     pub errors: u64,
+    /// Reads completed successfully.
+    #[serde(default)]
+    pub reads: u64,
+    /// Writes completed successfully.
+    #[serde(default)]
+    pub writes: u64,
     /// Bytes read by completed requests.
     pub bytes_read: u64,
     /// Bytes written by completed requests.
@@ -540,6 +564,9 @@ pub struct QueueCounters {
     /// The completion latency histogram: its non-empty buckets, in
     /// increasing order.
     pub latency: Vec<LatencyBucket>,
+    /// Sum of the latencies the histogram counts, in nanoseconds.
+    #[serde(default)]
+    pub latency_sum_ns: u64,
 }
 
 /// One bucket of a latency histogram: `count` requests took at most
@@ -624,8 +651,12 @@ pub struct ExportRemoved {
 /// What `daemon_stats` answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DaemonStats {
-    /// Heap allocations since the process started (see `alloc.rs`).
+    /// Heap allocations since the process started (see `alloc.rs`), except
+    /// those of the metrics server's thread.
     pub heap_allocations: u64,
+    /// Heap allocations of the metrics server's thread (its scrapes).
+    #[serde(default)]
+    pub metrics_heap_allocations: u64,
 }
 
 /// One entry of `rpc_methods`.
@@ -994,10 +1025,13 @@ mod tests {
                     queue: 1,
                     requests: 10,
                     errors: 1,
+                    reads: 1,
+                    writes: 2,
                     bytes_read: 4096,
                     bytes_written: 8192,
                     flushes: 2,
                     in_flight: 3,
+                    latency_sum_ns: 12_345,
                     latency: vec![
                         LatencyBucket {
                             upper_ns: Some(1152),
@@ -1015,9 +1049,11 @@ mod tests {
             round_trip(&sample),
             json!({"monotonic_ns": 5, "exports": [{"export": "vm0", "node": "disk0",
                    "type": "vhost-user", "queues": [{"queue": 1, "requests": 10, "errors": 1,
+                   "reads": 1, "writes": 2,
                    "bytes_read": 4096, "bytes_written": 8192, "flushes": 2, "in_flight": 3,
                    "latency": [{"upper_ns": 1152, "count": 9},
-                               {"upper_ns": null, "count": 1}]}]}]})
+                               {"upper_ns": null, "count": 1}],
+                   "latency_sum_ns": 12_345}]}]})
         );
     }
 
@@ -1180,9 +1216,10 @@ mod tests {
         );
         assert_eq!(
             round_trip(&DaemonStats {
-                heap_allocations: 2074
+                heap_allocations: 2074,
+                metrics_heap_allocations: 12
             }),
-            json!({"heap_allocations": 2074})
+            json!({"heap_allocations": 2074, "metrics_heap_allocations": 12})
         );
         assert_eq!(
             round_trip(&MethodInfo {

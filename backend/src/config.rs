@@ -28,6 +28,47 @@ pub struct ServeConfig {
     pub exports: Vec<ExportConfig>,
     /// Control socket path; `None` for the default (see `monitor`).
     pub control: Option<PathBuf>,
+    /// Where to serve Prometheus metrics; `None`: not served.
+    pub metrics: Option<MetricsAddr>,
+}
+
+/// Where `GET /metrics` is served (`--metrics`, `[daemon] metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsAddr {
+    /// A TCP address with a numeric IP (`127.0.0.1:9412`, `[::1]:9412`).
+    Tcp(std::net::SocketAddr),
+    /// A UNIX socket path (`/run/sluice/metrics.sock`, `unix:metrics.sock`).
+    Unix(PathBuf),
+}
+
+impl MetricsAddr {
+    /// Parses `text`: a path starting with `/`, or anything after `unix:`,
+    /// is a UNIX socket (a relative one is taken from `base_dir`); anything
+    /// else must be an IP address and port.
+    pub fn parse(text: &str, base_dir: &Path) -> Result<MetricsAddr, ConfigError> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(ConfigError::MetricsAddr(text.to_owned()));
+            }
+            return Ok(MetricsAddr::Unix(resolve(base_dir, Path::new(path))));
+        }
+        if text.starts_with('/') {
+            return Ok(MetricsAddr::Unix(PathBuf::from(text)));
+        }
+        text.parse()
+            .map(MetricsAddr::Tcp)
+            .map_err(|_| ConfigError::MetricsAddr(text.to_owned()))
+    }
+}
+
+impl std::fmt::Display for MetricsAddr {
+    /// `127.0.0.1:9412`, or `unix:/run/sluice/metrics.sock`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MetricsAddr::Tcp(a) => write!(f, "{a}"),
+            MetricsAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// One backing node.
@@ -228,6 +269,20 @@ pub enum ConfigError {
     /// A number in `[daemon]` is outside its range.
     #[error("[daemon] {0}")]
     DaemonSetting(#[source] OutOfRange),
+    /// The metrics address is neither an IP address and port nor a path.
+    #[error(
+        "metrics address {0:?}: expected an IP address and port (127.0.0.1:9412, [::1]:9412) \
+         or a UNIX socket path (/run/sluice/metrics.sock, unix:metrics.sock)"
+    )]
+    MetricsAddr(String),
+    /// The metrics socket is the control socket or an export's socket.
+    #[error("metrics socket {socket} is also {what}; give it a path of its own")]
+    MetricsSocketTaken {
+        /// The metrics socket, as given.
+        socket: PathBuf,
+        /// "the control socket", "export \"vm0\"'s socket".
+        what: String,
+    },
 }
 
 /// A number outside the range its setting accepts.
@@ -260,6 +315,7 @@ struct FileConfig {
 struct DaemonSection {
     poll_us: Option<u64>,
     control: Option<PathBuf>,
+    metrics: Option<String>,
 }
 
 /// Default socket mode: owner only.
@@ -470,10 +526,16 @@ impl ServeConfig {
             .map(|e| e.resolve(base_dir, poll_us))
             .collect::<Result<Vec<_>, _>>()?;
         let control = file.daemon.control.map(|p| resolve(base_dir, &p));
+        let metrics = file
+            .daemon
+            .metrics
+            .map(|m| MetricsAddr::parse(&m, base_dir))
+            .transpose()?;
         let config = ServeConfig {
             disks,
             exports,
             control,
+            metrics,
         };
         config.validate()?;
         Ok(config)
@@ -537,6 +599,22 @@ impl ServeConfig {
                 ExportKind::Ublk { id: None, .. } => {}
             }
         }
+        if let Some(MetricsAddr::Unix(socket)) = &self.metrics {
+            let key = path_key(socket);
+            let what = if key == control_key {
+                Some("the control socket".to_owned())
+            } else {
+                sockets
+                    .get(&key)
+                    .map(|export| format!("export {export:?}'s socket"))
+            };
+            if let Some(what) = what {
+                return Err(ConfigError::MetricsSocketTaken {
+                    socket: socket.clone(),
+                    what,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -555,6 +633,60 @@ impl ServeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_addresses() {
+        let base = Path::new("/etc/sluice");
+        let parse = |t: &str| MetricsAddr::parse(t, base);
+        assert_eq!(
+            parse("127.0.0.1:9412").unwrap(),
+            MetricsAddr::Tcp("127.0.0.1:9412".parse().unwrap())
+        );
+        assert_eq!(
+            parse("[::1]:0").unwrap(),
+            MetricsAddr::Tcp("[::1]:0".parse().unwrap())
+        );
+        assert_eq!(
+            parse("/run/sluice/m.sock").unwrap(),
+            MetricsAddr::Unix("/run/sluice/m.sock".into())
+        );
+        assert_eq!(
+            parse("unix:m.sock").unwrap(),
+            MetricsAddr::Unix("/etc/sluice/m.sock".into())
+        );
+        assert_eq!(
+            parse("unix:/m.sock").unwrap().to_string(),
+            "unix:/m.sock".to_string()
+        );
+        for bad in ["localhost:9412", "9412", "127.0.0.1", "unix:", "m.sock", ""] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("expected an IP address and port"), "{bad}: {e}");
+        }
+        let file = |metrics: &str| {
+            format!(
+                "[daemon]\ncontrol='/r/c.sock'\nmetrics='{metrics}'\n[[disk]]\nname='x'\n\
+                 path='null:1M'\n[[export]]\nname='a'\ndisk='x'\ntype='vhost-user'\n\
+                 socket='/r/a.sock'"
+            )
+        };
+        let ok = ServeConfig::from_toml(&file("unix:m.sock"), Path::new("/r")).unwrap();
+        assert_eq!(ok.metrics, Some(MetricsAddr::Unix("/r/m.sock".into())));
+        let none = ServeConfig::from_toml("", Path::new("/r")).unwrap();
+        assert_eq!(none.metrics, None, "off by default");
+        for (taken, what) in [
+            ("/r/x/../c.sock", "the control socket"),
+            ("unix:a.sock", "export \"a\"'s socket"),
+        ] {
+            let e = ServeConfig::from_toml(&file(taken), Path::new("/r"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(what) && e.contains("a path of its own"), "{e}");
+        }
+        let e = ServeConfig::from_toml(&file("nowhere"), Path::new("/r"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("metrics address \"nowhere\""), "{e}");
+    }
 
     #[test]
     fn parses_a_two_export_config() {

@@ -16,7 +16,9 @@ use crate::api::{
 use crate::config::{DiskConfig, ExportConfig, ServeConfig};
 use crate::events::Events;
 use crate::export::vhost_user::VhostUserExport;
-use crate::export::{start_export, DrainBounds, Export, ExportTotals};
+use crate::export::{
+    start_export, DrainBounds, Export, ExportTotals, LatencyHistogram, QueueSnapshot,
+};
 use crate::graph::{flush_bounded, Graph, GraphError, Holder};
 use crate::jobs::{JobStatus, MirrorJob, MIRROR_CHUNK_BYTES, MIRROR_MAX_IN_FLIGHT};
 use crate::limits::{
@@ -51,6 +53,37 @@ pub struct Daemon {
     /// dropped at the next event. Shared with the exports' connection
     /// threads and the jobs' copiers.
     events: Events,
+}
+
+/// What one metrics scrape reads ([`Daemon::metrics_samples`]).
+#[derive(Debug)]
+pub(crate) struct MetricsSamples {
+    pub exports: Vec<ExportSample>,
+    pub nodes: Vec<NodeSample>,
+    pub jobs: Vec<JobStatus>,
+}
+
+/// One export's counters at a scrape.
+#[derive(Debug)]
+pub(crate) struct ExportSample {
+    pub name: String,
+    /// `vhost-user` or `ublk`.
+    pub kind: &'static str,
+    /// The node it serves now.
+    pub node: String,
+    /// Per queue, in queue order.
+    pub queues: Vec<QueueSnapshot>,
+    /// Summed over its queues.
+    pub latency: LatencyHistogram,
+}
+
+/// One node at a scrape.
+#[derive(Debug)]
+pub(crate) struct NodeSample {
+    pub name: String,
+    /// Its drive went away.
+    pub removed: bool,
+    pub capacity_bytes: u64,
 }
 
 /// The close-all step under way and what it still waits for.
@@ -846,6 +879,37 @@ impl Daemon {
         CountersSample {
             monotonic_ns: monotonic_ns(),
             exports,
+        }
+    }
+
+    /// What a metrics scrape shows, read under the state lock: each
+    /// export's per-queue counters and summed latency histogram (relaxed
+    /// loads of the atomics its queue threads write; nothing on the request
+    /// path changes), each node's state and size, each job's progress.
+    pub(crate) fn metrics_samples(&self) -> MetricsSamples {
+        let state = self.state();
+        MetricsSamples {
+            exports: state
+                .exports
+                .values()
+                .map(|x| ExportSample {
+                    name: x.name().to_owned(),
+                    kind: x.kind(),
+                    node: x.node().name().to_owned(),
+                    queues: x.queues().iter().map(QueueSnapshot::of).collect(),
+                    latency: LatencyHistogram::of(x.queues()),
+                })
+                .collect(),
+            nodes: state
+                .graph
+                .nodes()
+                .map(|(_, n, _)| NodeSample {
+                    name: n.name().to_owned(),
+                    removed: n.is_removed(),
+                    capacity_bytes: n.limits().capacity_bytes,
+                })
+                .collect(),
+            jobs: state.jobs.values().map(MirrorJob::status).collect(),
         }
     }
 

@@ -723,6 +723,13 @@ pub fn config_toml(data: &[u8]) {
     if let Some(control) = &config.control {
         assert!(control.is_absolute());
     }
+    if let Some(crate::config::MetricsAddr::Unix(path)) = &config.metrics {
+        assert!(
+            path.is_absolute(),
+            "relative metrics socket {}",
+            path.display()
+        );
+    }
 }
 
 #[cfg(test)]

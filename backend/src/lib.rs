@@ -35,6 +35,7 @@ pub(crate) mod jobs;
 pub mod lifecycle;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod monitor;
 pub mod node;
 pub(crate) mod request;

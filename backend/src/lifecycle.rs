@@ -14,6 +14,7 @@ use crate::config::ServeConfig;
 use crate::daemon::Daemon;
 use crate::export::vhost_user::VhostUserExport;
 use crate::limits::CLOSE_ALL_TIMEOUT_MS;
+use crate::metrics::MetricsServer;
 use crate::monitor::{Monitor, StopRequest};
 
 /// Runs `sluice serve` until SIGINT/SIGTERM or the monitor's `shutdown`.
@@ -59,6 +60,20 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
             return 1;
         }
     };
+    let metrics = match &config.metrics {
+        None => None,
+        Some(addr) => match MetricsServer::start(addr, Arc::downgrade(&daemon)) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                eprintln!("sluice: {e}");
+                monitor.stop();
+                daemon.undoing_start();
+                daemon.close_all();
+                drop(created);
+                return 1;
+            }
+        },
+    };
     created.keep();
     if let Err(e) = crate::hotplug::spawn_watcher(Arc::downgrade(&daemon)) {
         tracing::warn!(
@@ -72,6 +87,13 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
         let mut out = std::io::stdout().lock();
         for line in daemon.ready_lines() {
             let _ = writeln!(out, "{line}");
+        }
+        if let Some(m) = &metrics {
+            let ready = crate::api::MetricsReady {
+                event: crate::api::ReadyEvent::Ready,
+                metrics: m.addr().to_owned(),
+            };
+            let _ = writeln!(out, "{ready}");
         }
         let control = crate::api::ControlReady {
             event: crate::api::ReadyEvent::Ready,
@@ -128,11 +150,11 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
                     "some flushes failed or did not finish: see above"
                 }
             );
-            monitor.stop();
+            stop_servers(monitor, metrics);
             return 1;
         }
     };
-    monitor.stop();
+    stop_servers(monitor, metrics);
     if clean {
         tracing::info!("all exports detached and nodes flushed");
         0
@@ -140,6 +162,15 @@ pub fn serve(config: &ServeConfig, attach_help: bool) -> i32 {
         tracing::error!("shutdown incomplete: see the errors above");
         1
     }
+}
+
+/// After close-all: the control socket and the metrics server stop (their
+/// threads joined, their socket files removed).
+fn stop_servers(monitor: Monitor, metrics: Option<MetricsServer>) {
+    if let Some(m) = metrics {
+        m.stop();
+    }
+    monitor.stop();
 }
 
 fn attach_help_for(x: &VhostUserExport) -> String {

@@ -111,3 +111,20 @@ pub const JOB_PROGRESS_EVENT_INTERVAL_MS: u64 = 1_000;
 /// Events queued for one `events_subscribe` client at most: a client this
 /// far behind is dropped rather than grow the daemon's memory.
 pub const EVENT_QUEUE_EVENTS: usize = 1024;
+
+/// One metrics connection, from its accept to the last byte of the answer,
+/// takes at most this long; the server serves one connection at a time,
+/// so a client that stalls holds back other scrapes at most this long
+/// (Prometheus' default scrape timeout is 10 s).
+pub const METRICS_REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// Longest HTTP request head the metrics server reads (request line and
+/// headers); a longer one is answered 400.
+pub const METRICS_MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// After answering, the metrics server reads what the client still sends
+/// for at most this long (until it closes), so that closing with unread
+/// input does not reset the connection under the answer.
+pub const METRICS_LINGER_MS: u64 = 200;
+/// After a failed accept (out of descriptors), the metrics server waits
+/// this long before it tries again, instead of spinning on a listener that
+/// stays readable.
+pub const METRICS_ACCEPT_FAILURE_PAUSE_MS: u64 = 100;

@@ -1,7 +1,7 @@
 //! The `sluice` command line.
 
 use std::num::ParseIntError;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -11,8 +11,8 @@ use sluice::api::{
     NoParams, RemoveMode,
 };
 use sluice::config::{
-    ConfigError, DiskConfig, ExportConfig, ExportKind, ServeConfig, DEFAULT_SOCKET_MODE,
-    EMBEDDED_DEFAULT,
+    ConfigError, DiskConfig, ExportConfig, ExportKind, MetricsAddr, ServeConfig,
+    DEFAULT_SOCKET_MODE, EMBEDDED_DEFAULT,
 };
 use sluice::limits::{
     DEFAULT_POLL_WINDOW_US, DEFAULT_QUEUES, DEFAULT_QUEUE_DEPTH, MAX_POLL_WINDOW_US, MAX_QUEUES,
@@ -254,6 +254,11 @@ struct ServeArgs {
     /// Control socket for `sluice ctl` (default under the runtime directory).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// Serve Prometheus metrics at GET /metrics on ADDR: an IP address and
+    /// port (127.0.0.1:9412), or a UNIX socket path (/run/sluice/metrics.sock,
+    /// unix:metrics.sock). Default: not served.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
 }
 
 /// Why the command line was refused before anything was started or sent:
@@ -399,14 +404,26 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), CliError> {
         let mut config = ServeConfig::from_toml(&text, &base).map_err(refused)?;
         if let Some(c) = &args.control {
             config.control = Some(cwd.join(c));
+        }
+        if let Some(m) = &args.metrics {
+            config.metrics = Some(MetricsAddr::parse(m, &cwd)?);
+        }
+        if args.control.is_some() || args.metrics.is_some() {
             config.validate().map_err(refused)?;
         }
         return Ok((config, false));
     }
+    let metrics = |cwd: &Path| {
+        args.metrics
+            .as_deref()
+            .map(|m| MetricsAddr::parse(m, cwd))
+            .transpose()
+    };
     let Some(disk) = &args.disk else {
         let mut config =
             ServeConfig::from_toml(EMBEDDED_DEFAULT, &cwd).map_err(CliError::EmbeddedDefault)?;
         config.control = args.control.as_ref().map(|c| cwd.join(c));
+        config.metrics = metrics(&cwd)?;
         config.validate()?;
         return Ok((config, true));
     };
@@ -465,6 +482,7 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), CliError> {
             None => one_liner_control_path(&exports),
         }),
         exports,
+        metrics: metrics(&cwd)?,
     };
     config.validate()?;
     Ok((config, false))

@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
+pub mod metrics;
 pub mod vm;
 pub mod vring;
 

@@ -11,7 +11,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sluice_tests::{make_file, pattern, Client, Daemon, Op, EXIT_TIMEOUT, MIB};
 
-fn allocations(control: &Path) -> u64 {
+/// `daemon_stats`: (heap allocations, the metrics server's apart).
+fn stats(control: &Path) -> (u64, u64) {
     let mut s = UnixStream::connect(control).expect("control socket");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let req = json!({"jsonrpc": "2.0", "id": 1, "method": "daemon_stats"});
@@ -19,9 +20,12 @@ fn allocations(control: &Path) -> u64 {
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).expect("reply");
     let reply: Value = serde_json::from_str(&line).expect("JSON");
-    reply["result"]["heap_allocations"]
-        .as_u64()
-        .expect("heap_allocations")
+    let field = |name: &str| reply["result"][name].as_u64().expect(name);
+    (field("heap_allocations"), field("metrics_heap_allocations"))
+}
+
+fn allocations(control: &Path) -> u64 {
+    stats(control).0
 }
 
 fn run_requests(client: &mut Client, q: usize, disk_bytes: u64, seed: u64) {
@@ -93,6 +97,92 @@ fn the_request_path_allocates_nothing() {
         d - c <= per_call + 4,
         "5140 requests made {} heap allocations beyond the monitor's own {per_call}",
         (d - c).saturating_sub(per_call)
+    );
+    drop(client);
+    let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
+    daemon.assert_exit_ok(status);
+}
+
+/// Scraping while I/O runs adds nothing to the request path's count: the
+/// metrics server's thread counts its own allocations apart (a scrape
+/// formats text, so it allocates), and the other threads' count over a
+/// window of I/O with scrapes in parallel is what it is without them.
+#[test]
+fn scraping_adds_no_allocation_to_the_request_path() {
+    use sluice_tests::metrics::Endpoint;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    const DISK: u64 = 64 * MIB;
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    make_file(&img, DISK);
+    let sock = dir.path().join("vm.sock");
+    let mut daemon = Daemon::spawn(
+        &[
+            "serve",
+            "--disk",
+            img.to_str().unwrap(),
+            "--vhost-user",
+            sock.to_str().unwrap(),
+            "--queues",
+            "2",
+            "--metrics",
+            "127.0.0.1:0",
+        ],
+        2,
+    );
+    let metrics = Endpoint::of(&daemon.ready);
+    let mut client = Client::connect(&sock, 2, 16).expect("connect");
+    for q in 0..2 {
+        run_requests(&mut client, q, DISK, 1);
+    }
+    // A scrape before the windows, so that whatever a first scrape sets up
+    // is done.
+    metrics.scrape();
+    let a = allocations(&daemon.control);
+    let b = allocations(&daemon.control);
+    let per_call = b - a;
+    let window = |client: &mut Client, seed: u64| {
+        let (c, mc) = stats(&daemon.control);
+        for round in 0..10u64 {
+            for q in 0..2 {
+                run_requests(client, q, DISK, seed + round);
+            }
+        }
+        let (d, md) = stats(&daemon.control);
+        (d - c, md - mc)
+    };
+    let (quiet, quiet_metrics) = window(&mut client, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let scraper = {
+        let (stop, metrics) = (stop.clone(), metrics.clone());
+        std::thread::spawn(move || {
+            let mut scrapes = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                metrics.scrape();
+                scrapes += 1;
+            }
+            scrapes
+        })
+    };
+    let (scraped, scraped_metrics) = window(&mut client, 20);
+    stop.store(true, Ordering::Relaxed);
+    let scrapes = scraper.join().expect("scraper");
+    eprintln!(
+        "monitor call: {per_call} allocations; 5140 requests: {quiet} without scrapes, {scraped} \
+         with {scrapes} scrapes in parallel, whose server made {scraped_metrics} apart"
+    );
+    assert_eq!(quiet_metrics, 0, "no scrape, no metrics allocation");
+    assert!(
+        scrapes > 0 && scraped_metrics > 0,
+        "the scrapes ran and were counted apart"
+    );
+    // Same slack as above: the monitor calls' own variation.
+    assert!(
+        quiet <= per_call + 4 && scraped <= per_call + 4,
+        "5140 requests made {quiet} heap allocations without scrapes and {scraped} with \
+         {scrapes} in parallel (the monitor calls alone: {per_call})"
     );
     drop(client);
     let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);

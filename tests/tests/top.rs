@@ -16,8 +16,9 @@ const BLOCK: usize = 4096;
 /// Bound on the screen showing what the test waits for.
 const SCREEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// The view's columns (the snapshot's header, and the screen's).
-const HEADER: [&str; 10] = [
-    "export", "type", "node", "IOPS", "rMB/s", "wMB/s", "avg µs", "p99 µs", "inflight", "err/s",
+const HEADER: [&str; 12] = [
+    "export", "type", "node", "IOPS", "r/s", "w/s", "rMB/s", "wMB/s", "avg µs", "p99 µs",
+    "inflight", "err/s",
 ];
 
 fn serve(dir: &Path) -> (Daemon, PathBuf) {
@@ -183,7 +184,7 @@ fn top_in_a_terminal_shows_the_load_queues_on_p_and_restores_the_terminal_on_q()
         || {
             io_batch(&mut client, 64);
         },
-        |s| row(s, "vm0").is_some_and(|r| r.len() == 10 && number(r[3]) > 0.0),
+        |s| row(s, "vm0").is_some_and(|r| r.len() == HEADER.len() && number(r[3]) > 0.0),
     );
     let header: Vec<&str> = screen
         .lines()
@@ -199,7 +200,13 @@ fn top_in_a_terminal_shows_the_load_queues_on_p_and_restores_the_terminal_on_q()
     assert_eq!(words, want, "{screen}");
     let vm0 = row(&screen, "vm0").unwrap();
     assert_eq!(&vm0[1..3], ["vhost-user", "disk0"], "{screen}");
-    assert!(number(vm0[4]) > 0.0 || number(vm0[5]) > 0.0, "{screen}");
+    // The batches read and write: both kinds are counted, and add up to the IOPS.
+    assert!(number(vm0[4]) > 0.0 && number(vm0[5]) > 0.0, "{screen}");
+    assert!(
+        (number(vm0[4]) + number(vm0[5]) - number(vm0[3])).abs() <= 1.0,
+        "{screen}"
+    );
+    assert!(number(vm0[6]) > 0.0 || number(vm0[7]) > 0.0, "{screen}");
     assert!(screen.contains("q quit") && screen.contains("p per-queue rows (off)"));
     assert!(row(&screen, "vm0/q0").is_none(), "{screen}");
     assert!(tmux.alternate_on(), "top runs on the alternate screen");
@@ -307,23 +314,29 @@ fn top_off_a_terminal_prints_one_snapshot_and_export_counters_count_every_reques
             .unwrap_or_else(|| panic!("no {name} row: {text}"))
     };
     let (vm0, q0, q1) = (find("vm0"), find("vm0/q0"), find("vm0/q1"));
-    assert_eq!(vm0.len(), 10, "{text}");
-    // Queue 0 only reads, queue 1 only writes, 4 KiB each: MB/s = IOPS × 4096 / 10^6.
+    assert_eq!(vm0.len(), 12, "{text}");
+    // Queue 0 only reads, queue 1 only writes, 4 KiB each: r/s and w/s are the IOPS,
+    // MB/s = IOPS × 4096 / 10^6.
     let (iops0, iops1) = (number(q0[3]), number(q1[3]));
     assert!(iops0 > 0.0 && iops1 > 0.0, "{text}");
-    assert_eq!((q0[5], q1[4]), ("0.00", "0.00"), "{text}");
+    assert_eq!(
+        (q0[3], q0[5], q1[3], q1[4]),
+        (q0[4], "0", q1[5], "0"),
+        "{text}"
+    );
+    assert_eq!((q0[7], q1[6]), ("0.00", "0.00"), "{text}");
     let mb = |iops: f64| iops * BLOCK as f64 / 1e6;
     assert!(
-        (number(q0[4]) - mb(iops0)).abs() <= 0.01 + mb(1.0),
+        (number(q0[6]) - mb(iops0)).abs() <= 0.01 + mb(1.0),
         "{text}"
     );
     assert!(
-        (number(q1[5]) - mb(iops1)).abs() <= 0.01 + mb(1.0),
+        (number(q1[7]) - mb(iops1)).abs() <= 0.01 + mb(1.0),
         "{text}"
     );
     assert!((number(vm0[3]) - iops0 - iops1).abs() <= 1.0, "{text}");
-    assert!(number(vm0[6]) > 0.0 && number(vm0[7]) >= number(q0[7]).min(number(q1[7])));
-    assert_eq!(vm0[9], "0", "{text}");
+    assert!(number(vm0[8]) > 0.0 && number(vm0[9]) >= number(q0[9]).min(number(q1[9])));
+    assert_eq!(vm0[11], "0", "{text}");
 
     // The counters the view comes from: every request, once the client is idle.
     let f = run_to_exit(&[

@@ -163,6 +163,9 @@ lap sata_rest
 
 # ---- 3. one daemon from a config file: ublk and vhost-user ----
 cat >/tmp/sluice.toml <<'EOF'
+[daemon]
+metrics = "unix:/tmp/metrics.sock"
+
 [[disk]]
 name = "nvme"
 path = "/dev/nvme0n1"
@@ -206,6 +209,41 @@ cat /tmp/qd1.out
 report mixed.client "$(tail -1 /tmp/qd1.out)"
 if kill -0 $fpid 2>/dev/null; then report mixed.fio_running_after_client yes; else report mixed.fio_running_after_client no; fi
 if wait $fpid; then report mixed.fio ok; else report mixed.fio "failed:$?"; cat /tmp/fio-mixed.log; fi
+# Quiet now: the kernel's count of ublkb1's requests and sluice's metrics.
+report mixed.kernel_reads "$(awk '{ print $1 }' /sys/block/ublkb1/stat)"
+report mixed.kernel_writes "$(awk '{ print $5 }' /sys/block/ublkb1/stat)"
+python3 - >/tmp/metrics.txt <<'PY'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect("/tmp/metrics.sock")
+s.sendall(b"GET /metrics HTTP/1.1\r\nHost: sluice\r\n\r\n")
+answer = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    answer += chunk
+head, _, body = answer.partition(b"\r\n\r\n")
+sys.stdout.write(body.decode())
+sys.exit(0 if head.startswith(b"HTTP/1.1 200") else 1)
+PY
+report mixed.metrics_scrape $?
+# The sum over a ublk export's queues of one series.
+local_sum() { grep "^$1{export=\"local\",node=\"nvme\",type=\"ublk\"" /tmp/metrics.txt | awk '{ s += $2 } END { print s + 0 }'; }
+report mixed.metrics.reads "$(local_sum sluice_reads_completed_total)"
+report mixed.metrics.writes "$(local_sum sluice_writes_completed_total)"
+report mixed.metrics.errors "$(local_sum sluice_request_errors_total)"
+report mixed.metrics.in_flight "$(local_sum sluice_requests_in_flight)"
+report mixed.metrics.polling "$(local_sum sluice_queue_polling_seconds_total)"
+report mixed.metrics.sleeping "$(local_sum sluice_queue_sleeping_seconds_total)"
+if command -v promtool >/dev/null; then
+    promtool check metrics </tmp/metrics.txt >/tmp/promtool.out 2>&1
+    report mixed.metrics.promtool $?
+    cat /tmp/promtool.out
+else
+    report mixed.metrics.promtool absent
+fi
 # A ublk export added and removed at runtime through the control socket.
 "$S" ctl node-add rt null:64M >/tmp/rt.out 2>&1
 report runtime.node_add $?
@@ -551,6 +589,35 @@ fn ublk_over_nvme_and_sata() {
     );
     run.ensure_eq("mixed.fio_running_after_client", "yes");
     run.ensure_eq("mixed.fio", "ok");
+    // The metrics of the ublk export against the kernel's own count of
+    // ublkb1's requests (/sys/block/ublkb1/stat: what node_exporter reads),
+    // both taken once fio was done and the device quiet.
+    run.ensure_eq("mixed.metrics_scrape", "0");
+    eprintln!(
+        "ublkb1: kernel {} reads, {} writes; sluice metrics {} reads, {} writes, polling {} s, \
+         sleeping {} s",
+        run.result("mixed.kernel_reads"),
+        run.result("mixed.kernel_writes"),
+        run.result("mixed.metrics.reads"),
+        run.result("mixed.metrics.writes"),
+        run.result("mixed.metrics.polling"),
+        run.result("mixed.metrics.sleeping"),
+    );
+    run.ensure_eq("mixed.metrics.reads", run.result("mixed.kernel_reads"));
+    run.ensure_eq("mixed.metrics.writes", run.result("mixed.kernel_writes"));
+    run.ensure_eq("mixed.metrics.errors", "0");
+    run.ensure_eq("mixed.metrics.in_flight", "0");
+    for key in ["mixed.metrics.polling", "mixed.metrics.sleeping"] {
+        let seconds: f64 = run.result(key).parse().expect("seconds");
+        run.ensure(seconds > 0.0, format!("{key} is {seconds}"));
+    }
+    match run.result("mixed.metrics.promtool") {
+        "absent" => eprintln!("skipped: promtool not installed (tests/run.sh installs it)"),
+        verdict => run.ensure(
+            verdict == "0",
+            "promtool check metrics refused the ublk export's scrape",
+        ),
+    }
     run.ensure_eq("mixed.exit", "0");
     run.ensure_eq("mixed.gone", "yes");
     run.ensure_eq("mixed.socket_gone", "yes");

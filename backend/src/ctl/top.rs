@@ -69,12 +69,17 @@ pub enum TopError {
 pub(crate) struct Rates {
     /// Requests completed per second.
     pub(crate) iops: f64,
+    /// Reads completed per second.
+    pub(crate) read_iops: f64,
+    /// Writes completed per second.
+    pub(crate) write_iops: f64,
     /// Bytes read per second.
     pub(crate) read_bytes_per_s: f64,
     /// Bytes written per second.
     pub(crate) write_bytes_per_s: f64,
     /// Mean completion latency of the interval's requests in µs (from the
-    /// buckets' upper bounds); `None` when none completed.
+    /// daemon's latency sum; from the buckets' upper bounds for a daemon
+    /// that does not send it); `None` when none completed.
     pub(crate) avg_us: Option<f64>,
     /// 99th percentile of the interval's requests in µs (a bucket's upper
     /// bound; infinite beyond the last); `None` when none completed.
@@ -141,6 +146,9 @@ fn sum_queues<'a>(queues: impl IntoIterator<Item = &'a QueueCounters>) -> QueueC
     for q in queues {
         t.requests += q.requests;
         t.errors += q.errors;
+        t.reads += q.reads;
+        t.writes += q.writes;
+        t.latency_sum_ns += q.latency_sum_ns;
         t.bytes_read += q.bytes_read;
         t.bytes_written += q.bytes_written;
         t.flushes += q.flushes;
@@ -159,9 +167,19 @@ fn sum_queues<'a>(queues: impl IntoIterator<Item = &'a QueueCounters>) -> QueueC
 /// added again under its name) counts as 0.
 fn rates(before: &QueueCounters, now: &QueueCounters, seconds: f64) -> Rates {
     let per_s = |b: u64, n: u64| n.saturating_sub(b) as f64 / seconds;
-    let (avg_us, p99_us) = latency_of(&histogram_delta(&before.latency, &now.latency));
+    let hist = histogram_delta(&before.latency, &now.latency);
+    let (estimate_us, p99_us) = latency_of(&hist);
+    let samples: u64 = hist.iter().map(|(_, n)| n).sum();
+    let sum_ns = now.latency_sum_ns.saturating_sub(before.latency_sum_ns);
+    let avg_us = if sum_ns > 0 && samples > 0 {
+        Some(sum_ns as f64 / samples as f64 / 1000.0)
+    } else {
+        estimate_us
+    };
     Rates {
         iops: per_s(before.requests, now.requests),
+        read_iops: per_s(before.reads, now.reads),
+        write_iops: per_s(before.writes, now.writes),
         read_bytes_per_s: per_s(before.bytes_read, now.bytes_read),
         write_bytes_per_s: per_s(before.bytes_written, now.bytes_written),
         avg_us,
@@ -214,12 +232,14 @@ pub(crate) fn rows(before: &CountersSample, now: &CountersSample) -> Vec<ExportR
 }
 
 /// The columns of the view and of the snapshot table.
-const HEADER: [&str; 10] = [
-    "export", "type", "node", "IOPS", "rMB/s", "wMB/s", "avg µs", "p99 µs", "inflight", "err/s",
+const HEADER: [&str; COLUMNS] = [
+    "export", "type", "node", "IOPS", "r/s", "w/s", "rMB/s", "wMB/s", "avg µs", "p99 µs",
+    "inflight", "err/s",
 ];
+const COLUMNS: usize = 12;
 
 /// A row's cells, as text.
-fn cells(name: String, kind: &str, node: &str, r: &Rates) -> [String; 10] {
+fn cells(name: String, kind: &str, node: &str, r: &Rates) -> [String; COLUMNS] {
     let us = |v: Option<f64>| match v {
         None => "-".to_owned(),
         Some(v) if v.is_infinite() => ">69s".to_owned(),
@@ -231,6 +251,8 @@ fn cells(name: String, kind: &str, node: &str, r: &Rates) -> [String; 10] {
         kind.to_owned(),
         node.to_owned(),
         format!("{:.0}", r.iops),
+        format!("{:.0}", r.read_iops),
+        format!("{:.0}", r.write_iops),
         format!("{:.2}", r.read_bytes_per_s / 1e6),
         format!("{:.2}", r.write_bytes_per_s / 1e6),
         us(r.avg_us),
@@ -242,7 +264,7 @@ fn cells(name: String, kind: &str, node: &str, r: &Rates) -> [String; 10] {
 
 /// Every line of the view: an export's, then (with `per_queue`) its
 /// queues', named `export/qN`.
-fn lines(rows: &[ExportRow], per_queue: bool) -> Vec<(bool, [String; 10])> {
+fn lines(rows: &[ExportRow], per_queue: bool) -> Vec<(bool, [String; COLUMNS])> {
     let mut out = Vec::new();
     for r in rows {
         out.push((false, cells(r.export.clone(), &r.kind, &r.node, &r.total)));
@@ -477,6 +499,8 @@ fn draw(
                 Constraint::Length(8),
                 Constraint::Length(8),
                 Constraint::Length(8),
+                Constraint::Length(8),
+                Constraint::Length(8),
                 Constraint::Length(6),
             ];
             let table = Table::new(body, widths).header(header).block(block);
@@ -508,12 +532,27 @@ mod tests {
             queue,
             requests,
             errors: requests / 10,
+            reads: requests / 2,
+            writes: requests / 4,
             bytes_read: requests * 4096,
             bytes_written: requests * 512,
             flushes: 0,
             in_flight: 2,
             latency,
+            // 0: a daemon without the sum; the mean comes from the buckets.
+            latency_sum_ns: 0,
         }
+    }
+
+    #[test]
+    fn the_mean_comes_from_the_latency_sum_when_the_daemon_sends_it() {
+        let mut a = queue(0, 100, vec![bucket(Some(2048), 100)]);
+        a.latency_sum_ns = 100 * 1_500;
+        let mut b = queue(0, 300, vec![bucket(Some(2048), 300)]);
+        b.latency_sum_ns = a.latency_sum_ns + 200 * 1_000;
+        let r = rates(&a, &b, 1.0);
+        assert_eq!(r.avg_us, Some(1.0), "200 requests of 1 µs each: {r:?}");
+        assert_eq!(r.p99_us, Some(2.048));
     }
 
     fn sample(ns: u64, exports: Vec<(&str, Vec<QueueCounters>)>) -> CountersSample {
@@ -563,6 +602,7 @@ mod tests {
         assert_eq!(r.len(), 1);
         let q0 = &r[0].queues[0].1;
         assert_eq!(q0.iops, 500.0);
+        assert_eq!((q0.read_iops, q0.write_iops), (250.0, 125.0));
         assert_eq!(q0.read_bytes_per_s, 500.0 * 4096.0);
         assert_eq!(q0.write_bytes_per_s, 500.0 * 512.0);
         assert_eq!(q0.errors_per_s, 50.0);
@@ -620,6 +660,8 @@ mod tests {
                 "vhost-user",
                 "n",
                 "250",
+                "125",
+                "62",
                 "1.02",
                 "0.13",
                 "9.0",
@@ -630,7 +672,7 @@ mod tests {
         );
         assert_eq!(
             lines[2],
-            ["vm0/q0", "queue", "n", "250", "1.02", "0.13", "9.0", "9.0", "2", "25"]
+            ["vm0/q0", "queue", "n", "250", "125", "62", "1.02", "0.13", "9.0", "9.0", "2", "25"]
         );
         assert_eq!(lines.len(), 3);
     }

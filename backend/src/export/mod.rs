@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::api::{ExportDescription, ExportEndpoint, ReadyEvent};
 use crate::node::Node;
-use crate::request::BlockOp;
+use crate::request::{BlockOp, RequestError, RequestResult};
 
 // The counters' types are control-plane results (api.rs); how they are
 // summed over the queues is here.
@@ -173,19 +173,32 @@ impl Export {
     /// Every queue's cumulative counters and latency histogram
     /// (`export_counters`).
     pub(crate) fn counters(&self) -> ExportCounters {
-        let (kind, queues) = match self {
-            Export::VhostUser(x) => ("vhost-user", x.queues()),
-            Export::Ublk(x) => ("ublk", x.queues()),
-        };
         ExportCounters {
             export: self.name().to_owned(),
             node: self.node().name().to_owned(),
-            kind: kind.to_owned(),
-            queues: queues
+            kind: self.kind().to_owned(),
+            queues: self
+                .queues()
                 .iter()
                 .enumerate()
                 .map(|(i, q)| q.counters(i as u16))
                 .collect(),
+        }
+    }
+
+    /// Each queue's counters, as its thread writes them.
+    pub(crate) fn queues(&self) -> &[QueueShared] {
+        match self {
+            Export::VhostUser(x) => x.queues(),
+            Export::Ublk(x) => x.queues(),
+        }
+    }
+
+    /// `vhost-user` or `ublk`, as the ready line's `type`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Export::VhostUser(_) => "vhost-user",
+            Export::Ublk(_) => "ublk",
         }
     }
 
@@ -348,24 +361,118 @@ impl DrainBounds {
     }
 }
 
+/// What a completed request counts as: its block operation, or `Other` for
+/// a request answered without one (virtio-blk GET_ID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpKind {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+    Other,
+}
+
+impl OpKind {
+    /// Every kind, in the order of [`QueueShared::completed`].
+    pub(crate) const ALL: [OpKind; 6] = [
+        OpKind::Read,
+        OpKind::Write,
+        OpKind::Flush,
+        OpKind::Discard,
+        OpKind::WriteZeroes,
+        OpKind::Other,
+    ];
+
+    fn of(op: Option<BlockOp>) -> OpKind {
+        match op {
+            Some(BlockOp::Read) => OpKind::Read,
+            Some(BlockOp::Write { .. }) => OpKind::Write,
+            Some(BlockOp::Flush) => OpKind::Flush,
+            Some(BlockOp::Discard) => OpKind::Discard,
+            Some(BlockOp::WriteZeroes { .. }) => OpKind::WriteZeroes,
+            None => OpKind::Other,
+        }
+    }
+}
+
+/// Number of [`OpKind`]s.
+pub(crate) const OP_KINDS: usize = OpKind::ALL.len();
+
+/// Why a request was answered with an error, as far as the fronts tell
+/// (each is a distinct path in the code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrorKind {
+    /// The backing device or file failed it (any errno but ESHUTDOWN).
+    Io,
+    /// The operation is not supported by the export or node.
+    Unsupported,
+    /// The request was malformed or out of range (the consumer's error).
+    BadRequest,
+    /// The export was draining (shutdown or removal) and admitted nothing new.
+    Shutdown,
+}
+
+impl ErrorKind {
+    /// Every kind, in the order of [`QueueShared::failed`].
+    pub(crate) const ALL: [ErrorKind; 4] = [
+        ErrorKind::Io,
+        ErrorKind::Unsupported,
+        ErrorKind::BadRequest,
+        ErrorKind::Shutdown,
+    ];
+
+    /// The `kind` label of `sluice_request_errors_total`.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Io => "io",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::Shutdown => "shutdown",
+        }
+    }
+
+    fn of(e: RequestError) -> ErrorKind {
+        match e {
+            RequestError::Io(libc::ESHUTDOWN) => ErrorKind::Shutdown,
+            RequestError::Io(_) => ErrorKind::Io,
+            RequestError::Unsupported => ErrorKind::Unsupported,
+            RequestError::Invalid => ErrorKind::BadRequest,
+        }
+    }
+}
+
+/// Number of [`ErrorKind`]s.
+pub(crate) const ERROR_KINDS: usize = ErrorKind::ALL.len();
+
 /// Counters and state the queue thread shares with the rest of the daemon.
-/// Written by the queue thread only; read by anyone (relaxed).
+/// Written by the queue thread only; read by anyone (relaxed): the monitor's
+/// statistics and the metrics scrape read these, never a copy kept on the
+/// request path.
 #[derive(Debug)]
 pub struct QueueShared {
     /// Requests submitted and not yet completed.
     pub in_flight: AtomicU32,
-    /// Requests completed.
-    pub requests: AtomicU64,
-    /// Requests completed with an error status.
-    pub errors: AtomicU64,
+    /// Requests completed successfully, by [`OpKind`].
+    pub(crate) completed: [AtomicU64; OP_KINDS],
+    /// Requests completed with an error status, by [`ErrorKind`].
+    pub(crate) failed: [AtomicU64; ERROR_KINDS],
     /// Bytes read by completed requests.
     pub bytes_read: AtomicU64,
     /// Bytes written by completed requests.
     pub bytes_written: AtomicU64,
-    /// Flushes completed.
-    pub flushes: AtomicU64,
     /// Completion latency histogram (see [`LATENCY_BUCKETS`]).
     pub latency: [AtomicU64; LATENCY_BUCKETS],
+    /// Sum of the latencies counted in `latency`, in nanoseconds.
+    pub latency_sum_ns: AtomicU64,
+    /// Time the queue's thread spent working: vhost-user, in its polling
+    /// loop (requests and the busy-poll window); ublk, handling a batch of
+    /// completions from its ring. Nanoseconds.
+    pub polling_ns: AtomicU64,
+    /// Time the queue's thread spent blocked waiting for work (vhost-user:
+    /// between two wake-ups; ublk: in `io_uring_enter` between two batches).
+    /// Counted when the wait ends. Nanoseconds.
+    pub sleeping_ns: AtomicU64,
     /// The frontend stopped this queue's ring (vhost-user GET_VRING_BASE, as
     /// in a device reset): a queue marked broken serves it again when it is
     /// restarted. Set by the protocol thread, taken by the queue thread.
@@ -379,14 +486,94 @@ impl Default for QueueShared {
     fn default() -> Self {
         QueueShared {
             in_flight: AtomicU32::new(0),
-            requests: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
+            completed: std::array::from_fn(|_| AtomicU64::new(0)),
+            failed: std::array::from_fn(|_| AtomicU64::new(0)),
             bytes_read: AtomicU64::new(0),
             bytes_written: AtomicU64::new(0),
-            flushes: AtomicU64::new(0),
             latency: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_sum_ns: AtomicU64::new(0),
+            polling_ns: AtomicU64::new(0),
+            sleeping_ns: AtomicU64::new(0),
             ring_stopped: AtomicBool::new(false),
             pause_ack: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A queue's counters read at one moment (each relaxed; the request path
+/// keeps running meanwhile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct QueueSnapshot {
+    pub in_flight: u32,
+    pub completed: [u64; OP_KINDS],
+    pub failed: [u64; ERROR_KINDS],
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub polling_ns: u64,
+    pub sleeping_ns: u64,
+}
+
+/// An export's latency histogram summed over its queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LatencyHistogram {
+    /// Requests per bucket (see [`latency_bucket_upper_ns`]).
+    pub buckets: [u64; LATENCY_BUCKETS],
+    /// Sum of their latencies in nanoseconds.
+    pub sum_ns: u64,
+}
+
+impl LatencyHistogram {
+    /// The histograms of `queues`, summed.
+    pub(crate) fn of(queues: &[QueueShared]) -> Self {
+        let mut h = LatencyHistogram {
+            buckets: [0; LATENCY_BUCKETS],
+            sum_ns: 0,
+        };
+        for q in queues {
+            for (s, b) in h.buckets.iter_mut().zip(q.latency.iter()) {
+                *s += b.load(Ordering::Relaxed);
+            }
+            h.sum_ns += q.latency_sum_ns.load(Ordering::Relaxed);
+        }
+        h
+    }
+
+    /// Requests counted.
+    pub(crate) fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// The histogram with only the bounds `exported` (bucket indices, each
+    /// the last bucket of a group, ascending): `(upper bound in seconds,
+    /// requests in the group)`, then the rest up to `+Inf`. A sample `x`
+    /// counted under bound `le` had `x <= le`: bucket bounds are inclusive.
+    pub(crate) fn grouped(&self, exported: &[usize]) -> Vec<(f64, u64)> {
+        let mut out = Vec::with_capacity(exported.len() + 1);
+        let mut from = 0;
+        for &last in exported {
+            let n = self.buckets[from..=last].iter().sum();
+            out.push((latency_bucket_upper_ns(last) as f64 / 1e9, n));
+            from = last + 1;
+        }
+        out.push((f64::INFINITY, self.buckets[from..].iter().sum()));
+        out
+    }
+}
+
+impl QueueSnapshot {
+    /// Reads `q`: the one place that reads a queue's counters, so a new
+    /// counter is added here (and to what reports it: the metrics, and
+    /// [`QueueShared::counters`] for `export_counters`).
+    pub(crate) fn of(q: &QueueShared) -> Self {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        QueueSnapshot {
+            in_flight: q.in_flight.load(Ordering::Relaxed),
+            completed: std::array::from_fn(|i| load(&q.completed[i])),
+            failed: std::array::from_fn(|i| load(&q.failed[i])),
+            bytes_read: load(&q.bytes_read),
+            bytes_written: load(&q.bytes_written),
+            polling_ns: load(&q.polling_ns),
+            sleeping_ns: load(&q.sleeping_ns),
         }
     }
 }
@@ -394,12 +581,7 @@ impl Default for QueueShared {
 impl LatencyPercentiles {
     /// Percentiles over the histograms of `queues`.
     pub fn of(queues: &[QueueShared]) -> Self {
-        let mut sum = [0u64; LATENCY_BUCKETS];
-        for q in queues {
-            for (s, b) in sum.iter_mut().zip(q.latency.iter()) {
-                *s += b.load(Ordering::Relaxed);
-            }
-        }
+        let sum = LatencyHistogram::of(queues).buckets;
         let samples: u64 = sum.iter().sum();
         if samples == 0 {
             return LatencyPercentiles::default();
@@ -426,7 +608,10 @@ impl LatencyPercentiles {
 
 /// Latency histogram buckets: 8 per power of two of nanoseconds, from 1 µs
 /// (2^10 ns) to about 69 s (2^36 ns); fixed size, updated with relaxed
-/// atomics by the queue thread, read by the monitor.
+/// atomics by the queue thread, read by the monitor. Bucket `b` holds the
+/// samples `x` with `upper(b - 1) < x <= upper(b)` ([`latency_bucket_upper_ns`];
+/// the first holds everything up to its bound, the last everything above
+/// 2^36 ns), so its upper bound is exact and inclusive, as a Prometheus `le`.
 const LATENCY_SUB_BUCKETS: usize = 8;
 const LATENCY_MIN_SHIFT: u32 = 10;
 const LATENCY_OCTAVES: usize = 26;
@@ -434,7 +619,8 @@ const LATENCY_OCTAVES: usize = 26;
 pub(crate) const LATENCY_BUCKETS: usize = LATENCY_OCTAVES * LATENCY_SUB_BUCKETS + 1;
 
 fn latency_bucket(ns: u64) -> usize {
-    let ns = ns.max(1 << LATENCY_MIN_SHIFT);
+    // Bucket b's half-open range [lo, hi) of `ns - 1` is (lo, hi] of `ns`.
+    let ns = ns.saturating_sub(1).max(1 << LATENCY_MIN_SHIFT);
     let octave = (63 - ns.leading_zeros()) - LATENCY_MIN_SHIFT;
     if octave as usize >= LATENCY_OCTAVES {
         return LATENCY_BUCKETS - 1;
@@ -443,8 +629,9 @@ fn latency_bucket(ns: u64) -> usize {
     octave as usize * LATENCY_SUB_BUCKETS + sub
 }
 
-/// The upper bound in nanoseconds of bucket `b`.
-fn latency_bucket_upper_ns(b: usize) -> u64 {
+/// The upper bound in nanoseconds of bucket `b`, inclusive (`u64::MAX` for
+/// the last).
+pub(crate) fn latency_bucket_upper_ns(b: usize) -> u64 {
     if b >= LATENCY_BUCKETS - 1 {
         return u64::MAX;
     }
@@ -454,20 +641,42 @@ fn latency_bucket_upper_ns(b: usize) -> u64 {
     base + (sub + 1) * (base / LATENCY_SUB_BUCKETS as u64)
 }
 
+/// The buckets whose upper bounds the metrics export as `le`: two per
+/// octave (1.5 × 2^k and 2^(k+1) ns), from 1.536 µs to 2^30 ns (1.07 s);
+/// everything above goes to `+Inf`. Each is an exact bound of the
+/// per-queue buckets, so no sample is counted under a bound below it.
+pub(crate) fn exported_latency_buckets() -> impl Iterator<Item = usize> {
+    // 1.5 × 2^(10+k) is the end of sub-bucket 3 of octave k, 2^(11+k) of 7.
+    (0..20).flat_map(|octave| {
+        [
+            octave * LATENCY_SUB_BUCKETS + 3,
+            octave * LATENCY_SUB_BUCKETS + 7,
+        ]
+    })
+}
+
 impl QueueShared {
     /// Counts one completed request that took `latency_ns`.
-    pub fn record_latency(&self, op: Option<BlockOp>, len_bytes: u64, ok: bool, latency_ns: u64) {
+    pub fn record_latency(
+        &self,
+        op: Option<BlockOp>,
+        len_bytes: u64,
+        result: RequestResult,
+        latency_ns: u64,
+    ) {
         self.latency[latency_bucket(latency_ns)].fetch_add(1, Ordering::Relaxed);
-        self.record(op, len_bytes, ok);
+        self.latency_sum_ns.fetch_add(latency_ns, Ordering::Relaxed);
+        self.record(op, len_bytes, result);
     }
 
-    /// Counts one completed request.
-    pub fn record(&self, op: Option<BlockOp>, len_bytes: u64, ok: bool) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        if !ok {
-            self.errors.fetch_add(1, Ordering::Relaxed);
+    /// Counts one completed request (one relaxed add for its kind, one for
+    /// its bytes).
+    pub fn record(&self, op: Option<BlockOp>, len_bytes: u64, result: RequestResult) {
+        if let Err(e) = result {
+            self.failed[ErrorKind::of(e) as usize].fetch_add(1, Ordering::Relaxed);
             return;
         }
+        self.completed[OpKind::of(op) as usize].fetch_add(1, Ordering::Relaxed);
         match op {
             Some(BlockOp::Read) => {
                 self.bytes_read.fetch_add(len_bytes, Ordering::Relaxed);
@@ -475,19 +684,27 @@ impl QueueShared {
             Some(BlockOp::Write { .. }) => {
                 self.bytes_written.fetch_add(len_bytes, Ordering::Relaxed);
             }
-            Some(BlockOp::Flush) => {
-                self.flushes.fetch_add(1, Ordering::Relaxed);
-            }
             _ => {}
         }
+    }
+
+    /// Adds the time a wake-up's work took and the wait before it. Called
+    /// once per wake-up (vhost-user) or batch of completions (ublk) by the
+    /// queue's thread.
+    pub(crate) fn add_polling_ns(&self, ns: u64) {
+        self.polling_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Adds the time the queue's thread waited for work.
+    pub(crate) fn add_sleeping_ns(&self, ns: u64) {
+        self.sleeping_ns.fetch_add(ns, Ordering::Relaxed);
     }
 }
 
 impl QueueShared {
     /// Everything this queue counts, read once (relaxed loads; a request
     /// completing meanwhile may be in one counter and not yet in another):
-    /// what `export_counters` reports. The one place that reads the queue's
-    /// counters for a client, so a new counter is added here.
+    /// what `export_counters` reports.
     pub(crate) fn counters(&self, queue: u16) -> QueueCounters {
         let latency = self
             .latency
@@ -501,15 +718,20 @@ impl QueueShared {
                 })
             })
             .collect();
+        let q = QueueSnapshot::of(self);
+        let (ok, failed): (u64, u64) = (q.completed.iter().sum(), q.failed.iter().sum());
         QueueCounters {
             queue,
-            requests: self.requests.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
-            bytes_read: self.bytes_read.load(Ordering::Relaxed),
-            bytes_written: self.bytes_written.load(Ordering::Relaxed),
-            flushes: self.flushes.load(Ordering::Relaxed),
-            in_flight: self.in_flight.load(Ordering::Relaxed),
+            requests: ok + failed,
+            errors: failed,
+            reads: q.completed[OpKind::Read as usize],
+            writes: q.completed[OpKind::Write as usize],
+            bytes_read: q.bytes_read,
+            bytes_written: q.bytes_written,
+            flushes: q.completed[OpKind::Flush as usize],
+            in_flight: q.in_flight,
             latency,
+            latency_sum_ns: self.latency_sum_ns.load(Ordering::Relaxed),
         }
     }
 }
@@ -518,13 +740,14 @@ impl ExportTotals {
     /// Sums the counters of `queues`.
     pub fn of(queues: &[QueueShared]) -> Self {
         let mut t = ExportTotals::default();
-        for q in queues {
-            t.requests += q.requests.load(Ordering::Relaxed);
-            t.errors += q.errors.load(Ordering::Relaxed);
-            t.bytes_read += q.bytes_read.load(Ordering::Relaxed);
-            t.bytes_written += q.bytes_written.load(Ordering::Relaxed);
-            t.flushes += q.flushes.load(Ordering::Relaxed);
-            t.in_flight += q.in_flight.load(Ordering::Relaxed);
+        for q in queues.iter().map(QueueSnapshot::of) {
+            let (ok, failed): (u64, u64) = (q.completed.iter().sum(), q.failed.iter().sum());
+            t.requests += ok + failed;
+            t.errors += failed;
+            t.bytes_read += q.bytes_read;
+            t.bytes_written += q.bytes_written;
+            t.flushes += q.completed[OpKind::Flush as usize];
+            t.in_flight += q.in_flight;
         }
         t
     }
@@ -575,11 +798,16 @@ mod tests {
     fn counters_read_what_the_queue_recorded() {
         let q = QueueShared::default();
         assert_eq!(q.counters(3).latency, vec![]);
-        q.record_latency(Some(BlockOp::Read), 4096, true, 10_000);
-        q.record_latency(Some(BlockOp::Read), 4096, true, 10_100);
-        q.record_latency(Some(BlockOp::Write { fua: false }), 512, true, 1 << 40);
-        q.record_latency(Some(BlockOp::Flush), 0, true, 2_000);
-        q.record_latency(Some(BlockOp::Write { fua: false }), 512, false, 2_000);
+        q.record_latency(Some(BlockOp::Read), 4096, Ok(()), 10_000);
+        q.record_latency(Some(BlockOp::Read), 4096, Ok(()), 10_100);
+        q.record_latency(Some(BlockOp::Write { fua: false }), 512, Ok(()), 1 << 40);
+        q.record_latency(Some(BlockOp::Flush), 0, Ok(()), 2_000);
+        q.record_latency(
+            Some(BlockOp::Write { fua: false }),
+            512,
+            Err(RequestError::Io(libc::EIO)),
+            2_000,
+        );
         q.in_flight.store(2, Ordering::Relaxed);
         let c = q.counters(3);
         assert_eq!(c.queue, 3);
@@ -587,12 +815,18 @@ mod tests {
             (
                 c.requests,
                 c.errors,
+                c.reads,
+                c.writes,
                 c.bytes_read,
                 c.bytes_written,
                 c.flushes,
                 c.in_flight
             ),
-            (5, 1, 8192, 512, 1, 2)
+            (5, 1, 2, 1, 8192, 512, 1, 2)
+        );
+        assert_eq!(
+            c.latency_sum_ns,
+            10_000 + 10_100 + (1 << 40) + 2_000 + 2_000
         );
         let b = |ns| latency_bucket_upper_ns(latency_bucket(ns));
         assert_eq!(
@@ -616,13 +850,90 @@ mod tests {
     }
 
     #[test]
+    fn bucket_bounds_are_exact_and_inclusive() {
+        for b in 0..LATENCY_BUCKETS - 1 {
+            let upper = latency_bucket_upper_ns(b);
+            assert_eq!(latency_bucket(upper), b, "{upper} ns belongs to bucket {b}");
+            assert_eq!(
+                latency_bucket(upper + 1),
+                b + 1,
+                "{} ns is above bucket {b}",
+                upper + 1
+            );
+        }
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+    }
+
+    #[test]
+    fn exported_bounds_run_from_a_microsecond_to_a_second() {
+        let bounds: Vec<u64> = exported_latency_buckets()
+            .map(latency_bucket_upper_ns)
+            .collect();
+        assert_eq!(bounds.len(), 40);
+        assert_eq!(bounds[0], 1536);
+        assert_eq!(bounds[1], 2048);
+        assert_eq!(*bounds.last().unwrap(), 1 << 30);
+        assert!(bounds.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn grouped_histogram_counts_every_sample_under_its_bound() {
+        let q = [QueueShared::default()];
+        // On a bound, just above it, far above every bound.
+        for ns in [1536, 1537, 2048, 5_000, 2_000_000_000] {
+            q[0].record_latency(Some(BlockOp::Read), 512, Ok(()), ns);
+        }
+        let h = LatencyHistogram::of(&q);
+        assert_eq!(h.count(), 5);
+        assert_eq!(h.sum_ns, 1536 + 1537 + 2048 + 5_000 + 2_000_000_000);
+        let exported: Vec<usize> = exported_latency_buckets().collect();
+        let g = h.grouped(&exported);
+        assert_eq!(g.len(), 41);
+        assert_eq!(g[0], (1536e-9, 1));
+        assert_eq!(g[1], (2048e-9, 2));
+        assert_eq!(g[4].1, 1, "5 µs is in (4.096, 6.144] µs");
+        assert_eq!(g[40], (f64::INFINITY, 1));
+        assert_eq!(g.iter().map(|(_, n)| n).sum::<u64>(), 5);
+    }
+
+    #[test]
+    fn completions_are_counted_by_op_and_errors_by_kind() {
+        let q = [QueueShared::default()];
+        q[0].record(Some(BlockOp::Read), 4096, Ok(()));
+        q[0].record(Some(BlockOp::Write { fua: true }), 512, Ok(()));
+        q[0].record(Some(BlockOp::Flush), 0, Ok(()));
+        q[0].record(Some(BlockOp::Discard), 1 << 20, Ok(()));
+        q[0].record(Some(BlockOp::WriteZeroes { unmap: false }), 1 << 20, Ok(()));
+        q[0].record(None, 20, Ok(()));
+        q[0].record(Some(BlockOp::Read), 4096, Err(RequestError::Io(libc::EIO)));
+        q[0].record(
+            Some(BlockOp::Read),
+            4096,
+            Err(RequestError::Io(libc::ESHUTDOWN)),
+        );
+        q[0].record(None, 0, Err(RequestError::Unsupported));
+        q[0].record(
+            Some(BlockOp::Write { fua: false }),
+            0,
+            Err(RequestError::Invalid),
+        );
+        let c = QueueSnapshot::of(&q[0]);
+        assert_eq!(c.completed, [1; OP_KINDS]);
+        assert_eq!(c.failed, [1; ERROR_KINDS]);
+        assert_eq!((c.bytes_read, c.bytes_written), (4096, 512));
+        let t = ExportTotals::of(&q);
+        assert_eq!((t.requests, t.errors, t.flushes), (10, 4, 1));
+    }
+
+    #[test]
     fn percentiles_over_queues() {
         let queues = [QueueShared::default(), QueueShared::default()];
         for i in 0..1000u64 {
-            queues[(i % 2) as usize].record_latency(Some(BlockOp::Read), 4096, true, 10_000 + i);
+            queues[(i % 2) as usize].record_latency(Some(BlockOp::Read), 4096, Ok(()), 10_000 + i);
         }
         for _ in 0..5 {
-            queues[0].record_latency(Some(BlockOp::Read), 4096, true, 5_000_000);
+            queues[0].record_latency(Some(BlockOp::Read), 4096, Ok(()), 5_000_000);
         }
         let p = LatencyPercentiles::of(&queues);
         assert_eq!(p.samples, 1005);

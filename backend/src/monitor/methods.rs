@@ -31,7 +31,7 @@ pub const METHODS: &[(&str, &str)] = &[
     ("job_status", "one job's phase and progress: {id}"),
     ("job_cancel", "stop a job and flush its target: {id}"),
     ("job_complete", "pivot a ready mirror: its exports switch to the target: {id}"),
-    ("daemon_stats", "process-wide counters: heap allocations so far"),
+    ("daemon_stats", "process-wide counters: heap allocations so far (the metrics server's apart)"),
     ("events_subscribe", "this connection streams the daemon's events from now on (node_added, node_closed, node_removed, node_reopened, export_added, export_removed, export_stopped, frontend_connected, frontend_disconnected, job_progress, job_ready, job_completed, job_cancelled, job_failed) as JSON-RPC notifications {\"method\": \"event\", \"params\": EVENT} until it closes"),
     ("rpc_methods", "this list"),
     ("shutdown", "close everything in order and exit"),
@@ -261,6 +261,7 @@ pub(super) fn run(
         Call::JobComplete { id } => answer(&daemon.complete_job(&id)?),
         Call::DaemonStats => answer(&DaemonStats {
             heap_allocations: crate::alloc::allocations(),
+            metrics_heap_allocations: crate::alloc::metrics_allocations(),
         }),
         // The connection handler streams the events once this answer is out.
         Call::EventsSubscribe => Ok(json!({"subscribed": true})),

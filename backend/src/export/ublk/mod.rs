@@ -564,7 +564,7 @@ impl UblkExport {
         ExportTotals::of(&self.shared.queues)
     }
 
-    /// The queues' shared counters.
+    /// Each queue's counters.
     pub(crate) fn queues(&self) -> &[QueueShared] {
         &self.shared.queues
     }
@@ -836,6 +836,8 @@ struct QueueServer<'a> {
     stale: bool,
     logs: UblkQueueLogs,
     errors: BackingErrorLog,
+    /// Where the current batch of CQEs began, or the last one ended.
+    batch_mark: Instant,
 }
 
 impl<'a> QueueServer<'a> {
@@ -867,12 +869,35 @@ impl<'a> QueueServer<'a> {
             stale: false,
             logs: UblkQueueLogs::default(),
             errors: BackingErrorLog::new(export, usize::from(qid)),
+            batch_mark: Instant::now(),
         })
     }
 
-    /// Every CQE of the queue's ring: a wake-up, a backing I/O completion,
-    /// or a new request from the kernel.
+    /// Every CQE of the queue's ring, timed by batch: libublk hands over
+    /// the CQEs of one `io_uring_enter` with the first and the last marked,
+    /// so the time before the first is the wait (sleeping) and the time up
+    /// to the last the handling (polling): two clock reads per batch. (A
+    /// batch whose last CQE libublk keeps to itself, a ublk command that
+    /// failed, leaves its handling to be counted as the next wait.)
     fn handle(&mut self, q: &UblkQueue, tag: u16, io: &UblkIOCtx, waker: &EventFd) {
+        if io.is_first_cqe() {
+            let now = Instant::now();
+            self.queue
+                .add_sleeping_ns(now.duration_since(self.batch_mark).as_nanos() as u64);
+            self.batch_mark = now;
+        }
+        self.handle_cqe(q, tag, io, waker);
+        if io.is_last_cqe() {
+            let now = Instant::now();
+            self.queue
+                .add_polling_ns(now.duration_since(self.batch_mark).as_nanos() as u64);
+            self.batch_mark = now;
+        }
+    }
+
+    /// One CQE: a wake-up, a backing I/O completion, or a new request from
+    /// the kernel.
+    fn handle_cqe(&mut self, q: &UblkQueue, tag: u16, io: &UblkIOCtx, waker: &EventFd) {
         // Acknowledge a pause before anything else: from here on this
         // thread reads `is_paused() == true` and starts nothing new, and
         // what it has in flight is in `in_flight` already.
@@ -996,7 +1021,7 @@ impl<'a> QueueServer<'a> {
         self.queue.record_latency(
             Some(op),
             len_bytes,
-            result.is_ok(),
+            result,
             started.elapsed().as_nanos() as u64,
         );
         self.queue
@@ -1037,18 +1062,19 @@ impl<'a> QueueServer<'a> {
                         self.qid
                     );
                 }
-                self.queue.record(None, 0, false);
+                self.queue.record(None, 0, Err(RequestError::Unsupported));
                 return self.complete(q, tag, -libc::EOPNOTSUPP);
             }
             Err(IoRefusal::Invalid(op)) => {
-                self.queue.record(Some(op), 0, false);
+                self.queue.record(Some(op), 0, Err(RequestError::Invalid));
                 return self.complete(q, tag, -libc::EIO);
             }
         };
         if self.stale {
             self.follow_node();
             if self.stale {
-                self.queue.record(Some(op), 0, false);
+                self.queue
+                    .record(Some(op), 0, Err(RequestError::Io(libc::EIO)));
                 return self.complete(q, tag, -libc::EIO);
             }
         }
@@ -1106,7 +1132,7 @@ impl<'a> QueueServer<'a> {
                 return;
             }
             Err(e) => {
-                self.queue.record(Some(op), 0, false);
+                self.queue.record(Some(op), 0, Err(e));
                 return self.complete(q, tag, -errno_of(e));
             }
         };

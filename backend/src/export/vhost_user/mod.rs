@@ -448,7 +448,7 @@ impl VhostUserExport {
         ExportTotals::of(&self.shared.queues)
     }
 
-    /// The queues' shared counters.
+    /// Each queue's counters.
     pub(crate) fn queues(&self) -> &[QueueShared] {
         &self.shared.queues
     }

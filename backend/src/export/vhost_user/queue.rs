@@ -177,6 +177,9 @@ pub(super) struct QueueWorker {
     /// completion crosses it again. A spurious interrupt costs the guest
     /// one look at its used ring.
     signal_at_start: bool,
+    /// When the last wake-up's work ended (`None` before the first): the
+    /// wait since then is this queue's sleeping time.
+    last_run_end: Option<Instant>,
 }
 
 // SAFETY: the raw pointers in `iovecs` are scratch space rewritten for every
@@ -235,6 +238,7 @@ impl QueueWorker {
             resubmit: Vec::new(),
             resubmitted: 0,
             signal_at_start: true,
+            last_run_end: None,
         }
     }
 
@@ -301,11 +305,31 @@ impl QueueWorker {
     }
 
     /// Handles a wake-up (vring kick or completions): works until the queue
-    /// has been idle for the polling window, then arms notifications.
+    /// has been idle for the polling window, then arms notifications. The
+    /// time since the last wake-up ended counts as sleeping, this one's as
+    /// polling (two clock reads per wake-up, none per request).
     pub(super) fn run(
         &mut self,
         vring: &VringRwLock,
         atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+    ) {
+        let woke = Instant::now();
+        if let Some(slept_since) = self.last_run_end {
+            self.shared()
+                .add_sleeping_ns(woke.duration_since(slept_since).as_nanos() as u64);
+        }
+        self.work(vring, atomic_mem, woke);
+        let end = Instant::now();
+        self.shared()
+            .add_polling_ns(end.duration_since(woke).as_nanos() as u64);
+        self.last_run_end = Some(end);
+    }
+
+    fn work(
+        &mut self,
+        vring: &VringRwLock,
+        atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        woke: Instant,
     ) {
         self.engine.clear_completion_event();
         // A plain load first: the flag is almost never set, and an atomic
@@ -315,7 +339,7 @@ impl QueueWorker {
             self.ring_restarted();
         }
         self.follow_node();
-        let mut idle_since = Instant::now();
+        let mut idle_since = woke;
         let mut last_yield = idle_since;
         loop {
             if self.shared.control_waiting.load(Ordering::Relaxed) > 0 {
@@ -673,6 +697,7 @@ impl QueueWorker {
             // No status byte to answer through: give the chain back so the
             // guest does not leak it, and say why.
             self.log_bad(decoded.reason.unwrap_or("malformed chain"));
+            self.shared().record(None, 0, Err(RequestError::Invalid));
             if !add_used(state, self.inflight.as_mut(), head, 0) {
                 self.mark_broken("the used ring is not in guest memory");
             }
@@ -836,7 +861,7 @@ fn complete(
     shared.record_latency(
         ctx.op,
         ctx.len_bytes,
-        result.is_ok(),
+        result,
         ctx.started.elapsed().as_nanos() as u64,
     );
     used
