@@ -36,6 +36,7 @@ pub mod limits;
 pub mod logging;
 pub mod monitor;
 pub mod node;
+pub(crate) mod qos;
 pub(crate) mod request;
 pub(crate) mod size;
 pub mod udev;

@@ -104,3 +104,14 @@ pub const HOTPLUG_CHECK_INTERVAL_MS: u64 = 500;
 /// How often a client streaming events (`events_subscribe`) is checked for
 /// having gone away while no event comes.
 pub const EVENT_STREAM_CHECK_MS: u64 = 1_000;
+
+/// QoS: the longest a queue sleeps on a throttled request before it looks
+/// at its limits again, so a changed or cleared limit applies within this.
+pub const QOS_MAX_WAIT_MS: u64 = 100;
+/// QoS: the default burst, in seconds of the rate: an idle export may send
+/// this much of its limit at once before it is held to the rate.
+pub const QOS_DEFAULT_BURST_SECONDS: f64 = 0.1;
+/// QoS: the smallest and the largest burst, in seconds of the rate.
+pub const QOS_MIN_BURST_SECONDS: f64 = 0.001;
+/// QoS: the largest burst, in seconds of the rate.
+pub const QOS_MAX_BURST_SECONDS: f64 = 3600.0;

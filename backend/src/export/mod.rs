@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::api::{ExportDescription, ExportEndpoint, ReadyEvent};
 use crate::node::Node;
+use crate::qos::ExportQos;
 use crate::request::BlockOp;
 
 // The counters' types are control-plane results (api.rs); how they are
@@ -23,6 +24,7 @@ pub(crate) use crate::api::{ExportTotals, LatencyPercentiles};
 pub(crate) fn start_export(
     node: Arc<Node>,
     config: &crate::config::ExportConfig,
+    qos: Arc<ExportQos>,
 ) -> Result<Export, ExportError> {
     use crate::config::ExportKind;
     match &config.kind {
@@ -41,6 +43,7 @@ pub(crate) fn start_export(
                 poll_window_us: config.poll_window_us,
                 socket_mode: *socket_mode,
             },
+            qos,
         )
         .map(Export::VhostUser),
         ExportKind::Ublk { id, recovery } => ublk::UblkExport::start(
@@ -53,6 +56,7 @@ pub(crate) fn start_export(
                 read_only: config.read_only,
                 recovery: *recovery,
             },
+            qos,
         )
         .map(Export::Ublk),
     }
@@ -124,6 +128,14 @@ impl Export {
         }
     }
 
+    /// Its QoS: the group whose limits it obeys.
+    pub(crate) fn qos(&self) -> &Arc<ExportQos> {
+        match self {
+            Export::VhostUser(x) => x.qos(),
+            Export::Ublk(x) => x.qos(),
+        }
+    }
+
     /// Pivot, step one: the queues hold new requests back (vhost-user
     /// leaves them in the ring, ublk parks their tags) and nothing is in
     /// flight on the node any more. On timeout the export is resumed and
@@ -172,7 +184,7 @@ impl Export {
     pub(crate) fn stop_admitting(&self) {
         match self {
             Export::VhostUser(x) => x.stop_admitting(),
-            Export::Ublk(_) => {}
+            Export::Ublk(x) => x.ignore_qos(),
         }
     }
 

@@ -9,10 +9,11 @@ use serde_json::{json, Value};
 
 use super::rpc::{code, RpcError, StopRequest};
 use crate::api::{
-    DaemonStats, DiskParams, ExportParams, ExportRemoveParams, ExportRemoved, JobIdParams,
-    MethodInfo, MirrorParams, NameParams, NoParams, NodeRemoved, RemoveMode, ShutdownAnswer,
+    DaemonStats, DiskParams, ExportParams, ExportQosParams, ExportRemoveParams, ExportRemoved,
+    JobIdParams, MethodInfo, MirrorParams, NameParams, NoParams, NodeRemoved, QosLimits,
+    RemoveMode, ShutdownAnswer,
 };
-use crate::config::{DiskConfig, ExportConfig};
+use crate::config::{check_qos_group, DiskConfig, ExportConfig};
 use crate::daemon::Daemon;
 
 /// Every method with a one-line description (`rpc_methods` lists them).
@@ -25,6 +26,7 @@ pub const METHODS: &[(&str, &str)] = &[
     ("export_remove", "detach an export: {name, mode: \"safe\" (wait for in-flight) | \"force\"}"),
     ("export_list", "exports with their node and counters"),
     ("export_stats", "counters and latency percentiles of one export: {name}"),
+    ("export_qos", "set, lift or read the QoS limits of an export's group (its own unless it is in a named one): {export, group?, qos?: {iops?, read_iops?, write_iops?, bps?, read_bps?, write_bps?, burst_seconds?}, clear?}; qos replaces every limit"),
     ("job_mirror", "copy a node to a target node while it is served: {node, target, id?, chunk_bytes?, max_in_flight?}"),
     ("job_list", "jobs with their progress"),
     ("job_status", "one job's phase and progress: {id}"),
@@ -91,6 +93,15 @@ pub enum Call {
         /// Export name.
         name: String,
     },
+    /// `export_qos`.
+    ExportQos {
+        /// Export name.
+        export: String,
+        /// Move the export into this group first.
+        group: Option<String>,
+        /// New limits (`clear`: none); `None`: only read them.
+        limits: Option<QosLimits>,
+    },
     /// `job_mirror`.
     JobMirror(MirrorParams),
     /// `job_list`.
@@ -132,6 +143,7 @@ impl Call {
             Call::ExportRemove { .. } => "export_remove",
             Call::ExportList => "export_list",
             Call::ExportStats { .. } => "export_stats",
+            Call::ExportQos { .. } => "export_qos",
             Call::JobMirror(_) => "job_mirror",
             Call::JobList => "job_list",
             Call::JobStatus { .. } => "job_status",
@@ -181,6 +193,32 @@ pub fn parse_call(method: &str, p: Value, cwd: &Path) -> Result<Call, RpcError> 
         "export_stats" => {
             let NameParams { name } = params(p)?;
             Call::ExportStats { name }
+        }
+        "export_qos" => {
+            let ExportQosParams {
+                export,
+                group,
+                qos,
+                clear,
+            } = params(p)?;
+            if let Some(g) = &group {
+                check_qos_group(g).map_err(invalid)?;
+            }
+            let limits = match (qos, clear) {
+                (Some(_), true) => {
+                    return Err(invalid(
+                        "give either qos (new limits) or clear (no limits), not both",
+                    ))
+                }
+                (Some(q), false) => Some(q.resolve().map_err(invalid)?),
+                (None, true) => Some(QosLimits::default()),
+                (None, false) => None,
+            };
+            Call::ExportQos {
+                export,
+                group,
+                limits,
+            }
         }
         "job_mirror" => Call::JobMirror(params(p)?),
         "job_list" => {
@@ -245,6 +283,11 @@ pub(super) fn run(
         }
         Call::ExportList => answer(&daemon.list_exports()),
         Call::ExportStats { name } => answer(&daemon.export_stats(&name)?),
+        Call::ExportQos {
+            export,
+            group,
+            limits,
+        } => answer(&daemon.export_qos(&export, group.as_deref(), limits.as_ref())?),
         Call::JobMirror(p) => answer(&daemon.start_mirror(&p)?),
         Call::JobList => answer(&daemon.list_jobs()),
         Call::JobStatus { id } => answer(&daemon.job_status(&id)?),
