@@ -489,4 +489,42 @@ mod tests {
         q.bypass();
         assert_eq!(q.admit(Class::Read, 0), None);
     }
+
+    /// What a request pays for QoS: with no limit set (every request of an
+    /// export without QoS), and with limits that let it through. A
+    /// measurement, not a check: run it with
+    /// `cargo test --release -p sluice --lib qos_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn qos_cost() {
+        use std::hint::black_box;
+        const N: u32 = 10_000_000;
+        let measure = |q: &ExportQos| {
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let t = Instant::now();
+                for i in 0..N {
+                    black_box(q.admit(black_box(Class::Read), u64::from(i & 0xfff)));
+                }
+                best = best.min(t.elapsed().as_nanos() as f64 / f64::from(N));
+            }
+            best
+        };
+        let free = ExportQos::new(Arc::new(QosGroup::new(None)));
+        let limited = ExportQos::new(Arc::new(QosGroup::new(None)));
+        limited.group().set(
+            &limits(|l| {
+                l.iops = Some(u64::MAX >> 8);
+                l.read_iops = Some(u64::MAX >> 8);
+                l.bps = Some(u64::MAX >> 8);
+                l.read_bps = Some(u64::MAX >> 8);
+            }),
+            now_ns(),
+        );
+        eprintln!(
+            "QoS per request: {:.2} ns without limits, {:.2} ns through 4 buckets (best of 5)",
+            measure(&free),
+            measure(&limited)
+        );
+    }
 }

@@ -954,6 +954,11 @@ impl<'a> QueueServer<'a> {
             // A pivot is under way (the request waits for the resume), or
             // earlier requests wait for QoS tokens: it queues behind them.
             self.parked.push(tag);
+            if !self.qos_timer_armed {
+                // Nothing would start them (a timer that could not be
+                // armed): try now.
+                self.start_parked(q);
+            }
             return;
         }
         if let Some(wait) = self.qos_wait(q, tag) {
