@@ -857,12 +857,17 @@ impl Daemon {
         let group = qos.group();
         if let Some(limits) = limits {
             group.set(limits, crate::qos::now_ns());
-            tracing::info!(
-                export = name,
-                group = group.name(),
-                "QoS limits set: {}",
-                serde_json::to_string(&group.limits()).unwrap_or_default()
-            );
+            let now = group.limits();
+            if now.any() {
+                tracing::info!(
+                    export = name,
+                    group = group.name(),
+                    "QoS limits set: {}",
+                    serde_json::to_string(&now).unwrap_or_default()
+                );
+            } else {
+                tracing::info!(export = name, group = group.name(), "QoS limits lifted");
+            }
         }
         Ok(group.limits())
     }

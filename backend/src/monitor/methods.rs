@@ -22,7 +22,7 @@ pub const METHODS: &[(&str, &str)] = &[
     ("node_remove", "flush and close a node nobody else holds: {name}"),
     ("node_reopen", "open a removed node's drive again when the same drive is back at its path; its exports serve it again: {name}"),
     ("node_list", "nodes with their holders"),
-    ("export_add", "start an export on a node: {name, node, type, socket?|ublk_id?, queues?, queue_depth?, read_only?, serial?, poll_us?}"),
+    ("export_add", "start an export on a node: {name, node, type, socket?|ublk_id?, queues?, queue_depth?, read_only?, serial?, poll_us?, qos?, qos_group?}"),
     ("export_remove", "detach an export: {name, mode: \"safe\" (wait for in-flight) | \"force\"}"),
     ("export_list", "exports with their node and counters"),
     ("export_stats", "counters and latency percentiles of one export: {name}"),

@@ -260,6 +260,12 @@ impl ExportQos {
         self.bypass.store(true, Ordering::SeqCst);
     }
 
+    /// Whether requests may have to wait: a limit is set and not bypassed.
+    /// (A front that must decode a request to classify it asks this first.)
+    pub(crate) fn enforced(&self) -> bool {
+        self.group.load().limited() && !self.bypass.load(Ordering::Relaxed)
+    }
+
     /// Whether a request may start now (`None`), or how long to wait.
     /// One relaxed load when no limit is set.
     pub(crate) fn admit(&self, class: Class, bytes: u64) -> Option<Duration> {

@@ -993,6 +993,9 @@ impl<'a> QueueServer<'a> {
     /// its tokens are taken). A request `check_io` refuses costs nothing:
     /// it is answered at once.
     fn qos_wait(&self, q: &UblkQueue, tag: u16) -> Option<Duration> {
+        if !self.shared.qos.enforced() {
+            return None;
+        }
         let iod = q.get_iod(tag);
         let io = check_io(
             iod.op_flags,
