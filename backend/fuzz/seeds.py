@@ -161,6 +161,10 @@ def monitor_seeds():
         "export_remove": rpc("export_remove", {"name": "vm2", "mode": "force"}),
         "export_list": rpc("export_list", {}),
         "export_stats": rpc("export_stats", {"name": "vm2"}),
+        "export_qos": rpc("export_qos", {"export": "vm0", "group": "tenant-a",
+                                         "qos": {"iops": 5000, "bps": "200M",
+                                                 "burst_seconds": 1}}, rid=7),
+        "export_qos-clear": rpc("export_qos", {"export": "vm0", "clear": True}, rid=8),
         "job_mirror": rpc("job_mirror", {"node": "a", "target": "b", "id": "m",
                                          "chunk_bytes": 65536, "max_in_flight": 16}),
         "job_list": rpc("job_list"),
@@ -222,6 +226,14 @@ def config_seeds():
         "null-read-only": b'[daemon]\ncontrol = "ctl.sock"\n[[disk]]\nname = "n"\n'
                           b'path = "null:64M"\n[[export]]\nname = "b"\ndisk = "n"\n'
                           b'type = "vhost-user"\nsocket = "b.sock"\nread_only = true\n',
+        "qos-group": b'[[disk]]\nname = "n"\npath = "null:64M"\n[[export]]\nname = "a"\n'
+                     b'disk = "n"\ntype = "vhost-user"\nsocket = "a.sock"\n'
+                     b'qos_group = "tenant-a"\n[export.qos]\niops = 5000\nbps = "200M"\n'
+                     b'read_iops = 100\nwrite_bps = 1048576\nburst_seconds = 1\n'
+                     b'[[export]]\nname = "b"\ndisk = "n"\ntype = "vhost-user"\n'
+                     b'socket = "b.sock"\nqos_group = "tenant-a"\n',
+        "bad-qos": b"[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\n"
+                   b"disk='x'\ntype='vhost-user'\nsocket='s'\n[export.qos]\niops=0",
         "bad-queues": b"[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\n"
                       b"disk='x'\ntype='vhost-user'\nsocket='s'\nqueues=0",
         "unknown-field": b"[[disk]]\nname='x'\npath='null:1M'\nbogus=1",

@@ -96,6 +96,132 @@ pub struct ExportParams {
     /// `fail`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_removed: Option<OnRemoved>,
+    /// QoS limits (`[export.qos]`); with `qos_group`, the group's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos: Option<QosSpec>,
+    /// The QoS group the export is in: its limits apply to the sum of its
+    /// exports.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qos_group: Option<String>,
+}
+
+/// QoS limits as given (`[export.qos]`, `export_qos`): requests and bytes
+/// per second, total, read and write, and the burst. A limit left out is
+/// not set. Checked by [`QosSpec::resolve`](crate::config) into
+/// [`QosLimits`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QosSpec {
+    /// Requests per second (reads, writes, flushes, discards, write-zeroes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iops: Option<i64>,
+    /// Read requests per second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_iops: Option<i64>,
+    /// Write requests per second (discards and write-zeroes count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_iops: Option<i64>,
+    /// Bytes per second read and written: a number or a size (`"200M"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bps: Option<ByteRate>,
+    /// Bytes per second read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_bps: Option<ByteRate>,
+    /// Bytes per second written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub write_bps: Option<ByteRate>,
+    /// How many seconds of its rate an idle export may send at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst_seconds: Option<f64>,
+}
+
+// Only finite burst values pass `resolve`; equality is for configs compared
+// in tests and by the fuzz target.
+impl Eq for QosSpec {}
+
+/// Bytes per second: a number, or a size string with a binary suffix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ByteRate {
+    /// Bytes.
+    Number(i64),
+    /// `"200M"`, `"1G"`, `"4096"`.
+    Text(String),
+}
+
+/// QoS limits in force (checked): what `export_qos`, `export_list` and
+/// `export_stats` answer. `None`: not limited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QosLimits {
+    /// Requests per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops: Option<u64>,
+    /// Read requests per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_iops: Option<u64>,
+    /// Write requests per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_iops: Option<u64>,
+    /// Bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bps: Option<u64>,
+    /// Bytes per second read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_bps: Option<u64>,
+    /// Bytes per second written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_bps: Option<u64>,
+    /// The burst, in seconds of each rate (set when a limit is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst_seconds: Option<f64>,
+    /// The group whose limits these are (`None`: the export's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+// `burst_seconds` is always finite (checked when set).
+impl Eq for QosLimits {}
+
+impl QosLimits {
+    /// Whether any limit is set.
+    pub fn any(&self) -> bool {
+        [
+            self.iops,
+            self.read_iops,
+            self.write_iops,
+            self.bps,
+            self.read_bps,
+            self.write_bps,
+        ]
+        .iter()
+        .any(Option::is_some)
+    }
+
+    /// The burst in nanoseconds.
+    pub fn burst_ns(&self) -> u64 {
+        let s = self
+            .burst_seconds
+            .unwrap_or(crate::limits::QOS_DEFAULT_BURST_SECONDS);
+        (s * 1e9) as u64
+    }
+}
+
+/// `export_qos` params: set (`qos`), lift (`clear`) or read the QoS limits
+/// of an export's group, after moving the export into `group` if given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportQosParams {
+    /// The export.
+    pub export: String,
+    /// Move the export into this group (created without limits if new).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The new limits, all at once: a limit left out is lifted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<QosSpec>,
+    /// Lift every limit of the export's group.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clear: bool,
 }
 
 /// What an export does when its node's drive goes away.
@@ -496,6 +622,9 @@ pub struct ExportInfo {
     pub node: String,
     /// Counters.
     pub stats: ExportTotals,
+    /// QoS limits, when any is set or the export is in a group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<QosLimits>,
 }
 
 /// What `export_stats` answers.
@@ -509,6 +638,9 @@ pub struct ExportStats {
     pub stats: ExportTotals,
     /// Completion latency.
     pub latency: LatencyPercentiles,
+    /// QoS limits, when any is set or the export is in a group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<QosLimits>,
 }
 
 /// What `export_counters` answers: every export's cumulative per-queue
@@ -805,6 +937,8 @@ mod tests {
             read_only: false,
             serial: None,
             poll_us: Some(10),
+            qos: None,
+            qos_group: None,
         };
         // Sent with the monitor's name for the node.
         assert_eq!(
@@ -1130,6 +1264,7 @@ mod tests {
             description: ublk_description(),
             node: "scratch".into(),
             stats: totals(),
+            qos: None,
         };
         let v = round_trip(&info);
         let mut want = serde_json::to_value(ublk_description()).unwrap();
@@ -1152,6 +1287,13 @@ mod tests {
                 p99_us: 20.0,
                 p999_us: 5120.0,
             },
+            qos: Some(QosLimits {
+                iops: Some(5000),
+                bps: Some(200 << 20),
+                burst_seconds: Some(0.1),
+                group: Some("tenant-a".into()),
+                ..QosLimits::default()
+            }),
         };
         assert_eq!(
             round_trip(&st),
@@ -1159,7 +1301,9 @@ mod tests {
                    "stats": {"requests": 10, "errors": 1, "bytes_read": 4096,
                              "bytes_written": 8192, "flushes": 2, "in_flight": 3},
                    "latency": {"samples": 10, "p50_us": 11.264, "p99_us": 20.0,
-                               "p999_us": 5120.0}})
+                               "p999_us": 5120.0},
+                   "qos": {"iops": 5000, "bps": 209715200, "burst_seconds": 0.1,
+                           "group": "tenant-a"}})
         );
         // No latency yet, and one beyond every bucket (JSON has no infinity).
         round_trip(&LatencyPercentiles::default());

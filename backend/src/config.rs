@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::api::{DiskParams, ExportParams};
+use crate::api::{ByteRate, DiskParams, ExportParams, QosLimits, QosSpec};
 use crate::limits::{
     DEFAULT_POLL_WINDOW_US, DEFAULT_QUEUES, DEFAULT_QUEUE_DEPTH, MAX_POLL_WINDOW_US, MAX_QUEUES,
-    MAX_QUEUE_DEPTH,
+    MAX_QUEUE_DEPTH, QOS_MAX_BURST_SECONDS, QOS_MIN_BURST_SECONDS,
 };
 use crate::node::{DiskSpec, SpecError};
 use crate::size::{parse_size_bytes, SizeError};
@@ -107,6 +107,10 @@ pub struct ExportConfig {
     pub poll_window_us: u32,
     /// What the export does when its node's drive goes away.
     pub on_removed: crate::api::OnRemoved,
+    /// QoS limits (of its group, when it is in one); `None`: none given.
+    pub qos: Option<QosLimits>,
+    /// The QoS group it is in.
+    pub qos_group: Option<String>,
 }
 
 /// Protocol of an export.
@@ -283,6 +287,128 @@ pub enum ConfigError {
         /// "the control socket", "export \"vm0\"'s socket".
         what: String,
     },
+    /// An export's QoS limits do not check out.
+    #[error("export {export:?}: {source}")]
+    Qos {
+        /// The export.
+        export: String,
+        /// The limit and what is wrong with it.
+        #[source]
+        source: QosError,
+    },
+    /// Two exports of one QoS group give it different limits.
+    #[error(
+        "export {export:?}: QoS group {group:?} has other limits in export {first:?}; give the \
+         group's limits in one export (or the same in each)"
+    )]
+    QosGroupConflict {
+        /// The second export.
+        export: String,
+        /// The group.
+        group: String,
+        /// The export that set the group's limits first.
+        first: String,
+    },
+}
+
+/// Why a QoS limit was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("qos.{key}: {reason}")]
+pub struct QosError {
+    /// The key (`iops`, `read_bps`, `burst_seconds`...).
+    pub key: &'static str,
+    /// What is wrong and what to write instead.
+    pub reason: String,
+}
+
+impl QosSpec {
+    /// Checks the limits: rates are positive whole numbers (bytes may have
+    /// a suffix: `"200M"`), the burst is between 0.001 and 3600 seconds.
+    pub fn resolve(&self) -> Result<QosLimits, QosError> {
+        let iops = |key: &'static str, v: Option<i64>| -> Result<Option<u64>, QosError> {
+            match v {
+                None => Ok(None),
+                Some(n) if n >= 1 => Ok(Some(n as u64)),
+                Some(n) => Err(QosError {
+                    key,
+                    reason: format!(
+                        "must be at least 1 request per second, not {n}; leave it out for no limit"
+                    ),
+                }),
+            }
+        };
+        let bps = |key: &'static str, v: &Option<ByteRate>| -> Result<Option<u64>, QosError> {
+            let n = match v {
+                None => return Ok(None),
+                Some(ByteRate::Number(n)) if *n < 0 => {
+                    return Err(QosError {
+                        key,
+                        reason: format!("must be a positive number of bytes per second, not {n}"),
+                    })
+                }
+                Some(ByteRate::Number(n)) => *n as u64,
+                Some(ByteRate::Text(t)) => parse_size_bytes(t).map_err(|e| QosError {
+                    key,
+                    reason: format!("{e}; bytes per second"),
+                })?,
+            };
+            if n == 0 {
+                return Err(QosError {
+                    key,
+                    reason: "must be at least 1 byte per second, not 0; leave it out for no limit"
+                        .into(),
+                });
+            }
+            Ok(Some(n))
+        };
+        let burst_seconds = match self.burst_seconds {
+            None => None,
+            Some(b) if (QOS_MIN_BURST_SECONDS..=QOS_MAX_BURST_SECONDS).contains(&b) => Some(b),
+            Some(b) => {
+                return Err(QosError {
+                    key: "burst_seconds",
+                    reason: format!(
+                        "must be {QOS_MIN_BURST_SECONDS}..={QOS_MAX_BURST_SECONDS} seconds, not {b}"
+                    ),
+                })
+            }
+        };
+        let mut limits = QosLimits {
+            iops: iops("iops", self.iops)?,
+            read_iops: iops("read_iops", self.read_iops)?,
+            write_iops: iops("write_iops", self.write_iops)?,
+            bps: bps("bps", &self.bps)?,
+            read_bps: bps("read_bps", &self.read_bps)?,
+            write_bps: bps("write_bps", &self.write_bps)?,
+            burst_seconds,
+            group: None,
+        };
+        if limits.any() {
+            limits.burst_seconds =
+                Some(burst_seconds.unwrap_or(crate::limits::QOS_DEFAULT_BURST_SECONDS));
+        }
+        Ok(limits)
+    }
+}
+
+/// Checks a QoS group's name: a non-empty word of letters, digits, `-`, `_`
+/// and `.`.
+pub fn check_qos_group(group: &str) -> Result<(), QosError> {
+    let ok = !group.is_empty()
+        && group.len() <= 64
+        && group
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(QosError {
+            key: "group",
+            reason: format!(
+                "{group:?} is not a group name (1 to 64 letters, digits, '-', '_' or '.')"
+            ),
+        })
+    }
 }
 
 /// A number outside the range its setting accepts.
@@ -445,7 +571,22 @@ impl ExportParams {
             MAX_POLL_WINDOW_US.into(),
         )
         .map_err(setting)?;
+        let qos_err = |source| ConfigError::Qos {
+            export: self.name.clone(),
+            source,
+        };
+        let qos = self
+            .qos
+            .as_ref()
+            .map(QosSpec::resolve)
+            .transpose()
+            .map_err(qos_err)?;
+        if let Some(group) = &self.qos_group {
+            check_qos_group(group).map_err(qos_err)?;
+        }
         let export = ExportConfig {
+            qos,
+            qos_group: self.qos_group,
             queues,
             queue_depth,
             poll_window_us,
@@ -558,8 +699,20 @@ impl ServeConfig {
         let control_key = path_key(&control);
         let mut sockets: HashMap<PathBuf, &str> = HashMap::new();
         let mut ublk_ids = HashSet::new();
+        let mut groups: HashMap<&str, (&str, &QosLimits)> = HashMap::new();
         for e in &self.exports {
             e.validate()?;
+            if let (Some(group), Some(limits)) = (&e.qos_group, &e.qos) {
+                if let Some((first, theirs)) = groups.insert(group, (&e.name, limits)) {
+                    if theirs != limits {
+                        return Err(ConfigError::QosGroupConflict {
+                            export: e.name.clone(),
+                            group: group.clone(),
+                            first: first.to_owned(),
+                        });
+                    }
+                }
+            }
             let export = || e.name.clone();
             if !export_names.insert(e.name.as_str()) {
                 return Err(ConfigError::DuplicateExport { export: export() });
@@ -756,6 +909,95 @@ mod tests {
         }
     }
 
+    #[test]
+    fn qos_limits_and_groups() {
+        let text = r#"
+            [[disk]]
+            name = "x"
+            path = "null:1G"
+
+            [[export]]
+            name = "a"
+            disk = "x"
+            type = "vhost-user"
+            socket = "a.sock"
+            qos_group = "tenant-a"
+            [export.qos]
+            iops = 5000
+            bps = "200M"
+            write_bps = 1048576
+            burst_seconds = 1
+
+            [[export]]
+            name = "b"
+            disk = "x"
+            type = "vhost-user"
+            socket = "b.sock"
+            qos_group = "tenant-a"
+
+            [[export]]
+            name = "c"
+            disk = "x"
+            type = "vhost-user"
+            socket = "c.sock"
+            [export.qos]
+            read_iops = 10
+        "#;
+        let c = ServeConfig::from_toml(text, Path::new("/")).unwrap();
+        let a = c.exports[0].qos.clone().unwrap();
+        assert_eq!(a.iops, Some(5000));
+        assert_eq!(a.bps, Some(200 << 20));
+        assert_eq!(a.write_bps, Some(1 << 20));
+        assert_eq!(a.burst_seconds, Some(1.0));
+        assert_eq!(c.exports[0].qos_group.as_deref(), Some("tenant-a"));
+        assert_eq!(c.exports[1].qos, None);
+        assert_eq!(c.exports[1].qos_group.as_deref(), Some("tenant-a"));
+        let limits = c.exports[2].qos.clone().unwrap();
+        assert_eq!(limits.read_iops, Some(10));
+        assert_eq!(
+            limits.burst_seconds,
+            Some(crate::limits::QOS_DEFAULT_BURST_SECONDS)
+        );
+
+        let export = |qos: &str| {
+            format!(
+                "[[disk]]\nname='x'\npath='null:1M'\n[[export]]\nname='a'\ndisk='x'\n\
+                 type='vhost-user'\nsocket='s'\n{qos}"
+            )
+        };
+        let cases = [
+            ("[export.qos]\niops=0", "export \"a\": qos.iops: must be at least 1 request per second, not 0; leave it out for no limit"),
+            ("[export.qos]\nwrite_iops=-5", "qos.write_iops: must be at least 1 request per second, not -5"),
+            ("[export.qos]\nbps='lots'", "qos.bps: invalid size \"lots\": expected a number"),
+            ("[export.qos]\nread_bps='10X'", "qos.read_bps: invalid size \"10X\": unknown suffix"),
+            ("[export.qos]\nbps=-1", "qos.bps: must be a positive number of bytes per second, not -1"),
+            ("[export.qos]\nbps='0M'", "qos.bps: must be at least 1 byte per second, not 0"),
+            ("[export.qos]\niops=5\nburst_seconds=0", "qos.burst_seconds: must be 0.001..=3600 seconds, not 0"),
+            ("[export.qos]\niops=5\nburst_seconds=nan", "qos.burst_seconds: must be 0.001..=3600 seconds, not NaN"),
+            ("[export.qos]\niops=1.5", "invalid type: floating point"),
+            ("[export.qos]\nspeed=5", "unknown field `speed`"),
+            ("qos_group='a b'", "qos.group: \"a b\" is not a group name"),
+        ];
+        for (qos, want) in cases {
+            let err = ServeConfig::from_toml(&export(qos), Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{qos:?}: {err}");
+        }
+        let conflict = format!(
+            "{}\nqos_group='g'\n[export.qos]\niops=5\n[[export]]\nname='b'\ndisk='x'\n\
+             type='vhost-user'\nsocket='t'\nqos_group='g'\n[export.qos]\niops=6",
+            export("")
+        );
+        let err = ServeConfig::from_toml(&conflict, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("export \"b\": QoS group \"g\" has other limits in export \"a\""),
+            "{err}"
+        );
+    }
+
     /// What users read: each refusal's variant and its whole message.
     #[test]
     fn refusals_are_typed_and_say_what_to_change() {
@@ -904,6 +1146,8 @@ mod tests {
             serial: "e".into(),
             poll_window_us: MAX_POLL_WINDOW_US + 1,
             on_removed: crate::api::OnRemoved::Fail,
+            qos: None,
+            qos_group: None,
         };
         let err = export.validate().unwrap_err();
         assert!(

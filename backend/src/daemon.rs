@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::api::{
     CountersSample, Event, ExportDescription, ExportInfo, ExportStats, MirrorParams, NodeInfo,
+    QosLimits,
 };
 use crate::config::{DiskConfig, ExportConfig, ServeConfig};
 use crate::events::Events;
@@ -26,6 +27,7 @@ use crate::limits::{
     JOB_CANCEL_TIMEOUT_MS,
 };
 use crate::node::{DiskSpec, Node};
+use crate::qos::{ExportQos, QosGroup};
 
 /// Why the daemon could not start: the first node or export that failed.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +108,21 @@ struct State {
     on_removed: BTreeMap<String, crate::api::OnRemoved>,
     /// Nodes to reopen by themselves when their removed drive comes back.
     reattach: std::collections::BTreeSet<String>,
+    /// Named QoS groups, held by their exports (a group none is in goes).
+    qos_groups: BTreeMap<String, Weak<QosGroup>>,
+}
+
+impl State {
+    /// The named QoS group `name`, made without limits if none is in it.
+    fn qos_group(&mut self, name: &str) -> Arc<QosGroup> {
+        self.qos_groups.retain(|_, g| g.strong_count() > 0);
+        if let Some(g) = self.qos_groups.get(name).and_then(Weak::upgrade) {
+            return g;
+        }
+        let g = Arc::new(QosGroup::new(Some(name.to_owned())));
+        self.qos_groups.insert(name.to_owned(), Arc::downgrade(&g));
+        g
+    }
 }
 
 impl State {
@@ -555,9 +572,17 @@ impl Daemon {
             }
             let node = state.graph.hold(&config.disk, holder.clone())?;
             state.exports_busy.insert(config.name.clone());
-            node
+            let group = match &config.qos_group {
+                Some(name) => state.qos_group(name),
+                None => Arc::new(QosGroup::new(None)),
+            };
+            if let Some(limits) = &config.qos {
+                group.set(limits, crate::qos::now_ns());
+            }
+            (node, Arc::new(ExportQos::new(group)))
         };
-        let started = start_export(node, config, &self.events);
+        let (node, qos) = node;
+        let started = start_export(node, config, &self.events, qos);
         let mut state = self.state();
         state.exports_busy.remove(&config.name);
         match started {
@@ -852,6 +877,7 @@ impl Daemon {
                 description: x.describe(),
                 node: x.node().name().to_owned(),
                 stats: x.totals(),
+                qos: qos_shown(x),
             })
             .collect()
     }
@@ -868,6 +894,7 @@ impl Daemon {
             node: x.node().name().to_owned(),
             stats: x.totals(),
             latency: x.latency(),
+            qos: qos_shown(x),
         })
     }
 
@@ -911,6 +938,49 @@ impl Daemon {
                 .collect(),
             jobs: state.jobs.values().map(MirrorJob::status).collect(),
         }
+    }
+
+    /// `export_qos`: moves the export into `group` (if given), sets its
+    /// group's limits (if given; all at once) and answers the limits in
+    /// force. Queues see a change at their next request, and a queue
+    /// sleeping on a throttled one within `QOS_MAX_WAIT_MS`.
+    pub fn export_qos(
+        &self,
+        name: &str,
+        group: Option<&str>,
+        limits: Option<&QosLimits>,
+    ) -> Result<QosLimits, OpError> {
+        self.check_open()?;
+        let mut state = self.state();
+        let qos = state
+            .exports
+            .get(name)
+            .ok_or_else(|| OpError::NoSuchExport(name.to_owned()))?
+            .qos()
+            .clone();
+        if let Some(g) = group {
+            if qos.group().name() != Some(g) {
+                let group = state.qos_group(g);
+                qos.set_group(group);
+                tracing::info!(export = name, group = g, "export moved into QoS group");
+            }
+        }
+        let group = qos.group();
+        if let Some(limits) = limits {
+            group.set(limits, crate::qos::now_ns());
+            let now = group.limits();
+            if now.any() {
+                tracing::info!(
+                    export = name,
+                    group = group.name(),
+                    "QoS limits set: {}",
+                    serde_json::to_string(&now).unwrap_or_default()
+                );
+            } else {
+                tracing::info!(export = name, group = group.name(), "QoS limits lifted");
+            }
+        }
+        Ok(group.limits())
     }
 
     /// One JSON line per export, printed when it accepts its consumer
@@ -1374,4 +1444,11 @@ fn node_info(graph: &Graph, name: &str) -> NodeInfo {
         },
         holders: graph.holders(name),
     }
+}
+
+/// An export's QoS as `export_list` and `export_stats` show it: when a
+/// limit is set or the export is in a named group.
+fn qos_shown(x: &Export) -> Option<QosLimits> {
+    let limits = x.qos().group().limits();
+    (limits.any() || limits.group.is_some()).then_some(limits)
 }

@@ -38,6 +38,7 @@ pub mod logging;
 pub mod metrics;
 pub mod monitor;
 pub mod node;
+pub(crate) mod qos;
 pub(crate) mod request;
 pub(crate) mod size;
 pub mod udev;

@@ -128,3 +128,14 @@ pub const METRICS_LINGER_MS: u64 = 200;
 /// this long before it tries again, instead of spinning on a listener that
 /// stays readable.
 pub const METRICS_ACCEPT_FAILURE_PAUSE_MS: u64 = 100;
+
+/// QoS: the longest a queue sleeps on a throttled request before it looks
+/// at its limits again, so a changed or cleared limit applies within this.
+pub const QOS_MAX_WAIT_MS: u64 = 100;
+/// QoS: the default burst, in seconds of the rate: an idle export may send
+/// this much of its limit at once before it is held to the rate.
+pub const QOS_DEFAULT_BURST_SECONDS: f64 = 0.1;
+/// QoS: the smallest and the largest burst, in seconds of the rate.
+pub const QOS_MIN_BURST_SECONDS: f64 = 0.001;
+/// QoS: the largest burst, in seconds of the rate.
+pub const QOS_MAX_BURST_SECONDS: f64 = 3600.0;

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use sluice::api::{
-    DiskParams, ExportParams, ExportRemoveParams, JobIdParams, JobStatus, MirrorParams, NameParams,
-    NoParams, RemoveMode,
+    ByteRate, DiskParams, ExportParams, ExportQosParams, ExportRemoveParams, JobIdParams,
+    JobStatus, MirrorParams, NameParams, NoParams, QosSpec, RemoveMode,
 };
 use sluice::config::{
     ConfigError, DiskConfig, ExportConfig, ExportKind, MetricsAddr, ServeConfig,
@@ -140,6 +140,22 @@ enum CtlCommand {
         /// Export name.
         name: String,
     },
+    /// Set, lift (--clear) or show the QoS limits of an export (of its
+    /// group, when it is in one). The limits given replace all the group's
+    /// limits; one not given is lifted.
+    Qos {
+        /// Export name.
+        export: String,
+        /// Move the export into this QoS group first (the group's limits
+        /// apply to the sum of its exports).
+        #[arg(long)]
+        group: Option<String>,
+        /// Lift every limit.
+        #[arg(long, conflicts_with_all = ["iops", "read_iops", "write_iops", "bps", "read_bps", "write_bps", "burst"])]
+        clear: bool,
+        #[command(flatten)]
+        limits: QosArgs,
+    },
     /// Start a mirror job: copy NODE to TARGET while it is served.
     Mirror {
         /// Source node.
@@ -259,6 +275,92 @@ struct ServeArgs {
     /// unix:metrics.sock). Default: not served.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
+    #[command(flatten)]
+    qos: ServeQosArgs,
+}
+
+/// QoS limits on the command line (`serve --qos-*`, `ctl qos`).
+#[derive(Debug, Default, clap::Args)]
+struct QosArgs {
+    /// Requests per second.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    iops: Option<i64>,
+    /// Read requests per second.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    read_iops: Option<i64>,
+    /// Write requests per second.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    write_iops: Option<i64>,
+    /// Bytes per second (200M, 1G, bytes).
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    bps: Option<String>,
+    /// Bytes per second read.
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    read_bps: Option<String>,
+    /// Bytes per second written.
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    write_bps: Option<String>,
+    /// Seconds of each rate an idle export may send at once (default 0.1).
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    burst: Option<f64>,
+}
+
+impl QosArgs {
+    /// The limits given, if any.
+    fn spec(&self) -> Option<QosSpec> {
+        let rate = |v: &Option<String>| v.clone().map(ByteRate::Text);
+        let spec = QosSpec {
+            iops: self.iops,
+            read_iops: self.read_iops,
+            write_iops: self.write_iops,
+            bps: rate(&self.bps),
+            read_bps: rate(&self.read_bps),
+            write_bps: rate(&self.write_bps),
+            burst_seconds: self.burst,
+        };
+        (spec != QosSpec::default()).then_some(spec)
+    }
+}
+
+/// `serve --qos-*`: the one-disk command line's limits.
+#[derive(Debug, Default, clap::Args)]
+struct ServeQosArgs {
+    /// QoS: requests per second.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    qos_iops: Option<i64>,
+    /// QoS: read requests per second.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    qos_read_iops: Option<i64>,
+    /// QoS: write requests per second.
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    qos_write_iops: Option<i64>,
+    /// QoS: bytes per second (200M, 1G, bytes).
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    qos_bps: Option<String>,
+    /// QoS: bytes per second read.
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    qos_read_bps: Option<String>,
+    /// QoS: bytes per second written.
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
+    qos_write_bps: Option<String>,
+    /// QoS: seconds of each rate an idle export may send at once (default 0.1).
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    qos_burst: Option<f64>,
+}
+
+impl ServeQosArgs {
+    fn spec(&self) -> Option<QosSpec> {
+        QosArgs {
+            iops: self.qos_iops,
+            read_iops: self.qos_read_iops,
+            write_iops: self.qos_write_iops,
+            bps: self.qos_bps.clone(),
+            read_bps: self.qos_read_bps.clone(),
+            write_bps: self.qos_write_bps.clone(),
+            burst: self.qos_burst,
+        }
+        .spec()
+    }
 }
 
 /// Why the command line was refused before anything was started or sent:
@@ -288,6 +390,9 @@ enum CliError {
     /// The configuration the options describe was refused.
     #[error(transparent)]
     Invalid(#[from] ConfigError),
+    /// A `--qos-*` value was refused.
+    #[error("--qos-{option}: {reason}")]
+    Qos { option: String, reason: String },
     /// `--disk` without `--vhost-user` or `--ublk`.
     #[error("--disk needs an export: --vhost-user SOCKET and/or --ublk [ID]")]
     DiskWithoutExport,
@@ -431,7 +536,18 @@ fn build_config(args: &ServeArgs) -> Result<(ServeConfig, bool), CliError> {
         return Err(CliError::DiskWithoutExport);
     }
     let spec = DiskSpec::parse(disk).map_err(ConfigError::from)?;
+    let qos = args
+        .qos
+        .spec()
+        .map(|q| q.resolve())
+        .transpose()
+        .map_err(|e| CliError::Qos {
+            option: e.key.replace('_', "-").replace("burst-seconds", "burst"),
+            reason: e.reason,
+        })?;
     let export = |name: String, kind: ExportKind| ExportConfig {
+        qos: qos.clone(),
+        qos_group: None,
         name,
         disk: "disk0".into(),
         kind,
@@ -721,6 +837,8 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), CliError
                 read_only: *read_only,
                 serial: serial.clone(),
                 poll_us: poll_us.map(u64::from),
+                qos: None,
+                qos_group: None,
             };
             ("export_add".into(), params(&p)?)
         }
@@ -739,6 +857,20 @@ fn ctl_request(cmd: &CtlCommand) -> Result<(String, serde_json::Value), CliError
             "export_stats".into(),
             params(&NameParams { name: name.clone() })?,
         ),
+        CtlCommand::Qos {
+            export,
+            group,
+            clear,
+            limits,
+        } => {
+            let p = ExportQosParams {
+                export: export.clone(),
+                group: group.clone(),
+                qos: limits.spec(),
+                clear: *clear,
+            };
+            ("export_qos".into(), params(&p)?)
+        }
         CtlCommand::Mirror {
             node,
             target,

@@ -53,23 +53,41 @@ fn run_requests(client: &mut Client, q: usize, disk_bytes: u64, seed: u64) {
 
 #[test]
 fn the_request_path_allocates_nothing() {
+    requests_allocate_nothing(&[]);
+}
+
+/// With QoS limits that hold requests back (5140 requests at 20000 IOPS
+/// with a 10 ms burst: about a quarter of a second of waiting in the queues
+/// and on their timers), nothing is allocated either.
+#[test]
+fn throttled_requests_allocate_nothing() {
+    requests_allocate_nothing(&[
+        "--qos-iops",
+        "20000",
+        "--qos-bps",
+        "1G",
+        "--qos-burst",
+        "0.01",
+    ]);
+}
+
+fn requests_allocate_nothing(extra: &[&str]) {
     const DISK: u64 = 64 * MIB;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.img");
     make_file(&img, DISK);
     let sock = dir.path().join("vm.sock");
-    let mut daemon = Daemon::spawn(
-        &[
-            "serve",
-            "--disk",
-            img.to_str().unwrap(),
-            "--vhost-user",
-            sock.to_str().unwrap(),
-            "--queues",
-            "2",
-        ],
-        1,
-    );
+    let mut args = vec![
+        "serve",
+        "--disk",
+        img.to_str().unwrap(),
+        "--vhost-user",
+        sock.to_str().unwrap(),
+        "--queues",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let mut daemon = Daemon::spawn(&args, 1);
     let mut client = Client::connect(&sock, 2, 16).expect("connect");
     // Warm up: first requests on each queue may set up per-thread state.
     for q in 0..2 {

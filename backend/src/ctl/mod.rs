@@ -443,6 +443,42 @@ pub fn render_event(event: &Value) -> String {
     }
 }
 
+/// QoS limits in one line: `iops 5000, bps 200M, burst 0.1 s (group g)`,
+/// or `no limits`.
+fn qos_text(q: &crate::api::QosLimits) -> String {
+    let mut parts = Vec::new();
+    for (key, v) in [
+        ("iops", q.iops),
+        ("read_iops", q.read_iops),
+        ("write_iops", q.write_iops),
+    ] {
+        if let Some(v) = v {
+            parts.push(format!("{key} {v}"));
+        }
+    }
+    for (key, v) in [
+        ("bps", q.bps),
+        ("read_bps", q.read_bps),
+        ("write_bps", q.write_bps),
+    ] {
+        if let Some(v) = v {
+            parts.push(format!("{key} {}", crate::size::HumanBytes(v)));
+        }
+    }
+    if let Some(b) = q.burst_seconds {
+        parts.push(format!("burst {b} s"));
+    }
+    let mut text = if parts.is_empty() {
+        "no limits".to_owned()
+    } else {
+        parts.join(", ")
+    };
+    if let Some(g) = &q.group {
+        text.push_str(&format!(" (group {g})"));
+    }
+    text
+}
+
 /// Renders a method's result, the daemon at `path`'s answer, for a person:
 /// a table, or the JSON for answers that are not lists. A result that is not
 /// what the method returns is an error.
@@ -479,6 +515,7 @@ pub fn render(method: &str, result: &Value, path: &Path) -> Result<String, CtlEr
                 "requests",
                 "errors",
                 "in flight",
+                "qos",
             ]);
             for x in &exports {
                 let d = &x.description;
@@ -495,9 +532,14 @@ pub fn render(method: &str, result: &Value, path: &Path) -> Result<String, CtlEr
                     x.stats.requests.to_string(),
                     x.stats.errors.to_string(),
                     x.stats.in_flight.to_string(),
+                    x.qos.as_ref().map(qos_text).unwrap_or_else(|| "-".into()),
                 ]);
             }
             t.to_string()
+        }
+        "export_qos" => {
+            let limits: crate::api::QosLimits = read_answer(method, path, result)?;
+            qos_text(&limits)
         }
         "export_stats" => {
             let ExportStats {

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::api::{ExportDescription, ExportEndpoint, ReadyEvent};
 use crate::node::Node;
+use crate::qos::ExportQos;
 use crate::request::{BlockOp, RequestError, RequestResult};
 
 // The counters' types are control-plane results (api.rs); how they are
@@ -26,6 +27,7 @@ pub(crate) fn start_export(
     node: Arc<Node>,
     config: &crate::config::ExportConfig,
     events: &crate::events::Events,
+    qos: Arc<ExportQos>,
 ) -> Result<Export, ExportError> {
     use crate::config::ExportKind;
     match &config.kind {
@@ -45,6 +47,7 @@ pub(crate) fn start_export(
                 socket_mode: *socket_mode,
             },
             events.clone(),
+            qos,
         )
         .map(Export::VhostUser),
         ExportKind::Ublk { id, recovery } => ublk::UblkExport::start(
@@ -57,6 +60,7 @@ pub(crate) fn start_export(
                 read_only: config.read_only,
                 recovery: *recovery,
             },
+            qos,
         )
         .map(Export::Ublk),
     }
@@ -125,6 +129,14 @@ impl Export {
         match self {
             Export::VhostUser(x) => x.binding(),
             Export::Ublk(x) => x.binding(),
+        }
+    }
+
+    /// Its QoS: the group whose limits it obeys.
+    pub(crate) fn qos(&self) -> &Arc<ExportQos> {
+        match self {
+            Export::VhostUser(x) => x.qos(),
+            Export::Ublk(x) => x.qos(),
         }
     }
 
@@ -208,7 +220,7 @@ impl Export {
     pub(crate) fn stop_admitting(&self) {
         match self {
             Export::VhostUser(x) => x.stop_admitting(),
-            Export::Ublk(_) => {}
+            Export::Ublk(x) => x.ignore_qos(),
         }
     }
 

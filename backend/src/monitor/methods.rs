@@ -9,10 +9,11 @@ use serde_json::{json, Value};
 
 use super::rpc::{code, RpcError, StopRequest};
 use crate::api::{
-    DaemonStats, DiskParams, ExportParams, ExportRemoveParams, ExportRemoved, JobIdParams,
-    MethodInfo, MirrorParams, NameParams, NoParams, NodeRemoved, RemoveMode, ShutdownAnswer,
+    DaemonStats, DiskParams, ExportParams, ExportQosParams, ExportRemoveParams, ExportRemoved,
+    JobIdParams, MethodInfo, MirrorParams, NameParams, NoParams, NodeRemoved, QosLimits,
+    RemoveMode, ShutdownAnswer,
 };
-use crate::config::{DiskConfig, ExportConfig};
+use crate::config::{check_qos_group, DiskConfig, ExportConfig};
 use crate::daemon::Daemon;
 
 /// Every method with a one-line description (`rpc_methods` lists them).
@@ -21,11 +22,12 @@ pub const METHODS: &[(&str, &str)] = &[
     ("node_remove", "flush and close a node nobody else holds: {name}"),
     ("node_reopen", "open a removed node's drive again when the same drive is back at its path; its exports serve it again: {name}"),
     ("node_list", "nodes with their holders"),
-    ("export_add", "start an export on a node: {name, node, type, socket?|ublk_id?, queues?, queue_depth?, read_only?, serial?, poll_us?}"),
+    ("export_add", "start an export on a node: {name, node, type, socket?|ublk_id?, queues?, queue_depth?, read_only?, serial?, poll_us?, qos?, qos_group?}"),
     ("export_remove", "detach an export: {name, mode: \"safe\" (wait for in-flight) | \"force\"}"),
     ("export_list", "exports with their node and counters"),
     ("export_stats", "counters and latency percentiles of one export: {name}"),
     ("export_counters", "every export's cumulative per-queue counters (requests, errors, bytes read and written, flushes, in flight) and non-empty latency buckets (upper_ns, count), with the daemon's CLOCK_MONOTONIC ns; rates come from two samples (sluice ctl top)"),
+    ("export_qos", "set, lift or read the QoS limits of an export's group (its own unless it is in a named one): {export, group?, qos?: {iops?, read_iops?, write_iops?, bps?, read_bps?, write_bps?, burst_seconds?}, clear?}; qos replaces every limit"),
     ("job_mirror", "copy a node to a target node while it is served: {node, target, id?, chunk_bytes?, max_in_flight?}"),
     ("job_list", "jobs with their progress"),
     ("job_status", "one job's phase and progress: {id}"),
@@ -94,6 +96,15 @@ pub enum Call {
     },
     /// `export_counters`.
     ExportCounters,
+    /// `export_qos`.
+    ExportQos {
+        /// Export name.
+        export: String,
+        /// Move the export into this group first.
+        group: Option<String>,
+        /// New limits (`clear`: none); `None`: only read them.
+        limits: Option<QosLimits>,
+    },
     /// `job_mirror`.
     JobMirror(MirrorParams),
     /// `job_list`.
@@ -136,6 +147,7 @@ impl Call {
             Call::ExportList => "export_list",
             Call::ExportStats { .. } => "export_stats",
             Call::ExportCounters => "export_counters",
+            Call::ExportQos { .. } => "export_qos",
             Call::JobMirror(_) => "job_mirror",
             Call::JobList => "job_list",
             Call::JobStatus { .. } => "job_status",
@@ -189,6 +201,32 @@ pub fn parse_call(method: &str, p: Value, cwd: &Path) -> Result<Call, RpcError> 
         "export_counters" => {
             params::<NoParams>(p)?;
             Call::ExportCounters
+        }
+        "export_qos" => {
+            let ExportQosParams {
+                export,
+                group,
+                qos,
+                clear,
+            } = params(p)?;
+            if let Some(g) = &group {
+                check_qos_group(g).map_err(invalid)?;
+            }
+            let limits = match (qos, clear) {
+                (Some(_), true) => {
+                    return Err(invalid(
+                        "give either qos (new limits) or clear (no limits), not both",
+                    ))
+                }
+                (Some(q), false) => Some(q.resolve().map_err(invalid)?),
+                (None, true) => Some(QosLimits::default()),
+                (None, false) => None,
+            };
+            Call::ExportQos {
+                export,
+                group,
+                limits,
+            }
         }
         "job_mirror" => Call::JobMirror(params(p)?),
         "job_list" => {
@@ -254,6 +292,11 @@ pub(super) fn run(
         Call::ExportList => answer(&daemon.list_exports()),
         Call::ExportStats { name } => answer(&daemon.export_stats(&name)?),
         Call::ExportCounters => answer(&daemon.export_counters()),
+        Call::ExportQos {
+            export,
+            group,
+            limits,
+        } => answer(&daemon.export_qos(&export, group.as_deref(), limits.as_ref())?),
         Call::JobMirror(p) => answer(&daemon.start_mirror(&p)?),
         Call::JobList => answer(&daemon.list_jobs()),
         Call::JobStatus { id } => answer(&daemon.job_status(&id)?),

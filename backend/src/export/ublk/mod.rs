@@ -19,6 +19,7 @@ use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
 use std::os::fd::AsRawFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use self::op::{check_io, CheckedIo, IoLimits, IoRefusal};
 use super::error_log::BackingErrorLog;
@@ -28,6 +29,7 @@ use crate::engine::{Half, NodeFile, Prepared, SlotTable};
 use crate::limits::DATA_PATH_LOG_INTERVAL_MS;
 use crate::logging::Throttle;
 use crate::node::Node;
+use crate::qos::{Class, ExportQos};
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
 /// The ublk control device.
@@ -79,6 +81,8 @@ struct UblkShared {
     /// Per queue: written to wake the queue thread out of `io_uring_enter`
     /// (a pause to acknowledge, a resume to act on).
     wakers: Box<[EventFd]>,
+    /// The export's QoS limits.
+    qos: Arc<ExportQos>,
 }
 
 impl UblkShared {
@@ -286,7 +290,11 @@ pub(crate) fn warn_about_waiting_devices(served: &[u32]) {
 
 impl UblkExport {
     /// Creates and starts the device; returns once `/dev/ublkbN` exists.
-    pub(crate) fn start(node: Arc<Node>, config: UblkConfig) -> Result<Self, ExportError> {
+    pub(crate) fn start(
+        node: Arc<Node>,
+        config: UblkConfig,
+        qos: Arc<ExportQos>,
+    ) -> Result<Self, ExportError> {
         let features = probe_driver().map_err(|e| e.of(&config))?;
         ensure_ctrl_ring().map_err(|e| e.of(&config))?;
         tracing::debug!(export = %config.name, "ublk driver features {features:#x}");
@@ -422,6 +430,7 @@ impl UblkExport {
             binding: Arc::new(Binding::new(node.clone())),
             queues: (0..queues).map(|_| QueueShared::default()).collect(),
             wakers,
+            qos,
         });
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = {
@@ -505,6 +514,18 @@ impl UblkExport {
         &self.shared.binding
     }
 
+    /// Its QoS.
+    pub(crate) fn qos(&self) -> &Arc<ExportQos> {
+        &self.shared.qos
+    }
+
+    /// From now on QoS limits are ignored: requests parked for tokens
+    /// start at once (a drain, close-all).
+    pub(crate) fn ignore_qos(&self) {
+        self.shared.qos.bypass();
+        self.shared.wake_all();
+    }
+
     /// Pivot, step one: queues park new requests (the kernel keeps them
     /// waiting); waits until every queue has acknowledged the pause and
     /// nothing is in flight on the node. On timeout the export is resumed
@@ -578,6 +599,7 @@ impl UblkExport {
     /// kernel's own quiesce at stop (and its final flush) must still be
     /// served. Returns the queues that stayed busy.
     pub(crate) fn drain(&self, timeout: Duration) -> Result<(), Vec<usize>> {
+        self.ignore_qos();
         let deadline = std::time::Instant::now() + timeout;
         let stuck: Vec<usize> = self
             .shared
@@ -772,6 +794,9 @@ fn set_params(dev: &mut UblkDev, shape: &DeviceShape) -> Result<(), libublk::Ubl
 /// tag (`queue_depth` <= 4096), so libublk hands its completion to us as
 /// target I/O without touching any tag's state.
 const WAKE_TAG: u16 = u16::MAX;
+/// The pseudo-tag of the poll on a queue's QoS timer (parked requests'
+/// tokens are due).
+const QOS_TAG: u16 = u16::MAX - 1;
 /// `tgt_data` of a mirrored write's second SQE (the mirror target's half).
 const TARGET_HALF: u32 = 1;
 
@@ -788,7 +813,14 @@ fn serve_queue(qid: u16, dev: &UblkDev, export: &str, shared: &UblkShared, depth
         }
     };
     let waker = &shared.wakers[usize::from(qid)];
-    let mut server = match QueueServer::new(qid, dev, export, shared, depth, &bufs) {
+    let qos_timer = match TimerFd::new() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(export, "ublk queue {qid}: cannot make its QoS timer: {e}");
+            return;
+        }
+    };
+    let mut server = match QueueServer::new(qid, dev, export, shared, depth, &bufs, qos_timer) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(export, "ublk queue {qid}: cannot allocate slots: {e}");
@@ -826,9 +858,14 @@ struct QueueServer<'a> {
     table: SlotTable<(BlockOp, Instant)>,
     depth: u16,
     io_limits: IoLimits,
-    /// Tags that arrived while paused, in arrival order (capacity `depth`,
-    /// so parking never allocates): started on resume.
+    /// Tags that arrived while paused or while QoS held the queue back, in
+    /// arrival order (capacity `depth`, so parking never allocates): started
+    /// on resume, or as their QoS tokens come due.
     parked: Vec<u16>,
+    /// Fires when the first parked tag's QoS tokens are due; polled on the
+    /// queue's ring (`QOS_TAG`) while armed.
+    qos_timer: TimerFd,
+    qos_timer_armed: bool,
     /// The last pause generation this queue acknowledged.
     seen_pause: u64,
     /// The binding switched node but the queue could not follow: requests
@@ -848,6 +885,7 @@ impl<'a> QueueServer<'a> {
         shared: &'a UblkShared,
         depth: u16,
         bufs: &'a [libublk::helpers::IoBuf<u8>],
+        qos_timer: TimerFd,
     ) -> std::io::Result<Self> {
         let node = shared.binding.node();
         let io_limits = IoLimits {
@@ -865,6 +903,8 @@ impl<'a> QueueServer<'a> {
             depth,
             io_limits,
             parked: Vec::with_capacity(usize::from(depth)),
+            qos_timer,
+            qos_timer_armed: false,
             seen_pause: shared.binding.pause_generation(),
             stale: false,
             logs: UblkQueueLogs::default(),
@@ -919,14 +959,14 @@ impl<'a> QueueServer<'a> {
                 }
             }
             self.follow_node();
-            if !self.shared.binding.is_paused() {
-                // Parked in arrival order; none is parked again (not paused).
-                for i in 0..self.parked.len() {
-                    let tag = self.parked[i];
-                    self.start(q, tag);
-                }
-                self.parked.clear();
-            }
+            self.start_parked(q);
+            return;
+        }
+        if io.is_tgt_io() && tag == QOS_TAG {
+            // Disarming consumes the expiry too.
+            let _ = self.qos_timer.clear();
+            self.qos_timer_armed = false;
+            self.start_parked(q);
             return;
         }
         if io.is_tgt_io() {
@@ -940,12 +980,100 @@ impl<'a> QueueServer<'a> {
             }
             return;
         }
-        if self.shared.binding.is_paused() {
-            // A pivot is under way: the request waits for the resume.
+        if self.shared.binding.is_paused() || !self.parked.is_empty() {
+            // A pivot is under way (the request waits for the resume), or
+            // earlier requests wait for QoS tokens: it queues behind them.
             self.parked.push(tag);
+            if !self.qos_timer_armed {
+                // Nothing would start them (a timer that could not be
+                // armed): try now.
+                self.start_parked(q);
+            }
+            return;
+        }
+        if let Some(wait) = self.qos_wait(q, tag) {
+            self.parked.push(tag);
+            self.arm_qos_timer(q, wait);
             return;
         }
         self.start(q, tag);
+    }
+
+    /// Starts parked tags in arrival order, unless paused, until one must
+    /// wait for QoS tokens (the timer is armed for it).
+    fn start_parked(&mut self, q: &UblkQueue) {
+        if self.shared.binding.is_paused() {
+            return;
+        }
+        let mut started = 0;
+        while started < self.parked.len() {
+            let tag = self.parked[started];
+            if let Some(wait) = self.qos_wait(q, tag) {
+                self.arm_qos_timer(q, wait);
+                break;
+            }
+            self.start(q, tag);
+            started += 1;
+        }
+        // Shifts in place: no allocation.
+        self.parked.drain(..started);
+    }
+
+    /// How long `tag` must wait for QoS tokens (`None`: it may start, and
+    /// its tokens are taken). A request `check_io` refuses costs nothing:
+    /// it is answered at once.
+    fn qos_wait(&self, q: &UblkQueue, tag: u16) -> Option<Duration> {
+        if !self.shared.qos.enforced() {
+            return None;
+        }
+        let iod = q.get_iod(tag);
+        let io = check_io(
+            iod.op_flags,
+            iod.start_sector,
+            iod.nr_sectors,
+            &self.io_limits,
+        )
+        .ok()?;
+        let (class, bytes) = Class::of(io.op, io.len_bytes);
+        self.shared.qos.admit(class, bytes)
+    }
+
+    /// Wakes the queue in `wait`: arms the timer and polls it on the ring
+    /// (once; a poll already armed stays, it fires no later than needed
+    /// since waits are bounded by `QOS_MAX_WAIT_MS`).
+    fn arm_qos_timer(&mut self, q: &UblkQueue, wait: Duration) {
+        if self.qos_timer_armed {
+            return;
+        }
+        let armed = self
+            .qos_timer
+            .reset(wait.max(Duration::from_micros(1)), None)
+            .map_err(std::io::Error::from)
+            .and_then(|()| {
+                let sqe = opcode::PollAdd::new(
+                    types::Fd(self.qos_timer.as_raw_fd()),
+                    libc::POLLIN as u32,
+                )
+                .build()
+                .user_data(UblkIOCtx::build_user_data(QOS_TAG, 0, 0, true));
+                q.ublk_submit_sqe_sync(sqe)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            });
+        match armed {
+            Ok(()) => self.qos_timer_armed = true,
+            Err(e) => {
+                // The parked requests then start at the next wake-up or
+                // request; say so (rate-limited).
+                if let Some(suppressed) = self.logs.submit.allow() {
+                    tracing::error!(
+                        export = self.export,
+                        suppressed,
+                        "ublk queue {}: cannot arm its QoS timer: {e}",
+                        self.qid
+                    );
+                }
+            }
+        }
     }
 
     /// Follows a pivot: once idle, a slot table on the binding's node (the

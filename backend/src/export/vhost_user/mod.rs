@@ -35,6 +35,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use self::inflight::{Handoff, InflightRegion};
 use self::queue::{ExportShared, QueueParams, QueueWorker};
@@ -49,6 +50,7 @@ use crate::limits::{
 };
 use crate::logging::Throttle;
 use crate::node::Node;
+use crate::qos::ExportQos;
 
 /// How one vhost-user export is set up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +77,11 @@ pub struct VhostUserConfig {
 /// to `num_queues` belong to the library).
 fn completion_event_id(num_queues: usize) -> u64 {
     num_queues as u64 + 1
+}
+
+/// Event id of a queue's QoS timer in its worker's epoll set.
+fn qos_timer_event_id(num_queues: usize) -> u64 {
+    num_queues as u64 + 2
 }
 
 #[derive(Clone)]
@@ -266,7 +273,8 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let is_kick = device_event == 0;
-        let is_completion = u64::from(device_event) == completion_event_id(self.num_queues());
+        let is_completion = u64::from(device_event) == completion_event_id(self.num_queues())
+            || u64::from(device_event) == qos_timer_event_id(self.num_queues());
         if !is_kick && !is_completion {
             return Ok(());
         }
@@ -300,11 +308,13 @@ impl std::fmt::Debug for VhostUserExport {
 impl VhostUserExport {
     /// Binds the socket and starts accepting frontends. When this returns,
     /// the socket accepts connections.
-    /// Frontends connecting and leaving are told to `events`.
+    /// Frontends connecting and leaving are told to `events`; `qos` limits
+    /// what its queues start.
     pub(crate) fn start(
         node: Arc<Node>,
         config: VhostUserConfig,
         events: crate::events::Events,
+        qos: Arc<ExportQos>,
     ) -> Result<Self, ExportError> {
         let geometry = Geometry {
             limits: *node.limits(),
@@ -321,6 +331,7 @@ impl VhostUserExport {
             workers: Mutex::new(None),
             control_waiting: AtomicU32::new(0),
             name: config.name.as_str().into(),
+            qos,
         });
         // Build the first connection's engines now, so a kernel without
         // io_uring is reported at start, not at the first frontend.
@@ -380,6 +391,11 @@ impl VhostUserExport {
     /// The node, mirror tap and pause its queues share.
     pub fn binding(&self) -> &Arc<Binding> {
         &self.shared.binding
+    }
+
+    /// Its QoS.
+    pub(crate) fn qos(&self) -> &Arc<ExportQos> {
+        &self.shared.qos
     }
 
     /// Pivot, step one: queues leave new requests in the ring; waits until
@@ -462,6 +478,8 @@ impl VhostUserExport {
     /// what already waits in a ring is answered too.
     pub fn stop_admitting(&self) {
         self.shared.admitting.store(false, Ordering::SeqCst);
+        // What waits for QoS tokens is answered now too.
+        self.shared.qos.bypass();
         self.shared.wake_all();
     }
 
@@ -588,6 +606,11 @@ impl Connection {
                 shared.clone(),
                 usize::from(q),
                 handoff.clone(),
+                TimerFd::new().map_err(|source| ExportError::Os {
+                    export: config.name.clone(),
+                    what: "timerfd",
+                    source: source.into(),
+                })?,
             )));
             let (consumer, notifier) =
                 new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
@@ -697,14 +720,21 @@ impl ListenerCtx {
         let completion_fds: Vec<_> = backend
             .workers
             .iter()
-            .map(|w| w.lock().unwrap().completion_fd())
+            .map(|w| {
+                let w = w.lock().unwrap();
+                (w.completion_fd(), w.qos_timer_fd())
+            })
             .collect();
         let mut daemon = VhostUserDaemon::new(name.clone(), backend.clone(), backend.mem.clone())
             .map_err(ConnectionError::Daemon)?;
         let event_id = completion_event_id(usize::from(self.config.queues));
-        for (handler, fd) in daemon.get_epoll_handlers().iter().zip(&completion_fds) {
+        let timer_id = qos_timer_event_id(usize::from(self.config.queues));
+        for (handler, (fd, timer)) in daemon.get_epoll_handlers().iter().zip(&completion_fds) {
             handler
                 .register_listener(*fd, EventSet::IN, event_id)
+                .map_err(ConnectionError::WatchCompletions)?;
+            handler
+                .register_listener(*timer, EventSet::IN, timer_id)
                 .map_err(ConnectionError::WatchCompletions)?;
         }
         daemon.start(listener).map_err(ConnectionError::Accept)?;

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
 use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -24,6 +25,7 @@ use crate::limits::{
     SERIAL_MAX_BYTES,
 };
 use crate::logging::Throttle;
+use crate::qos::{Class, ExportQos};
 use crate::request::{BlockOp, BlockRequest, RequestError, RequestResult};
 
 /// What the engine carries for each in-flight virtio request.
@@ -64,6 +66,8 @@ pub(super) struct ExportShared {
     pub control_waiting: AtomicU32,
     /// The export's name, for logs.
     pub name: Arc<str>,
+    /// The export's QoS limits (its group's buckets).
+    pub qos: Arc<ExportQos>,
 }
 
 impl ExportShared {
@@ -78,7 +82,7 @@ impl ExportShared {
         let mut stuck = Vec::new();
         for (i, w) in workers.iter().enumerate() {
             match self.lock_worker(w, deadline) {
-                Some(worker) => total += worker.engine.in_flight(),
+                Some(worker) => total += worker.engine.in_flight() + worker.held_in_flight(),
                 None => stuck.push(i),
             }
         }
@@ -180,6 +184,14 @@ pub(super) struct QueueWorker {
     /// When the last wake-up's work ended (`None` before the first): the
     /// wait since then is this queue's sleeping time.
     last_run_end: Option<Instant>,
+    /// The request that found its QoS bucket empty: popped and decoded (its
+    /// iovecs in `iovecs`), not submitted. Nothing more is popped until it
+    /// goes, so it is the only one; it waits for `qos_timer`.
+    held: Option<(u16, Decoded)>,
+    /// Fires when the held request's tokens are due (in this worker's epoll
+    /// set): a throttled queue sleeps instead of polling.
+    qos_timer: TimerFd,
+    qos_timer_armed: bool,
 }
 
 // SAFETY: the raw pointers in `iovecs` are scratch space rewritten for every
@@ -203,6 +215,7 @@ impl QueueWorker {
         shared: Arc<ExportShared>,
         index: usize,
         handoff: Arc<Handoff>,
+        qos_timer: TimerFd,
     ) -> Self {
         let QueueParams {
             geometry,
@@ -239,6 +252,62 @@ impl QueueWorker {
             resubmitted: 0,
             signal_at_start: true,
             last_run_end: None,
+            held: None,
+            qos_timer,
+            qos_timer_armed: false,
+        }
+    }
+
+    /// The QoS timer to watch.
+    pub(super) fn qos_timer_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.qos_timer.as_raw_fd()
+    }
+
+    /// 1 while a request waits for QoS tokens and counts as in flight: it
+    /// was taken from the ring, so a drain and the frontend's ring stop wait
+    /// for its answer. Not while paused: a held request is not on the node,
+    /// and it waits for the resume like those left in the ring.
+    fn held_in_flight(&self) -> u32 {
+        u32::from(self.held.is_some() && !self.shared.binding.is_paused())
+    }
+
+    /// How long `decoded` must wait for QoS tokens (`None`: it starts now,
+    /// and its tokens are taken). Only block operations of an admitting
+    /// export count; what fails without I/O is answered at once.
+    fn throttle(&self, decoded: &Decoded) -> Option<Duration> {
+        match decoded.command {
+            Command::Block { op, len_bytes, .. } if decoded.status_addr.is_some() => {
+                let (class, bytes) = Class::of(op, len_bytes);
+                self.shared.qos.admit(class, bytes)
+            }
+            _ => None,
+        }
+    }
+
+    /// Wakes this worker in `wait` (a throttled request's tokens are due).
+    fn arm_qos_timer(&mut self, wait: Duration) {
+        if self.qos_timer_armed {
+            return;
+        }
+        // A zero duration would disarm the timer.
+        match self
+            .qos_timer
+            .reset(wait.max(Duration::from_micros(1)), None)
+        {
+            Ok(()) => self.qos_timer_armed = true,
+            Err(e) => {
+                // Without the timer the queue polls for the tokens instead
+                // of sleeping; say so (rate-limited).
+                if let Some(suppressed) = self.submit_error_log.allow() {
+                    tracing::error!(
+                        export = &*self.shared.name,
+                        queue = self.index,
+                        suppressed,
+                        "cannot arm the QoS timer: {e}; the queue polls instead"
+                    );
+                }
+            }
         }
     }
 
@@ -332,6 +401,12 @@ impl QueueWorker {
         woke: Instant,
     ) {
         self.engine.clear_completion_event();
+        if self.qos_timer_armed {
+            // Disarming also consumes an expiry, so epoll stops reporting
+            // it; `pop` arms it again while a request still waits.
+            let _ = self.qos_timer.clear();
+            self.qos_timer_armed = false;
+        }
         // A plain load first: the flag is almost never set, and an atomic
         // read-modify-write per wake-up would cost the request path.
         let ring_stopped = &self.shared().ring_stopped;
@@ -375,12 +450,18 @@ impl QueueWorker {
                 }
                 reaped + popped
             };
-            self.shared()
-                .in_flight
-                .store(self.engine.in_flight(), Ordering::Relaxed);
+            self.shared().in_flight.store(
+                self.engine.in_flight() + u32::from(self.held.is_some()),
+                Ordering::Relaxed,
+            );
             if progress > 0 {
                 idle_since = Instant::now();
                 continue;
+            }
+            // Throttled: sleep until the QoS timer (or a completion) wakes
+            // us; guest notifications stay off, nothing is popped meanwhile.
+            if self.held.is_some() && self.qos_timer_armed {
+                break;
             }
             let now = Instant::now();
             if now.duration_since(idle_since) < self.poll_window {
@@ -448,12 +529,12 @@ impl QueueWorker {
             } else {
                 self.refused_map = None;
                 let old = std::mem::replace(&mut self.mem, current);
-                if self.engine.in_flight() > 0 {
+                if self.engine.in_flight() > 0 || self.held.is_some() {
                     self.retired.push(old);
                 }
             }
         }
-        if self.engine.in_flight() == 0 && !self.retired.is_empty() {
+        if self.engine.in_flight() == 0 && self.held.is_none() && !self.retired.is_empty() {
             self.retired.clear();
         }
     }
@@ -508,6 +589,16 @@ impl QueueWorker {
         // (virtio-queue refuses an index more than a ring ahead, but logs and
         // reports it as "nothing to pop", so the ring would look busy and
         // empty at once, forever).
+        // The request held for QoS goes first, when its tokens are due.
+        if let Some((head, decoded)) = self.held {
+            if let Some(wait) = self.throttle(&decoded) {
+                self.arm_qos_timer(wait);
+                return count;
+            }
+            self.held = None;
+            count += 1;
+            self.dispatch(state, head, decoded);
+        }
         let mut pending = match self.pending_chains(state) {
             Ok(n) => n,
             Err(reason) => {
@@ -541,6 +632,13 @@ impl QueueWorker {
                 inflight.mark(head);
             }
             let decoded = decode(chain, mem, &self.geometry, &mut self.iovecs);
+            if let Some(wait) = self.throttle(&decoded) {
+                // Taken from the ring (and marked in the inflight region),
+                // so it is ours to answer: it waits here, not in the ring.
+                self.held = Some((head, decoded));
+                self.arm_qos_timer(wait);
+                break;
+            }
             self.dispatch(state, head, decoded);
         }
         count
@@ -559,7 +657,7 @@ impl QueueWorker {
         &mut self,
         state: &mut VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
     ) -> bool {
-        if !ring_running(state) || self.engine.in_flight() > 0 {
+        if !ring_running(state) || self.engine.in_flight() > 0 || self.held.is_some() {
             return false;
         }
         let queue = state.get_queue();
