@@ -223,9 +223,10 @@ fn a_group_limits_the_sum_of_its_exports() {
     assert_eq!(stats["qos"], json!({"group": "tenant-a"}), "{stats}");
 }
 
-/// SIGTERM while writes wait for tokens (1 IOPS): the daemon exits as
-/// promptly as without a limit (the waiting writes fail, as a drain fails
-/// new requests), and every write acknowledged before is in the file.
+/// SIGTERM while writes wait for tokens (256 bytes per second: one 4 KiB
+/// write every 16 s): the daemon exits as promptly as without a limit (the
+/// waiting writes fail, as a drain fails new requests; none waits out its
+/// tokens), and every write acknowledged before is in the file.
 #[test]
 fn close_all_is_not_slowed_by_throttled_requests() {
     let dir = tempfile::tempdir().unwrap();
@@ -239,10 +240,10 @@ fn close_all_is_not_slowed_by_throttled_requests() {
             path_str(&img),
             "--vhost-user",
             path_str(&sock),
-            "--qos-write-iops",
-            "2",
+            "--qos-write-bps",
+            "256",
             "--qos-burst",
-            "1",
+            "16",
         ],
         1,
     );
@@ -267,20 +268,21 @@ fn close_all_is_not_slowed_by_throttled_requests() {
             });
         }
     });
-    // The burst (2 writes) and a few at the rate are through; the rest wait.
+    // The burst is through (a write that finds tokens passes whole, into
+    // debt); the next waits 16 s or more for its tokens.
     thread::sleep(Duration::from_millis(1500));
     let before = acked.lock().unwrap().len();
     assert!(
-        (1..16).contains(&before),
-        "{before} of 32 writes acknowledged at 2 IOPS after 1.5 s"
+        (1..=2).contains(&before),
+        "{before} of 32 writes acknowledged at 256 B/s with a 4 KiB burst after 1.5 s"
     );
     let signalled = Instant::now();
     let status = daemon.sigterm_and_wait(EXIT_TIMEOUT);
     let took = signalled.elapsed();
     daemon.assert_exit_ok(status);
     // A drain with a frontend connected waits for the guest to go quiet
-    // (DETACH_QUIET_MS, at most DETACH_QUIET_LIMIT_MS = 5 s); the throttled
-    // writes alone would need 15 s.
+    // (DETACH_QUIET_MS, at most DETACH_QUIET_LIMIT_MS = 5 s); the write
+    // waiting for its tokens alone would need 16 s.
     assert!(took < Duration::from_secs(8), "close-all took {took:?}");
     writer.join().expect("writer");
     let data = std::fs::read(&img).unwrap();

@@ -585,10 +585,6 @@ impl QueueWorker {
                 return count;
             }
         }
-        // The frontend owns the available index: check it before every batch
-        // (virtio-queue refuses an index more than a ring ahead, but logs and
-        // reports it as "nothing to pop", so the ring would look busy and
-        // empty at once, forever).
         // The request held for QoS goes first, when its tokens are due.
         if let Some((head, decoded)) = self.held {
             if let Some(wait) = self.throttle(&decoded) {
@@ -599,6 +595,10 @@ impl QueueWorker {
             count += 1;
             self.dispatch(state, head, decoded);
         }
+        // The frontend owns the available index: check it before every batch
+        // (virtio-queue refuses an index more than a ring ahead, but logs and
+        // reports it as "nothing to pop", so the ring would look busy and
+        // empty at once, forever).
         let mut pending = match self.pending_chains(state) {
             Ok(n) => n,
             Err(reason) => {
