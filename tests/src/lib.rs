@@ -185,6 +185,46 @@ fn send_signal(pid: u32, signal: libc::c_int) {
     );
 }
 
+/// A daemon serving one file over vhost-user: what [`serve_file`] started.
+pub struct ServedFile {
+    /// The daemon.
+    pub daemon: Daemon,
+    /// The file it serves (`DIR/disk.img`).
+    pub disk: PathBuf,
+    /// The export's vhost-user socket (`DIR/vm.sock`).
+    pub sock: PathBuf,
+}
+
+/// `sluice serve --disk DIR/disk.img --vhost-user DIR/vm.sock EXTRA…`, the
+/// file sized to `disk_bytes` first (made sparse, or kept with what a test
+/// wrote in it); waits for the export's ready line (and the metrics
+/// server's, when `extra` has `--metrics`).
+pub fn serve_file(dir: &Path, disk_bytes: u64, extra: &[&str]) -> ServedFile {
+    let disk = dir.join("disk.img");
+    let sock = dir.join("vm.sock");
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&disk)
+        .and_then(|f| f.set_len(disk_bytes))
+        .unwrap_or_else(|e| panic!("sizing {}: {e}", disk.display()));
+    let mut args = vec![
+        "serve",
+        "--disk",
+        path_str(&disk),
+        "--vhost-user",
+        path_str(&sock),
+    ];
+    args.extend_from_slice(extra);
+    let ready = 1 + usize::from(extra.contains(&"--metrics"));
+    ServedFile {
+        daemon: Daemon::spawn(&args, ready),
+        disk,
+        sock,
+    }
+}
+
 /// A running `sluice` daemon. Killed (SIGKILL) on drop if still running.
 pub struct Daemon {
     child: Child,

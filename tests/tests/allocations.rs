@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sluice_tests::{make_file, pattern, Client, Daemon, Op, EXIT_TIMEOUT, MIB};
+use sluice_tests::{pattern, serve_file, Client, Op, ServedFile, EXIT_TIMEOUT, MIB};
 
 /// `daemon_stats`: (heap allocations, the metrics server's apart).
 fn stats(control: &Path) -> (u64, u64) {
@@ -74,20 +74,11 @@ fn throttled_requests_allocate_nothing() {
 fn requests_allocate_nothing(extra: &[&str]) {
     const DISK: u64 = 64 * MIB;
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, DISK);
-    let sock = dir.path().join("vm.sock");
-    let mut args = vec![
-        "serve",
-        "--disk",
-        img.to_str().unwrap(),
-        "--vhost-user",
-        sock.to_str().unwrap(),
-        "--queues",
-        "2",
-    ];
+    let mut args = vec!["--queues", "2"];
     args.extend_from_slice(extra);
-    let mut daemon = Daemon::spawn(&args, 1);
+    let ServedFile {
+        mut daemon, sock, ..
+    } = serve_file(dir.path(), DISK, &args);
     let mut client = Client::connect(&sock, 2, 16).expect("connect");
     // Warm up: first requests on each queue may set up per-thread state.
     for q in 0..2 {
@@ -133,22 +124,12 @@ fn scraping_adds_no_allocation_to_the_request_path() {
 
     const DISK: u64 = 64 * MIB;
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, DISK);
-    let sock = dir.path().join("vm.sock");
-    let mut daemon = Daemon::spawn(
-        &[
-            "serve",
-            "--disk",
-            img.to_str().unwrap(),
-            "--vhost-user",
-            sock.to_str().unwrap(),
-            "--queues",
-            "2",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-        2,
+    let ServedFile {
+        mut daemon, sock, ..
+    } = serve_file(
+        dir.path(),
+        DISK,
+        &["--queues", "2", "--metrics", "127.0.0.1:0"],
     );
     let metrics = Endpoint::of(&daemon.ready);
     let mut client = Client::connect(&sock, 2, 16).expect("connect");

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use sluice_tests::{make_file, path_str, vring, Client, Daemon, EXIT_TIMEOUT, MIB};
+use sluice_tests::{serve_file, vring, Client, Daemon, EXIT_TIMEOUT, MIB};
 use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 
@@ -20,22 +20,8 @@ const QUEUES: u16 = 2;
 const REGION_128: u64 = 2112;
 
 fn serve(dir: &Path) -> (Daemon, std::path::PathBuf) {
-    let sock = dir.join("vu.sock");
-    let disk = dir.join("disk.img");
-    make_file(&disk, 64 * MIB);
-    let daemon = Daemon::spawn(
-        &[
-            "serve",
-            "--disk",
-            path_str(&disk),
-            "--vhost-user",
-            path_str(&sock),
-            "--queues",
-            &QUEUES.to_string(),
-        ],
-        1,
-    );
-    (daemon, sock)
+    let served = serve_file(dir, 64 * MIB, &["--queues", &QUEUES.to_string()]);
+    (served.daemon, served.sock)
 }
 
 /// A frontend that negotiated the inflight messages (acking every virtio feature offered)

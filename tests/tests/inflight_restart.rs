@@ -37,7 +37,7 @@ use sluice_tests::vring::{
     InflightDesc, InflightHeader, SplitRing, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_WRITE,
 };
-use sluice_tests::{first_difference, make_file, path_str, pattern, Daemon, EXIT_TIMEOUT, MIB};
+use sluice_tests::{first_difference, pattern, serve_file, Daemon, ServedFile, EXIT_TIMEOUT, MIB};
 use vhost::vhost_user::Frontend;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -80,22 +80,10 @@ struct Restart {
 impl Restart {
     fn new() -> Restart {
         let dir = tempfile::tempdir().expect("tempdir");
-        let sock = dir.path().join("vu.sock");
         let disk = dir.path().join("disk.img");
-        make_file(&disk, DISK_BYTES);
         std::fs::write(&disk, pattern(0, DISK_BYTES as usize, DISK_SEED)).expect("fill disk");
-        let daemon = Daemon::spawn(
-            &[
-                "serve",
-                "--disk",
-                path_str(&disk),
-                "--vhost-user",
-                path_str(&sock),
-                "--queues",
-                &QUEUES.to_string(),
-            ],
-            1,
-        );
+        let ServedFile { daemon, sock, .. } =
+            serve_file(dir.path(), DISK_BYTES, &["--queues", &QUEUES.to_string()]);
         let want = 1u64 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_EVENT_IDX;
         let (mut frontend, features) = negotiate(&sock, QUEUES, want);
         assert_eq!(

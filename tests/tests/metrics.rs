@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use sluice_tests::metrics::{exists, promtool_check, Endpoint, Response};
 use sluice_tests::{
-    assert_all_ok, make_file, path_str, pattern, run_to_exit, Client, Daemon, Op, Resources,
+    assert_all_ok, path_str, pattern, run_to_exit, serve_file, Client, Op, Resources, ServedFile,
     EXIT_TIMEOUT, MIB,
 };
 
@@ -37,22 +37,12 @@ fn q(queue: &str) -> [(&str, &str); 4] {
 #[test]
 fn counters_are_what_the_client_did() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, DISK);
-    let sock = dir.path().join("vm.sock");
-    let mut daemon = Daemon::spawn(
-        &[
-            "serve",
-            "--disk",
-            path_str(&img),
-            "--vhost-user",
-            path_str(&sock),
-            "--queues",
-            "2",
-            "--metrics",
-            "127.0.0.1:0",
-        ],
-        2,
+    let ServedFile {
+        mut daemon, sock, ..
+    } = serve_file(
+        dir.path(),
+        DISK,
+        &["--queues", "2", "--metrics", "127.0.0.1:0"],
     );
     let metrics = Endpoint::of(&daemon.ready);
     assert!(metrics.0.starts_with("127.0.0.1:"), "{metrics:?}");
@@ -230,21 +220,13 @@ fn counters_are_what_the_client_did() {
 #[test]
 fn unix_socket_other_paths_and_bad_clients() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.img");
-    make_file(&img, DISK);
-    let sock = dir.path().join("vm.sock");
     let msock = dir.path().join("metrics.sock");
-    let mut daemon = Daemon::spawn(
-        &[
-            "serve",
-            "--disk",
-            path_str(&img),
-            "--vhost-user",
-            path_str(&sock),
-            "--metrics",
-            &format!("unix:{}", path_str(&msock)),
-        ],
-        2,
+    let ServedFile {
+        mut daemon, sock, ..
+    } = serve_file(
+        dir.path(),
+        DISK,
+        &["--metrics", &format!("unix:{}", path_str(&msock))],
     );
     let metrics = Endpoint::of(&daemon.ready);
     assert_eq!(metrics.0, format!("unix:{}", path_str(&msock)));

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_tests::{
-    assert_all_ok, make_file, path_str, pattern, run_to_exit, Client, Daemon, Finished, Op,
-    EXIT_TIMEOUT, MIB,
+    assert_all_ok, path_str, pattern, run_to_exit, serve_file, Client, Daemon, Finished, Op,
+    ServedFile, EXIT_TIMEOUT, MIB,
 };
 
 const BLOCK: usize = 4096;
@@ -230,22 +230,14 @@ fn a_group_limits_the_sum_of_its_exports() {
 #[test]
 fn close_all_is_not_slowed_by_throttled_requests() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("d.img");
-    make_file(&img, 16 * MIB);
-    let sock = dir.path().join("q.sock");
-    let mut daemon = Daemon::spawn(
-        &[
-            "serve",
-            "--disk",
-            path_str(&img),
-            "--vhost-user",
-            path_str(&sock),
-            "--qos-write-bps",
-            "256",
-            "--qos-burst",
-            "16",
-        ],
-        1,
+    let ServedFile {
+        mut daemon,
+        disk: img,
+        sock,
+    } = serve_file(
+        dir.path(),
+        16 * MIB,
+        &["--qos-write-bps", "256", "--qos-burst", "16"],
     );
     let writes: Vec<Op> = (0..32)
         .map(|i| Op::Write {
