@@ -185,6 +185,28 @@ fn send_signal(pid: u32, signal: libc::c_int) {
     );
 }
 
+/// One JSON-RPC call on the daemon's control socket `control`: its
+/// `result`, or its `error` object. Waits at most 60 s for the answer.
+pub fn rpc(
+    control: &Path,
+    method: &str,
+    params: serde_json::Value,
+) -> Result<serde_json::Value, serde_json::Value> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(control)
+        .unwrap_or_else(|e| panic!("control socket {}: {e}", control.display()));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let req = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    writeln!(s, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).expect("reply");
+    let reply: serde_json::Value = serde_json::from_str(&line).expect("JSON reply");
+    match reply.get("error") {
+        Some(e) => Err(e.clone()),
+        None => Ok(reply["result"].clone()),
+    }
+}
+
 /// A daemon serving one file over vhost-user: what [`serve_file`] started.
 pub struct ServedFile {
     /// The daemon.

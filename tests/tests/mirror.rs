@@ -2,32 +2,15 @@
 //! client writes, completion (pivot) onto the target, cancellation, and a
 //! shutdown that cancels a running job last.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use sluice_tests::{make_file, pattern, Client, Daemon, Op, EXIT_TIMEOUT, MIB};
+use sluice_tests::{make_file, pattern, rpc, Client, Daemon, Op, EXIT_TIMEOUT, MIB};
 
 const BLOCK: usize = 4096;
-
-/// A JSON-RPC call on the daemon's control socket.
-fn rpc(control: &Path, method: &str, params: Value) -> Result<Value, Value> {
-    let mut s = UnixStream::connect(control).expect("control socket");
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    writeln!(s, "{req}").unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).expect("reply");
-    let reply: Value = serde_json::from_str(&line).expect("JSON reply");
-    match reply.get("error") {
-        Some(e) => Err(e.clone()),
-        None => Ok(reply["result"].clone()),
-    }
-}
 
 fn wait_ready(control: &Path, id: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;

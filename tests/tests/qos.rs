@@ -4,8 +4,6 @@
 //! exports, close-all is not slowed by requests waiting for tokens and loses
 //! no acknowledged write, and bad values are refused with clear errors.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -13,25 +11,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sluice_tests::{
-    assert_all_ok, path_str, pattern, run_to_exit, serve_file, Client, Daemon, Finished, Op,
+    assert_all_ok, path_str, pattern, rpc, run_to_exit, serve_file, Client, Daemon, Finished, Op,
     ServedFile, EXIT_TIMEOUT, MIB,
 };
 
 const BLOCK: usize = 4096;
-
-fn rpc(control: &Path, method: &str, params: Value) -> Result<Value, Value> {
-    let mut s = UnixStream::connect(control).expect("control socket");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    writeln!(s, "{req}").unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).expect("reply");
-    let reply: Value = serde_json::from_str(&line).expect("JSON reply");
-    match reply.get("error") {
-        Some(e) => Err(e.clone()),
-        None => Ok(reply["result"].clone()),
-    }
-}
 
 fn ctl(control: &Path, args: &[&str]) -> Finished {
     let mut all = vec!["ctl", "--control", path_str(control)];
