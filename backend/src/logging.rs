@@ -118,6 +118,21 @@ impl Throttle {
             Decision::Suppress => None,
         }
     }
+
+    /// A data-path error line about `export`'s queue `queue`, when this
+    /// throttle lets one through (with the count it held back since).
+    pub fn error(&mut self, export: &str, queue: u16, message: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.allow() {
+            tracing::error!(export, queue, suppressed, "{message}");
+        }
+    }
+
+    /// [`Throttle::error`] at the warning level.
+    pub fn warn(&mut self, export: &str, queue: u16, message: std::fmt::Arguments<'_>) {
+        if let Some(suppressed) = self.allow() {
+            tracing::warn!(export, queue, suppressed, "{message}");
+        }
+    }
 }
 
 /// Per-key decisions: the first line of a key passes, then at most one per

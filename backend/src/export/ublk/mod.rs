@@ -949,14 +949,11 @@ impl<'a> QueueServer<'a> {
         if io.is_tgt_io() && tag == WAKE_TAG {
             let _ = waker.read();
             if let Err(e) = arm_wake(q, waker) {
-                if let Some(suppressed) = self.logs.submit.allow() {
-                    tracing::error!(
-                        export = self.export,
-                        suppressed,
-                        "ublk queue {}: cannot re-arm its wake-up: {e}",
-                        self.qid
-                    );
-                }
+                self.logs.submit.error(
+                    self.export,
+                    self.qid,
+                    format_args!("cannot re-arm its wake-up: {e}"),
+                );
             }
             self.follow_node();
             self.start_parked(q);
@@ -1064,14 +1061,11 @@ impl<'a> QueueServer<'a> {
             Err(e) => {
                 // The parked requests then start at the next wake-up or
                 // request; say so (rate-limited).
-                if let Some(suppressed) = self.logs.submit.allow() {
-                    tracing::error!(
-                        export = self.export,
-                        suppressed,
-                        "ublk queue {}: cannot arm its QoS timer: {e}",
-                        self.qid
-                    );
-                }
+                self.logs.submit.error(
+                    self.export,
+                    self.qid,
+                    format_args!("cannot arm its QoS timer: {e}"),
+                );
             }
         }
     }
@@ -1099,15 +1093,14 @@ impl<'a> QueueServer<'a> {
             }
             Err(e) => {
                 self.stale = true;
-                if let Some(suppressed) = self.logs.submit.allow() {
-                    tracing::error!(
-                        export = self.export,
-                        suppressed,
-                        "ublk queue {}: cannot switch to node {}: {e}; requests fail until it can",
-                        self.qid,
+                self.logs.submit.error(
+                    self.export,
+                    self.qid,
+                    format_args!(
+                        "cannot switch to node {}: {e}; requests fail until it can",
                         node.name()
-                    );
-                }
+                    ),
+                );
             }
         }
     }
@@ -1121,14 +1114,11 @@ impl<'a> QueueServer<'a> {
             BufDesc::Slice(buf.as_slice()),
             Ok(UblkIORes::Result(res)),
         ) {
-            if let Some(suppressed) = self.logs.complete.allow() {
-                tracing::error!(
-                    export = self.export,
-                    suppressed,
-                    "ublk queue {} tag {tag}: cannot complete: {e}",
-                    self.qid
-                );
-            }
+            self.logs.complete.error(
+                self.export,
+                self.qid,
+                format_args!("tag {tag}: cannot complete: {e}"),
+            );
         }
     }
 
@@ -1182,14 +1172,11 @@ impl<'a> QueueServer<'a> {
         ) {
             Ok(io) => io,
             Err(IoRefusal::UnknownOp(code)) => {
-                if let Some(suppressed) = self.logs.unsupported.allow() {
-                    tracing::warn!(
-                        export = self.export,
-                        suppressed,
-                        "ublk queue {}: unsupported op {code}",
-                        self.qid
-                    );
-                }
+                self.logs.unsupported.warn(
+                    self.export,
+                    self.qid,
+                    format_args!("unsupported op {code}"),
+                );
                 self.queue.record(None, 0, Err(RequestError::Unsupported));
                 return self.complete(q, tag, -libc::EOPNOTSUPP);
             }
@@ -1241,14 +1228,13 @@ impl<'a> QueueServer<'a> {
                             // The node's half is on its way: the target's
                             // counts as failed, and the mirror copies the
                             // chunk again.
-                            if let Some(suppressed) = self.logs.submit.allow() {
-                                tracing::error!(
-                                    export = self.export,
-                                    suppressed,
-                                    "ublk queue {} tag {tag}: cannot submit the mirror target's write: {e}",
-                                    self.qid
-                                );
-                            }
+                            self.logs.submit.error(
+                                self.export,
+                                self.qid,
+                                format_args!(
+                                    "tag {tag}: cannot submit the mirror target's write: {e}"
+                                ),
+                            );
                             let _ = self.table.finish(tag, Half::Target, -libc::EIO);
                         }
                     })
@@ -1272,14 +1258,11 @@ impl<'a> QueueServer<'a> {
             // ring's submission queue cannot take it even after a submit, so
             // nothing of this request reached the kernel (a mirrored write's
             // second SQE is handled above).
-            if let Some(suppressed) = self.logs.submit.allow() {
-                tracing::error!(
-                    export = self.export,
-                    suppressed,
-                    "ublk queue {} tag {tag}: cannot submit: {e}",
-                    self.qid
-                );
-            }
+            self.logs.submit.error(
+                self.export,
+                self.qid,
+                format_args!("tag {tag}: cannot submit: {e}"),
+            );
             let ctx = self.table.abort(tag, libc::EIO);
             self.done(q, tag, ctx.0, ctx.1);
         }

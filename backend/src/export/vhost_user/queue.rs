@@ -299,14 +299,11 @@ impl QueueWorker {
             Err(e) => {
                 // Without the timer the queue polls for the tokens instead
                 // of sleeping; say so (rate-limited).
-                if let Some(suppressed) = self.submit_error_log.allow() {
-                    tracing::error!(
-                        export = &*self.shared.name,
-                        queue = self.index,
-                        suppressed,
-                        "cannot arm the QoS timer: {e}; the queue polls instead"
-                    );
-                }
+                self.submit_error_log.error(
+                    &self.shared.name,
+                    self.index as u16,
+                    format_args!("cannot arm the QoS timer: {e}; the queue polls instead"),
+                );
             }
         }
     }
@@ -342,15 +339,14 @@ impl QueueWorker {
             }
             Err(e) => {
                 self.node_stale = true;
-                if let Some(suppressed) = self.switch_error_log.allow() {
-                    tracing::error!(
-                        export = &*self.shared.name,
-                        queue = self.index,
-                        suppressed,
+                self.switch_error_log.error(
+                    &self.shared.name,
+                    self.index as u16,
+                    format_args!(
                         "cannot switch to node {}: {e}; requests fail until it can",
                         node.name()
-                    );
-                }
+                    ),
+                );
             }
         }
     }
@@ -436,14 +432,11 @@ impl QueueWorker {
                     0
                 };
                 if let Err(e) = self.engine.submit_pending() {
-                    if let Some(suppressed) = self.submit_error_log.allow() {
-                        tracing::error!(
-                            export = &*self.shared.name,
-                            queue = self.index,
-                            suppressed,
-                            "io_uring submit failed: {e}"
-                        );
-                    }
+                    self.submit_error_log.error(
+                        &self.shared.name,
+                        self.index as u16,
+                        format_args!("io_uring submit failed: {e}"),
+                    );
                 }
                 if reaped + popped > 0 && state.needs_notification().unwrap_or(true) {
                     let _ = state.signal_used_queue();
@@ -883,14 +876,11 @@ impl QueueWorker {
     }
 
     fn log_bad(&mut self, reason: &str) {
-        if let Some(suppressed) = self.bad_request_log.allow() {
-            tracing::warn!(
-                export = &*self.shared.name,
-                queue = self.index,
-                suppressed,
-                "bad guest request: {reason}"
-            );
-        }
+        self.bad_request_log.warn(
+            &self.shared.name,
+            self.index as u16,
+            format_args!("bad guest request: {reason}"),
+        );
     }
 }
 
