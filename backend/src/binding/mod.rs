@@ -34,6 +34,10 @@ pub struct Binding {
     /// Bumped by every [`Binding::pause`]: a queue that has seen the new
     /// value has also seen `paused` and starts nothing new.
     pause_generation: AtomicU64,
+    /// Bumped after every [`Binding::switch_node`]: a queue compares it
+    /// with the one it saw last (one load) instead of loading `node` at
+    /// every turn of its polling loop.
+    node_generation: AtomicU64,
 }
 
 impl Binding {
@@ -44,6 +48,7 @@ impl Binding {
             mirror: ArcSwapOption::empty(),
             paused: AtomicBool::new(false),
             pause_generation: AtomicU64::new(0),
+            node_generation: AtomicU64::new(0),
         }
     }
 
@@ -60,7 +65,15 @@ impl Binding {
     /// Pivot (while paused): requests go to `node` from now on; returns the
     /// old one.
     pub fn switch_node(&self, node: Arc<Node>) -> Arc<Node> {
-        self.node.swap(node)
+        let old = self.node.swap(node);
+        self.node_generation.fetch_add(1, Ordering::Release);
+        old
+    }
+
+    /// How many times the node was switched: a queue that read a new value
+    /// reads the new node from [`Binding::node`].
+    pub fn node_generation(&self) -> u64 {
+        self.node_generation.load(Ordering::Acquire)
     }
 
     /// Hooks a mirror job into (or, with `None`, out of) the data path.

@@ -18,7 +18,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -195,7 +195,10 @@ impl VhostUserBackend for BlkBackend {
     fn set_event_idx(&self, _enabled: bool) {}
 
     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        // Workers notice the new map at their next wake-up (see QueueWorker::run).
+        // Called after the new map is in place and before the message is
+        // answered: workers see the generation move at their next turn or
+        // pop and take the map then (see QueueWorker::refresh_memory).
+        self.shared.mem_generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
@@ -330,6 +333,7 @@ impl VhostUserExport {
             wakers: Mutex::new(Vec::new()),
             workers: Mutex::new(None),
             control_waiting: AtomicU32::new(0),
+            mem_generation: AtomicU64::new(0),
             name: config.name.as_str().into(),
             qos,
         });

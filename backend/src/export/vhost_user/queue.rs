@@ -1,7 +1,7 @@
 //! One vhost-user queue: its vring, its engine and its polling loop, all
 //! driven by the queue's own worker thread.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
 use std::time::{Duration, Instant};
@@ -68,6 +68,11 @@ pub(super) struct ExportShared {
     pub name: Arc<str>,
     /// The export's QoS limits (its group's buckets).
     pub qos: Arc<ExportQos>,
+    /// Bumped by every memory table the frontend sets (`update_memory`,
+    /// before the message is answered, so before the frontend can use the
+    /// new memory in a ring): a queue compares it with the one it saw last
+    /// (one load) instead of loading the map at every turn and every pop.
+    pub mem_generation: AtomicU64,
 }
 
 impl ExportShared {
@@ -140,9 +145,9 @@ pub(super) struct QueueWorker {
     /// (handed to the kernel as host pointers) must stay mapped, so the old
     /// maps live until the queue is idle.
     retired: Vec<Arc<GuestMemoryMmap>>,
-    /// The last map refused by [`check_memory_files`] (kept so it is not
-    /// checked again at every iteration while the frontend sends no other).
-    refused_map: Option<Arc<GuestMemoryMmap>>,
+    /// The frontend's newest map was refused by [`check_memory_files`]:
+    /// the queue stays broken until it sends one that fits.
+    map_refused: bool,
     geometry: Geometry,
     serial: [u8; SERIAL_MAX_BYTES],
     iovecs: Box<[libc::iovec; MAX_SEGMENTS]>,
@@ -157,6 +162,11 @@ pub(super) struct QueueWorker {
     /// ring): requests fail until it can, never served by the old node
     /// after a pivot.
     node_stale: bool,
+    /// The binding's node generation this queue's engine follows.
+    node_generation: u64,
+    /// The memory-table generation (`ExportShared::mem_generation`) of
+    /// `mem`: the map is looked up again only when it moved.
+    mem_generation: u64,
     /// Why this queue's ring cannot be served (the frontend corrupted it):
     /// nothing is popped until the frontend stops and restarts the ring or
     /// reconnects. Requests already in flight still complete.
@@ -229,7 +239,7 @@ impl QueueWorker {
             completion_event,
             mem: Arc::new(GuestMemoryMmap::new()),
             retired: Vec::new(),
-            refused_map: None,
+            map_refused: false,
             geometry,
             serial,
             iovecs: Box::new(
@@ -245,6 +255,9 @@ impl QueueWorker {
             submit_error_log: Throttle::per_ms(DATA_PATH_LOG_INTERVAL_MS),
             switch_error_log: Throttle::per_ms(DATA_PATH_LOG_INTERVAL_MS),
             node_stale: false,
+            // Unknown: the first turn looks at both.
+            node_generation: u64::MAX,
+            mem_generation: u64::MAX,
             broken: None,
             handoff,
             inflight: None,
@@ -318,7 +331,12 @@ impl QueueWorker {
     /// current node (a new ring with the new fixed file; the eventfd stays).
     fn follow_node(&mut self) {
         let binding = &self.shared.binding;
-        if binding.serves(self.engine.node()) || self.engine.in_flight() > 0 {
+        let generation = binding.node_generation();
+        if generation == self.node_generation || self.engine.in_flight() > 0 {
+            return;
+        }
+        if binding.serves(self.engine.node()) {
+            self.node_generation = generation;
             return;
         }
         let node = binding.node();
@@ -336,6 +354,7 @@ impl QueueWorker {
                 );
                 self.engine = engine;
                 self.node_stale = false;
+                self.node_generation = generation;
             }
             Err(e) => {
                 self.node_stale = true;
@@ -501,31 +520,30 @@ impl QueueWorker {
     /// (the queue breaks and keeps the old map): touching such a page would
     /// kill the daemon with SIGBUS, every export with it.
     fn refresh_memory(&mut self, atomic_mem: &GuestMemoryAtomic<GuestMemoryMmap>) {
-        let current = atomic_mem.memory();
-        let current_ptr = &*current as *const GuestMemoryMmap;
-        let refused = self
-            .refused_map
-            .as_ref()
-            .is_some_and(|m| std::ptr::eq(Arc::as_ptr(m), current_ptr));
-        if refused {
-            self.mark_broken(MAP_PAST_EOF);
-        } else if !std::ptr::eq(current_ptr, Arc::as_ptr(&self.mem)) {
-            let current = current.into_inner();
-            if let Err(e) = check_memory_files(&current) {
-                tracing::error!(
-                    export = &*self.shared.name,
-                    queue = self.index,
-                    "the frontend's memory table is refused: {e}"
-                );
-                self.refused_map = Some(current);
-                self.mark_broken(MAP_PAST_EOF);
-            } else {
-                self.refused_map = None;
-                let old = std::mem::replace(&mut self.mem, current);
-                if self.engine.in_flight() > 0 || self.held.is_some() {
-                    self.retired.push(old);
+        let generation = self.shared.mem_generation.load(Ordering::Acquire);
+        if generation != self.mem_generation {
+            self.mem_generation = generation;
+            let current = atomic_mem.memory().into_inner();
+            if !Arc::ptr_eq(&current, &self.mem) {
+                if let Err(e) = check_memory_files(&current) {
+                    tracing::error!(
+                        export = &*self.shared.name,
+                        queue = self.index,
+                        "the frontend's memory table is refused: {e}"
+                    );
+                    self.map_refused = true;
+                } else {
+                    self.map_refused = false;
+                    let old = std::mem::replace(&mut self.mem, current);
+                    if self.engine.in_flight() > 0 || self.held.is_some() {
+                        self.retired.push(old);
+                    }
                 }
             }
+        }
+        if self.map_refused {
+            // Again after a ring restart cleared `broken`.
+            self.mark_broken(MAP_PAST_EOF);
         }
         if self.engine.in_flight() == 0 && self.held.is_none() && !self.retired.is_empty() {
             self.retired.clear();
@@ -608,9 +626,9 @@ impl QueueWorker {
             // A chain may use memory the frontend mapped (and had acked)
             // after our last look at the map: look again now that the chain
             // is visible, and if the map changed, put the chain back and
-            // take it again against the new map. One lock-free load per
+            // take it again against the new map. One atomic load per
             // request; the rare re-pop only on a map change.
-            if !std::ptr::eq(&*atomic_mem.memory() as *const GuestMemoryMmap, mem) {
+            if self.shared.mem_generation.load(Ordering::Acquire) != self.mem_generation {
                 state.get_queue_mut().go_to_previous_position();
                 self.refresh_memory(atomic_mem);
                 if self.broken.is_some() {
@@ -727,7 +745,7 @@ impl QueueWorker {
     ) -> usize {
         let mut count = 0;
         while self.resubmitted < self.resubmit.len() && self.engine.has_free_slot() {
-            if !std::ptr::eq(&*atomic_mem.memory() as *const GuestMemoryMmap, &*self.mem) {
+            if self.shared.mem_generation.load(Ordering::Acquire) != self.mem_generation {
                 self.refresh_memory(atomic_mem);
                 if self.broken.is_some() {
                     break;
