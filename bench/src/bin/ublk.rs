@@ -182,7 +182,7 @@ fn run_vm(args: &Args, targets: &[Target]) -> Result<(), String> {
         format!("--sluice {}", q(&sluice)),
         format!("--rublk {}", q(&rublk)),
         format!("--fio {}", q(&fio)),
-        format!("--note '{}'", note.replace('\'', "")),
+        format!("--note '{}'", note.replace('\'', "'\\''")),
     ];
     if let Some(p) = &args.points {
         cmd.push(format!("--points {}", p.join(",")));
