@@ -56,7 +56,7 @@ if [ ! -e /dev/loop-control ]; then
 fi
 
 if [ "$with_vm" = 1 ] && [ -x tests/vm/prepare.sh ]; then
-    echo "== preparing the VM harness (QEMU from bookworm-backports, Debian 6.12 kernel)"
+    echo "== preparing the VM harness (QEMU from bookworm-backports, Debian 6.12 and 6.18 kernels)"
     tests/vm/prepare.sh
 fi
 

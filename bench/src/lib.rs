@@ -25,6 +25,7 @@
 pub mod compare;
 pub mod hist;
 pub mod parse;
+pub mod ublk;
 
 use std::io;
 use std::mem::MaybeUninit;

@@ -1,5 +1,5 @@
 //! The VM harness (rung 3 of the testing ladder in `shared/design.md`): boots a Debian 6.12
-//! kernel under QEMU (software emulation, `-accel tcg,thread=multi`) where the NVMe, AHCI,
+//! kernel (or another pinned one: [`kernels`], [`Vm::kernel`], `SLUICE_VM_KERNEL`) under QEMU (software emulation, `-accel tcg,thread=multi`) where the NVMe, AHCI,
 //! virtio-blk and ublk drivers are real, runs one bash job in it and hands back what
 //! happened.
 //!
@@ -37,8 +37,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// `tests/vm/kernel-version`: `<release> <debian version>`, the one place the guest kernel
-/// is pinned.
+/// `tests/vm/kernel-version`: `<release> <debian version> [<suite> [<package>]]` lines, the
+/// one place the guest kernels are pinned; the first is the default.
 const KERNEL_VERSION_FILE: &str = include_str!("../vm/kernel-version");
 /// The guest init the cache must have been built with (prepare.sh copies it there).
 const GUEST_INIT: &str = include_str!("../vm/init");
@@ -148,20 +148,60 @@ ext4_check() {
 }
 "#;
 
-/// The guest kernel release (`uname -r` in the guest), from `tests/vm/kernel-version`.
-pub fn kernel_release() -> &'static str {
-    KERNEL_VERSION_FILE
+/// Every pinned guest kernel release (`uname -r` in the guest), in the order of
+/// `tests/vm/kernel-version`: the first is the default, the others (Linux 6.18 LTS) are for
+/// the tests that run on every kernel (the ublk ones).
+pub fn kernels() -> Vec<&'static str> {
+    let k: Vec<&'static str> = KERNEL_VERSION_FILE
         .lines()
         .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))
-        .and_then(|l| l.split_whitespace().next())
-        .expect("tests/vm/kernel-version has a '<release> <version>' line")
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(
+        !k.is_empty(),
+        "tests/vm/kernel-version has no '<release> <version>' line"
+    );
+    k
 }
 
-/// The prepared cache: `$SLUICE_VM_CACHE/<release>`, default
+/// The first pinned guest kernel release: the default of [`Vm::new`] unless
+/// `SLUICE_VM_KERNEL` names another ([`default_kernel`]).
+pub fn kernel_release() -> &'static str {
+    kernels()[0]
+}
+
+/// The kernel a [`Vm`] boots unless [`Vm::kernel`] says otherwise: `SLUICE_VM_KERNEL` (one
+/// of [`kernels`], e.g. to run any VM test on 6.18) or else [`kernel_release`].
+///
+/// # Panics
+/// When `SLUICE_VM_KERNEL` names a kernel that is not pinned.
+pub fn default_kernel() -> &'static str {
+    match std::env::var("SLUICE_VM_KERNEL") {
+        Ok(want) if !want.is_empty() => {
+            kernels()
+                .into_iter()
+                .find(|k| *k == want)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "SLUICE_VM_KERNEL={want} is not pinned in tests/vm/kernel-version ({:?})",
+                        kernels()
+                    )
+                })
+        }
+        _ => kernel_release(),
+    }
+}
+
+/// The prepared cache of the default kernel: `$SLUICE_VM_CACHE/<release>`, default
 /// `/var/cache/sluice-vm/<release>`.
 pub fn cache_dir() -> PathBuf {
-    cache_base().join(kernel_release())
+    cache_dir_for(default_kernel())
+}
+
+/// The prepared cache of kernel `release`.
+pub fn cache_dir_for(release: &str) -> PathBuf {
+    cache_base().join(release)
 }
 
 fn cache_base() -> PathBuf {
@@ -170,9 +210,15 @@ fn cache_base() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CACHE_BASE))
 }
 
-/// `Ok` when VM tests can run here; otherwise why not, for a "skipped: …" line: not root,
-/// the cache missing, stale or incomplete (run `tests/vm/prepare.sh`), or QEMU missing.
+/// `Ok` when VM tests can run here on the default kernel; otherwise why not, for a
+/// "skipped: …" line: not root, the cache missing, stale or incomplete (run
+/// `tests/vm/prepare.sh`), or QEMU missing.
 pub fn vm_available() -> Result<(), String> {
+    vm_available_for(default_kernel())
+}
+
+/// [`vm_available`] for kernel `release`.
+pub fn vm_available_for(release: &str) -> Result<(), String> {
     if std::env::var_os("SLUICE_SKIP_VM").is_some() {
         return Err("SLUICE_SKIP_VM is set (tests/run.sh --no-vm)".into());
     }
@@ -181,12 +227,12 @@ pub fn vm_available() -> Result<(), String> {
     if euid != 0 {
         return Err(format!("VM tests run as root; this is uid {euid}"));
     }
-    let cache = cache_dir();
+    let cache = cache_dir_for(release);
     let fix = "run `sudo tests/vm/prepare.sh`";
     let ready = cache.join("READY");
     let stamp = fs::read_to_string(&ready)
         .map_err(|e| format!("no VM cache at {} ({e}): {fix}", ready.display()))?;
-    if !stamp.contains(&format!("kernel={} ", kernel_release())) {
+    if !stamp.contains(&format!("kernel={release} ")) {
         return Err(format!(
             "the VM cache {} was built for another kernel ({}): {fix}",
             cache.display(),
@@ -196,7 +242,7 @@ pub fn vm_available() -> Result<(), String> {
     for f in [
         "vmlinuz".to_owned(),
         "initramfs.cpio".to_owned(),
-        format!("root/lib/modules/{}/modules.dep", kernel_release()),
+        format!("root/lib/modules/{release}/modules.dep"),
     ] {
         if !cache.join(&f).is_file() {
             return Err(format!("the VM cache {} lacks {f}: {fix}", cache.display()));
@@ -239,6 +285,7 @@ enum Device {
 #[derive(Clone, Debug)]
 pub struct Vm {
     work_dir: PathBuf,
+    kernel: String,
     memory_mib: u32,
     cpus: u32,
     devices: Vec<Device>,
@@ -255,6 +302,7 @@ impl Vm {
     pub fn new(work_dir: impl Into<PathBuf>) -> Vm {
         Vm {
             work_dir: work_dir.into(),
+            kernel: default_kernel().to_owned(),
             memory_mib: 1024,
             cpus: 2,
             devices: Vec::new(),
@@ -264,6 +312,25 @@ impl Vm {
             timeout: DEFAULT_TIMEOUT,
             reconnect_ms: None,
         }
+    }
+
+    /// Boots kernel `release`, one of [`kernels`] (default: [`default_kernel`]).
+    ///
+    /// # Panics
+    /// When `release` is not pinned in `tests/vm/kernel-version`.
+    pub fn kernel(mut self, release: &str) -> Vm {
+        assert!(
+            kernels().contains(&release),
+            "kernel {release} is not pinned in tests/vm/kernel-version ({:?})",
+            kernels()
+        );
+        self.kernel = release.to_owned();
+        self
+    }
+
+    /// The kernel release this guest boots.
+    pub fn kernel_release(&self) -> &str {
+        &self.kernel
     }
 
     /// Guest memory (also the size of the shared memfd that vhost-user devices map).
@@ -344,7 +411,7 @@ impl Vm {
 
     /// The QEMU command line for a boot whose work directory is `work` (absolute).
     fn qemu_args(&self, work: &Path) -> Result<Vec<OsString>, VmError> {
-        let cache = cache_dir();
+        let cache = cache_dir_for(&self.kernel);
         let modroot = cache.join("root");
         let mut append = vec![
             "console=ttyS0".to_owned(),
@@ -476,7 +543,7 @@ impl Vm {
     /// QEMU failed, the guest died before or during the job, or the boot outlived
     /// [`Vm::timeout`] (QEMU is then killed).
     pub fn run(&self, job: &str) -> Result<VmRun, VmError> {
-        vm_available().map_err(VmError::Unavailable)?;
+        vm_available_for(&self.kernel).map_err(VmError::Unavailable)?;
         let work = fs::canonicalize(&self.work_dir).map_err(|e| {
             VmError::Setup(format!("work directory {}: {e}", self.work_dir.display()))
         })?;
@@ -839,6 +906,26 @@ pub fn skip_unless_available() -> bool {
             true
         }
     }
+}
+
+/// The pinned kernels a test that runs on every kernel boots here: each of [`kernels`]
+/// whose cache is ready, after a "skipped: <release>: <reason>" line for each that is not;
+/// only `SLUICE_VM_KERNEL` when that is set.
+pub fn available_kernels() -> Vec<&'static str> {
+    let wanted = match std::env::var("SLUICE_VM_KERNEL") {
+        Ok(k) if !k.is_empty() => vec![default_kernel()],
+        _ => kernels(),
+    };
+    wanted
+        .into_iter()
+        .filter(|k| match vm_available_for(k) {
+            Ok(()) => true,
+            Err(why) => {
+                eprintln!("skipped: {k}: {why}");
+                false
+            }
+        })
+        .collect()
 }
 
 /// `qd1_latency` next to this test executable: `<target>/debug/deps/vm_ublk-…` →

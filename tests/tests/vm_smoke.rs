@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use sluice_tests::vm::{kernel_release, skip_unless_available, Vm, VmError};
+use sluice_tests::vm::{default_kernel, skip_unless_available, Vm, VmError};
 use sluice_tests::{make_file, MIB};
 
 const JOB: &str = r#"
@@ -59,7 +59,7 @@ fn guest_sees_nvme_and_sata_with_their_cache_and_fua() {
         eprintln!("vm_smoke: QEMU said:\n{}", run.qemu_log.trim_end());
     }
 
-    assert_eq!(run.result("kernel"), kernel_release());
+    assert_eq!(run.result("kernel"), default_kernel());
     let block: Vec<&str> = run.result("block").split_whitespace().collect();
     assert!(
         block.contains(&"nvme0n1") && block.contains(&"sda"),

@@ -26,12 +26,14 @@
 //! writes in flight on ublkb0: sluice exits 0, ublkb0 goes away, fio ends (with errors) within a
 //! bound, no task hangs, and a pattern fsync'ed before the storm is on the NVMe drive.
 //!
-//! Skips with "skipped: …" when the machine is not prepared (tests/vm/prepare.sh). Needs
+//! Both run on every kernel pinned in tests/vm/kernel-version (Linux 6.12 and 6.18; the first
+//! boot also prints the ublk driver's feature bits), one after the other; `SLUICE_VM_KERNEL`
+//! picks one. Skips with "skipped: …" when the machine is not prepared (tests/vm/prepare.sh). Needs
 //! `cargo build -p sluice` first (or `SLUICE_BIN`); `cargo test` builds `qd1_latency`.
 
 use std::time::Duration;
 
-use sluice_tests::vm::{qd1_latency_bin, skip_unless_available, Vm, VmRun};
+use sluice_tests::vm::{available_kernels, qd1_latency_bin, skip_unless_available, Vm, VmRun};
 use sluice_tests::{assert_file_holds, make_file, path_str, pattern, sluice_bin, MIB};
 
 const NVME_BYTES: u64 = 256 * MIB;
@@ -103,8 +105,10 @@ rwbs() {
 }
 
 # ---- 1. nvme0n1 as ublkb0, from the command line ----
-start nvme 1 --disk /dev/nvme0n1 --ublk 0 --queues 2
+# sluice logs the driver's feature bits (UBLK_U_CMD_GET_FEATURES) at debug level.
+SLUICE_LOG=info,sluice::export::ublk=debug start nvme 1 --disk /dev/nvme0n1 --ublk 0 --queues 2
 p=$pid
+report ublk.features "$(grep -o 'ublk driver features 0x[0-9a-f]*' /tmp/nvme.err | head -1 | awk '{ print $4 }')"
 report nvme.ready "$(ready nvme)"
 params nvme ublkb0 nvme0n1
 fio_verify nvme /dev/ublkb0 64M
@@ -354,11 +358,56 @@ fn ready_json(run: &VmRun, key: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("{key}: not JSON ({e}): {line}"))
 }
 
+/// The ublk feature bits (`UBLK_F_*`, include/uapi/linux/ublk_cmd.h) by bit number.
+const UBLK_FEATURES: [&str; 20] = [
+    "SUPPORT_ZERO_COPY",
+    "URING_CMD_COMP_IN_TASK",
+    "NEED_GET_DATA",
+    "USER_RECOVERY",
+    "USER_RECOVERY_REISSUE",
+    "UNPRIVILEGED_DEV",
+    "CMD_IOCTL_ENCODE",
+    "USER_COPY",
+    "ZONED",
+    "USER_RECOVERY_FAIL_IO",
+    "UPDATE_SIZE",
+    "AUTO_BUF_REG",
+    "QUIESCE",
+    "PER_IO_DAEMON",
+    "BUF_REG_OFF_DAEMON",
+    "BATCH_IO",
+    "INTEGRITY",
+    "SAFE_STOP_DEV",
+    "NO_AUTO_PART_SCAN",
+    "SHMEM_ZC",
+];
+
+/// `0x1ffb` → `SUPPORT_ZERO_COPY URING_CMD_COMP_IN_TASK …`.
+fn feature_names(bits: u64) -> String {
+    (0..64)
+        .filter(|i| bits & (1 << i) != 0)
+        .map(|i| {
+            UBLK_FEATURES
+                .get(i)
+                .map_or_else(|| format!("bit{i}"), |n| (*n).to_owned())
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs on every pinned kernel whose cache is ready (6.12 and 6.18: the ublk UAPI differs).
 #[test]
 fn ublk_over_nvme_and_sata() {
     if skip_unless_available() {
         return;
     }
+    for kernel in available_kernels() {
+        ublk_over_nvme_and_sata_on(kernel);
+    }
+}
+
+fn ublk_over_nvme_and_sata_on(kernel: &str) {
+    eprintln!("==== vm_ublk nvme+sata on {kernel}");
     let qd1 = qd1_latency_bin();
     let dir = tempfile::tempdir().expect("tempdir");
     let nvme = dir.path().join("nvme.img");
@@ -369,6 +418,7 @@ fn ublk_over_nvme_and_sata() {
     std::fs::write(dir.path().join("pattern.bin"), &want).expect("pattern.bin");
 
     let run = Vm::new(dir.path())
+        .kernel(kernel)
         .nvme(&nvme, "sluice-nvme0")
         .sata(&sata)
         .module("ublk_drv")
@@ -379,8 +429,18 @@ fn ublk_over_nvme_and_sata() {
         .timeout(Duration::from_secs(300))
         .run(&job(JOB_NVME_SATA).replace("@QD1@", path_str(&qd1)))
         .expect("boot");
-    run.print_timings("vm_ublk nvme+sata");
+    run.print_timings(&format!("vm_ublk nvme+sata on {kernel}"));
     run.ensure_complete();
+    let features = run.result("ublk.features");
+    let bits = u64::from_str_radix(features.trim_start_matches("0x"), 16).unwrap_or(0);
+    eprintln!(
+        "ublk driver features on {kernel}: {features} = {}",
+        feature_names(bits)
+    );
+    run.ensure(
+        bits != 0,
+        format!("no ublk driver features logged ({features:?})"),
+    );
 
     // ---- 1. nvme0n1 as ublkb0 ----
     let ready = ready_json(&run, "nvme.ready");
@@ -635,11 +695,19 @@ fn ublk_over_nvme_and_sata() {
     }
 }
 
+/// Runs on every pinned kernel whose cache is ready.
 #[test]
 fn ublk_sigterm_with_io_in_flight() {
     if skip_unless_available() {
         return;
     }
+    for kernel in available_kernels() {
+        ublk_sigterm_with_io_in_flight_on(kernel);
+    }
+}
+
+fn ublk_sigterm_with_io_in_flight_on(kernel: &str) {
+    eprintln!("==== vm_ublk storm on {kernel}");
     let dir = tempfile::tempdir().expect("tempdir");
     let nvme = dir.path().join("nvme.img");
     make_file(&nvme, NVME_BYTES);
@@ -647,12 +715,13 @@ fn ublk_sigterm_with_io_in_flight() {
     std::fs::write(dir.path().join("pattern.bin"), &want).expect("pattern.bin");
 
     let run = Vm::new(dir.path())
+        .kernel(kernel)
         .nvme(&nvme, "sluice-nvme0")
         .module("ublk_drv")
         .timeout(Duration::from_secs(180))
         .run(&job(JOB_STORM))
         .expect("boot");
-    run.print_timings("vm_ublk storm");
+    run.print_timings(&format!("vm_ublk storm on {kernel}"));
     run.ensure_complete();
     eprintln!(
         "SIGTERM after {} writes with {} in flight: sluice exit {} after {} s; fio exit {} \
