@@ -183,8 +183,10 @@ fn attach_help_for(x: &VhostUserExport) -> String {
         "\nsluice serves {} over {}. Attach it to QEMU with:\n  \
          qemu-system-x86_64 -m 1G -object memory-backend-memfd,id=mem,size=1G,share=on \\\n    \
          -machine q35,memory-backend=mem \\\n    \
-         -chardev socket,id=disk0,path={} \\\n    \
+         -chardev socket,id=disk0,path={},reconnect-ms=1000 \\\n    \
          -device vhost-user-blk-pci,chardev=disk0,num-queues={} ...\n\
+         (reconnect-ms, QEMU 9.2+, or reconnect=1 before: the VM waits out a restart of sluice\n\
+         and its requests in flight run again.)\n\
          Stop with Ctrl-C: in-flight requests finish and the image is flushed.",
         x.node().spec(),
         sock.display(),
