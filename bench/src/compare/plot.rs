@@ -95,26 +95,6 @@ fn panel(
     targets: &[Target],
     points: &[Point],
 ) -> Result<(), DrawError> {
-    let kiops = |p: &Point, t: Target| {
-        r.cell(placement, p, t)
-            .and_then(|c| c.iops())
-            .map(|s| (s.median / 1e3, s.min / 1e3, s.max / 1e3))
-    };
-    let mut hi: f64 = 1.0;
-    let mut lo: f64 = f64::MAX;
-    for p in points {
-        for &t in targets {
-            if let Some((_, min, max)) = kiops(p, t) {
-                hi = hi.max(max);
-                lo = lo.min(min);
-            }
-        }
-    }
-    let lo = if lo == f64::MAX {
-        0.1
-    } else {
-        (lo / 2.0).max(0.01)
-    };
     let title = format!(
         "{} placement, {} backing: median kIOPS (log scale), whiskers: range of the runs",
         placement.name(),
@@ -123,6 +103,59 @@ fn panel(
             Backing::Null => "null",
         }
     );
+    let series: Vec<BarSeries> = targets
+        .iter()
+        .map(|&t| BarSeries {
+            name: t.name().to_owned(),
+            color: color(t),
+            kiops: points
+                .iter()
+                .map(|p| {
+                    r.cell(placement, p, t)
+                        .and_then(|c| c.iops())
+                        .map(kiops_range)
+                })
+                .collect(),
+        })
+        .collect();
+    grouped_bars(area, &title, points, &series)
+}
+
+/// A spread of IOPS as (median, min, max) kIOPS.
+pub fn kiops_range(s: super::Spread) -> (f64, f64, f64) {
+    (s.median / 1e3, s.min / 1e3, s.max / 1e3)
+}
+
+/// One target's bars in [`grouped_bars`]: its legend name, its colour, and per point
+/// (median, min, max) kIOPS, `None` where it has no result.
+pub struct BarSeries {
+    /// The legend's name.
+    pub name: String,
+    /// The bars' colour.
+    pub color: RGBColor,
+    /// Per point, in the order of the points.
+    pub kiops: Vec<Option<(f64, f64, f64)>>,
+}
+
+/// Grouped bars on `area`: per point, one bar per series (median kIOPS on a log axis)
+/// with the runs' range as a whisker, a legend in the upper right.
+pub fn grouped_bars<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    points: &[Point],
+    series: &[BarSeries],
+) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+    let mut hi: f64 = 1.0;
+    let mut lo: f64 = f64::MAX;
+    for (_, min, max) in series.iter().flat_map(|s| s.kiops.iter().flatten()) {
+        hi = hi.max(*max);
+        lo = lo.min(*min);
+    }
+    let lo = if lo == f64::MAX {
+        0.1
+    } else {
+        (lo / 2.0).max(0.01)
+    };
     let n = points.len().max(1);
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 18))
@@ -149,29 +182,31 @@ fn panel(
         .x_label_style(("sans-serif", 12))
         .y_desc("kIOPS")
         .draw()?;
-    let width = 0.8 / targets.len().max(1) as f64;
-    for (ti, &t) in targets.iter().enumerate() {
-        let c = color(t);
-        let bars: Vec<_> = points
+    let width = 0.8 / series.len().max(1) as f64;
+    for (si, s) in series.iter().enumerate() {
+        let c = s.color;
+        let bars: Vec<_> = s
+            .kiops
             .iter()
             .enumerate()
-            .filter_map(|(i, p)| {
-                kiops(p, t).map(|(med, _, _)| {
-                    let x0 = i as f64 - 0.4 + ti as f64 * width;
+            .filter_map(|(i, v)| {
+                v.map(|(med, _, _)| {
+                    let x0 = i as f64 - 0.4 + si as f64 * width;
                     Rectangle::new([(x0, lo), (x0 + width, med)], c.filled())
                 })
             })
             .collect();
         chart
             .draw_series(bars)?
-            .label(t.name())
+            .label(s.name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled()));
-        let whiskers: Vec<_> = points
+        let whiskers: Vec<_> = s
+            .kiops
             .iter()
             .enumerate()
-            .filter_map(|(i, p)| {
-                kiops(p, t).map(|(_, min, max)| {
-                    let x = i as f64 - 0.4 + (ti as f64 + 0.5) * width;
+            .filter_map(|(i, v)| {
+                v.map(|(_, min, max)| {
+                    let x = i as f64 - 0.4 + (si as f64 + 0.5) * width;
                     PathElement::new(vec![(x, min), (x, max)], BLACK.stroke_width(1))
                 })
             })

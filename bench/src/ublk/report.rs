@@ -6,6 +6,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use super::{Results, Target, UblkBenchError};
+use crate::compare::plot::{grouped_bars, kiops_range, BarSeries};
 use crate::compare::{Point, Spread};
 
 /// The goal at depth 32 and 128: sluice at least this share of the raw drive.
@@ -193,96 +194,25 @@ pub fn svg(r: &Results, path: &Path) -> Result<(), UblkBenchError> {
         msg: e.to_string(),
     };
     let points = r.points();
-    let targets = r.targets.clone();
     let root = SVGBackend::new(path, (1400, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let value = |p: &Point, t: Target| {
-        r.cell(p, t)
-            .and_then(|c| c.iops())
-            .map(|s| (s.median / 1e3, s.min / 1e3, s.max / 1e3))
-    };
-    let mut hi: f64 = 1.0;
-    let mut lo: f64 = f64::MAX;
-    for p in &points {
-        for &t in &targets {
-            if let Some((_, min, max)) = value(p, t) {
-                hi = hi.max(max);
-                lo = lo.min(min);
-            }
-        }
-    }
-    let lo = if lo == f64::MAX {
-        0.1
-    } else {
-        (lo / 2.0).max(0.01)
-    };
-    let n = points.len().max(1);
+    let series: Vec<BarSeries> = r
+        .targets
+        .iter()
+        .map(|&t| BarSeries {
+            name: t.name().to_owned(),
+            color: color(t),
+            kiops: points
+                .iter()
+                .map(|p| r.cell(p, t).and_then(|c| c.iops()).map(kiops_range))
+                .collect(),
+        })
+        .collect();
     let title = format!(
         "ublk, Linux {}: median kIOPS (log scale), whiskers: range of the runs",
         r.setup.kernel
     );
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(8)
-        .x_label_area_size(30)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, (lo..hi * 6.0).log_scale())
-        .map_err(|e| err(&e))?;
-    let labels: Vec<String> = points.iter().map(|p| p.short_label()).collect();
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .light_line_style(TRANSPARENT)
-        .x_labels(n + 1)
-        .x_label_formatter(&|x| {
-            let i = x.round();
-            if (*x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
-                labels[i as usize].clone()
-            } else {
-                String::new()
-            }
-        })
-        .x_label_style(("sans-serif", 12))
-        .y_desc("kIOPS")
-        .draw()
-        .map_err(|e| err(&e))?;
-    let width = 0.8 / targets.len().max(1) as f64;
-    for (ti, &t) in targets.iter().enumerate() {
-        let c = color(t);
-        let bars: Vec<_> = points
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| {
-                value(p, t).map(|(med, _, _)| {
-                    let x0 = i as f64 - 0.4 + ti as f64 * width;
-                    Rectangle::new([(x0, lo), (x0 + width, med)], c.filled())
-                })
-            })
-            .collect();
-        chart
-            .draw_series(bars)
-            .map_err(|e| err(&e))?
-            .label(t.name())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.filled()));
-        let whiskers: Vec<_> = points
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| {
-                value(p, t).map(|(_, min, max)| {
-                    let x = i as f64 - 0.4 + (ti as f64 + 0.5) * width;
-                    PathElement::new(vec![(x, min), (x, max)], BLACK.stroke_width(1))
-                })
-            })
-            .collect();
-        chart.draw_series(whiskers).map_err(|e| err(&e))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(|e| err(&e))?;
+    grouped_bars(&root, &title, &points, &series).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))?;
     Ok(())
 }
